@@ -1,0 +1,320 @@
+"""Command line: ``python -m ml <stage> ...``; each stage prints one JSON summary line on stdout.
+
+Logs and the progress bar go to stderr. A problem the user can fix prints one ``error:`` line and
+exits 2; an interrupted run exits 130 after saving what it had done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any
+
+from ml.errors import PipelineError
+
+log = logging.getLogger("ml")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _store_default() -> str | None:
+    return os.environ.get("ML_STORE")
+
+
+def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.ingest import ingest
+
+    if not args.store:
+        raise PipelineError("give --store s3://BUCKET/PREFIX (or set ML_STORE)")
+    return ingest(
+        args.csv,
+        args.store,
+        min_confidence=args.min_confidence,
+        sample=args.sample,
+        seed=args.seed,
+        exclude_golden=args.exclude_golden,
+    ).to_json()
+
+
+def download_config(args: argparse.Namespace) -> Any:
+    """The DownloadConfig that the download options describe."""
+    from ml.download import DownloadConfig
+    from ml.fetch import FetchConfig
+    from ml.imaging import ImageConfig
+
+    fetch = FetchConfig(
+        connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout,
+        deadline=args.deadline,
+        retries=args.retries,
+        max_bytes=args.max_bytes,
+        per_host=args.per_host or args.concurrency,
+    )
+    image = ImageConfig(max_side=args.max_side, max_pixels=args.max_pixels)
+    return DownloadConfig(
+        concurrency=args.concurrency,
+        allow_networks=tuple(args.allow_network),
+        fetch=fetch,
+        image=image,
+    )
+
+
+def _run_download(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.download import download
+    from ml.layout import DatasetLayout
+    from ml.progress import Progress
+    from ml.storage import ObjectStore
+
+    config = download_config(args)
+    store = ObjectStore(max_pool_connections=config.concurrency + 4)
+    total = len(store.read_parquet(DatasetLayout.parse(args.dataset).records))
+    with Progress(total, "download") as bar:
+        return download(args.dataset, config, store=store, on_result=bar.advance)
+
+
+def _run_split(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.splits import make_splits
+
+    return make_splits(args.dataset, ratios=args.ratios, seed=args.seed)
+
+
+def _run_imageserver(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.imageserver import ImageServer
+
+    server = ImageServer(args.host, args.port, latency=args.latency_ms / 1000).start()
+    print(json.dumps({"imageserver": server.base_url}), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.stop()
+
+
+def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.demo import run_demo
+
+    return run_demo(sample=args.sample, csv=args.csv, seed=args.seed)
+
+
+def _add_download_options(parser: argparse.ArgumentParser) -> None:
+    from ml.download import default_concurrency
+
+    group = parser.add_argument_group("download limits")
+    group.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=default_concurrency(),
+        help="parallel downloads (default: %(default)s on this machine)",
+    )
+    group.add_argument(
+        "--per-host",
+        type=_positive_int,
+        default=16,
+        help="open connections per host at most (default: %(default)s)",
+    )
+    group.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="open a network the address policy refuses, e.g. 127.0.0.0/8 for a "
+        "local server; repeatable (default: public addresses only)",
+    )
+    group.add_argument("--connect-timeout", type=_positive_float, default=5.0, metavar="S")
+    group.add_argument("--read-timeout", type=_positive_float, default=10.0, metavar="S")
+    group.add_argument(
+        "--deadline",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="total seconds per image, retries included (default: %(default)s)",
+    )
+    group.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=2,
+        help="extra attempts on timeouts, 429 and 5xx (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=10 * 1024 * 1024,
+        help="byte cap per image, enforced while reading (default: 10 MiB)",
+    )
+    group.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=40_000_000,
+        help="refuse images whose header declares more pixels (default: 40M)",
+    )
+    group.add_argument(
+        "--max-side",
+        type=_non_negative_int,
+        default=256,
+        help="shorter side of stored images at most; 0 keeps size (default: 256)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ml",
+        description="Image Sentiment Pipeline stages. Each prints one JSON summary line. "
+        "The S3 endpoint and credentials come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY.",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    p = stages.add_parser(
+        "ingest",
+        help="validate a CSV of image URLs and labels",
+        description="Validate a CSV (local path, http(s) URL or s3:// URI) "
+        "and write its canonical records to the store.",
+    )
+    p.add_argument("csv", help="the CSV: a local path, an http(s) URL or an s3:// URI")
+    p.add_argument(
+        "--store",
+        default=_store_default(),
+        metavar="s3://BUCKET/PREFIX",
+        help="where outputs go (default: $ML_STORE)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="drop rows whose label confidence is below F (0-1)",
+    )
+    p.add_argument(
+        "--sample",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keep N rows, stratified by label",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for --sample (default: 0)")
+    p.add_argument(
+        "--exclude-golden",
+        action="store_true",
+        help="drop CrowdFlower's golden (test-question) rows",
+    )
+    p.set_defaults(run=_run_ingest)
+
+    p = stages.add_parser(
+        "download",
+        help="fetch every image of a dataset into the store",
+        description="Fetch, verify and store every image of a dataset; a rerun "
+        "fetches only what is missing.",
+    )
+    p.add_argument("--dataset", required=True, metavar="URI", help="the URI ingest printed")
+    _add_download_options(p)
+    p.set_defaults(run=_run_download)
+
+    p = stages.add_parser(
+        "split",
+        help="stratified train/valid/test split of the images",
+        description="Stratified, deterministic, leak-free split over images that downloaded ok.",
+    )
+    p.add_argument("--dataset", required=True, metavar="URI", help="the URI ingest printed")
+    p.add_argument(
+        "--ratios", default="0.8,0.15,0.05", help="train,valid,test (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.set_defaults(run=_run_split)
+
+    p = stages.add_parser(
+        "imageserver",
+        help="serve synthetic images with injectable faults",
+        description="Local stand-in for an image host (synthetic images).",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_non_negative_int, default=8000)
+    p.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
+    p.set_defaults(run=_run_imageserver)
+
+    p = stages.add_parser(
+        "demo",
+        help="run ingest, download and split offline, end to end",
+        description="Start a local S3 endpoint and image server, then run the "
+        "stages on a sample of the dataset with its URLs pointed at synthetic "
+        "images.",
+    )
+    p.add_argument("--sample", type=_positive_int, default=200, metavar="N")
+    p.add_argument(
+        "--csv",
+        default=None,
+        help="CSV to sample (default: the bundled dataset if present, else a generated one)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_demo)
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # SIGTERM (Airflow, kill) unwinds like Ctrl-C, so finished work is saved on the way out.
+    signal.signal(signal.SIGTERM, _terminate)
+    run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
+    try:
+        summary = run(args)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work was saved, rerun to continue", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, default=str, sort_keys=False), flush=True)
+    return 0

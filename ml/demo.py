@@ -1,0 +1,162 @@
+"""Offline demo: the data stages end to end on this machine, with no internet.
+
+It starts an in-memory S3 endpoint and the local image server, points a sample of the CrowdFlower
+CSV at that server (its images are synthetic: a coloured patch per label on noise, so a model can
+learn something, but they are not the real photos), and runs ingest, download and split.
+
+Usage: ``python -m ml demo --sample 200``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import pandas as pd
+
+from ml.download import DownloadConfig, download
+from ml.fetch import FetchConfig
+from ml.imageserver import ImageServer
+from ml.ingest import CROWDFLOWER_LABEL, find_columns, parse_csv
+from ml.labels import LABELS
+from ml.progress import Progress
+from ml.splits import make_splits
+from ml.storage import ObjectStore, S3Uri
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.csv"
+#: Class shares of the real dataset (ANALYSIS.md), used for a generated stand-in.
+REAL_SHARES = (0.0181, 0.1357, 0.2707, 0.5477, 0.0277)
+#: Every Nth demo row gets a fault, so the manifest shows statuses other than ok.
+DEMO_FAULTS = ((41, "404"), (97, "truncated"), (151, "html"), (173, "redirect-blocked"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def local_s3(port: int = 0) -> Iterator[str]:
+    """An in-memory S3 endpoint on loopback (moto); sets the AWS_* variables while it runs."""
+    from moto.server import ThreadedMotoServer
+
+    port = port or free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="demo",
+        AWS_SECRET_ACCESS_KEY="demo-secret",  # noqa: S106 - local stand-in
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def generated_csv(rows: int, seed: int = 0) -> bytes:
+    """A CrowdFlower-shaped CSV (bare-CR records, long column names) with made-up URLs."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(LABELS, size=rows, p=np.array(REAL_SHARES) / sum(REAL_SHARES))
+    frame = pd.DataFrame(
+        {
+            "_unit_id": np.arange(694551354, 694551354 + rows),
+            "_golden": "FALSE",
+            CROWDFLOWER_LABEL: labels,
+            f"{CROWDFLOWER_LABEL}:confidence": rng.choice([0.3333, 0.6667, 1.0], size=rows),
+            "imageurl": [
+                f"http://farm{1 + i % 4}.static.flickr.com/{i % 9000}/{10_000 + i}_demo.jpg"
+                for i in range(rows)
+            ],
+        }
+    )
+    return str(frame.to_csv(index=False, lineterminator="\r")).encode()
+
+
+def point_at(data: bytes, server: ImageServer) -> bytes:
+    """The same CSV with each URL served by ``server`` (label-coloured, some faults)."""
+    frame = parse_csv(data)
+    columns = find_columns(list(frame.columns))
+    urls = []
+    for i, (url, label) in enumerate(
+        zip(frame[columns["url"]], frame[columns["label"]], strict=True), start=1
+    ):
+        parts = urlsplit(url)
+        query: dict[str, object] = {"label": label}
+        for every, fault in DEMO_FAULTS:
+            if i % every == 0:
+                query["fault"] = fault
+        urls.append(server.url(f"{parts.hostname}{parts.path}", **query))
+    frame[columns["url"]] = urls
+    # Quote every field: the CrowdFlower file has newlines inside quoted fields.
+    return str(frame.to_csv(index=False, lineterminator="\r", quoting=csv.QUOTE_ALL)).encode()
+
+
+def run_demo(*, sample: int = 200, csv: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run ingest, download and split offline; returns the three summaries."""
+    from ml.ingest import ingest
+
+    if csv:
+        source = Path(csv).read_bytes()
+    elif DATASET_CSV.is_file():
+        source = DATASET_CSV.read_bytes()
+    else:
+        log.info("dataset CSV not found at %s; generating a stand-in", DATASET_CSV)
+        source = generated_csv(max(sample * 2, 500), seed)
+    with local_s3() as endpoint, ImageServer() as server:
+        log.info("local S3 at %s, synthetic image server at %s", endpoint, server.base_url)
+        store = ObjectStore()
+        store.ensure_bucket("demo")
+        csv_uri = S3Uri("demo", "input/sample.csv")
+        store.put_bytes(csv_uri, point_at(source, server), content_type="text/csv")
+        ingested = ingest(
+            str(csv_uri), "s3://demo/pipeline", sample=sample, seed=seed, store=store
+        ).to_json()
+        config = DownloadConfig(
+            allow_networks=("127.0.0.0/8",), fetch=FetchConfig(deadline=10.0, retries=1)
+        )
+        with Progress(ingested["rows"], "download") as bar:
+            downloaded = download(ingested["dataset"], config, store=store, on_result=bar.advance)
+        splits = make_splits(ingested["dataset"], seed=seed, store=store)
+    return {
+        "note": "images are synthetic (served locally), not the real photos",
+        "ingest": _brief(ingested),
+        "download": downloaded,
+        "split": splits,
+    }
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] for k in ("dataset", "rows", "labels", "rejected")}
+
+
+__all__ = ["generated_csv", "local_s3", "point_at", "run_demo"]

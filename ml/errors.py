@@ -1,0 +1,11 @@
+"""The one exception type a user sees: a message that says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad input, unreachable store, wrong parameter).
+
+    Usage: ``raise PipelineError("bucket 'x' does not exist; create it first")``.
+    The CLI prints the message on one line and exits non-zero; it never shows a traceback.
+    """

@@ -1,0 +1,325 @@
+"""HTTP fetching for untrusted URLs: pooled, policy-checked, bounded in time, bytes and hops.
+
+One :class:`Fetcher` is shared by all download threads. It keeps a connection pool per host
+(``per_host`` connections at most; threads wait for a free one), checks every address it
+connects to against the :class:`~ml.netpolicy.AddressPolicy` (redirect hops included, since each
+hop opens its connection through the same check), follows at most ``max_redirects`` redirects,
+retries timeouts, 408/429 and 5xx with exponential backoff and jitter (honouring Retry-After),
+and stops any image that runs past its total ``deadline`` or past ``max_bytes``.
+
+Usage::
+
+    fetcher = Fetcher(FetchConfig(), AddressPolicy())
+    response = fetcher.fetch("https://example.org/cat.jpg")   # or raises FetchError
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import urllib3
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    HTTPError,
+    LocationParseError,
+    LocationValueError,
+    NameResolutionError,
+    NewConnectionError,
+    SSLError,
+)
+from urllib3.exceptions import TimeoutError as Urllib3Timeout
+from urllib3.util import connection as urllib3_connection
+
+from ml.netpolicy import AddressPolicy, BlockedAddress
+
+MiB = 1024 * 1024
+_REDIRECTS = {301, 302, 303, 307, 308}
+_RETRY_STATUSES = {408, 425, 429}
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Limits for one image fetch. All times are seconds."""
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    #: Total time for one image: every attempt, backoff and byte of the body.
+    deadline: float = 30.0
+    #: Extra attempts after the first for retryable failures.
+    retries: int = 2
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    #: Longest Retry-After honoured; a longer one ends the image's attempts.
+    max_retry_after: float = 20.0
+    max_bytes: int = 10 * MiB
+    max_redirects: int = 5
+    per_host: int = 16
+    user_agent: str = "image-sentiment-pipeline/0.1 (dataset downloader)"
+
+
+class FetchError(Exception):
+    """A URL that could not be fetched; ``status`` is its manifest status."""
+
+    def __init__(
+        self,
+        status: str,
+        message: str,
+        *,
+        http_status: int | None = None,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.http_status = http_status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.attempts = 0
+
+
+@dataclass(frozen=True)
+class FetchResponse:
+    body: bytes
+    http_status: int
+    final_url: str
+    attempts: int
+
+
+def _guarded_connection(base: type[HTTPConnection], policy: AddressPolicy) -> type[HTTPConnection]:
+    """A connection class that connects only to addresses ``policy`` allows."""
+
+    class GuardedConnection(base):  # type: ignore[misc, valid-type]
+        def _new_conn(self) -> socket.socket:
+            try:
+                addresses = policy.resolve(self._dns_host, self.port)
+            except socket.gaierror as exc:
+                raise NameResolutionError(self.host, self, exc) from exc
+            error: Exception | None = None
+            for address in addresses:
+                try:
+                    return urllib3_connection.create_connection(
+                        (address, self.port),
+                        self.timeout,
+                        source_address=self.source_address,
+                        socket_options=self.socket_options,
+                    )
+                except TimeoutError:
+                    error = ConnectTimeoutError(self, f"connection to {self.host} timed out")
+                except OSError as exc:
+                    error = NewConnectionError(self, f"cannot connect to {self.host}: {exc}")
+            assert error is not None
+            raise error
+
+    return GuardedConnection
+
+
+def parse_retry_after(value: str | None, cap: float) -> float | None:
+    """Seconds from a Retry-After header (delta or HTTP date), clamped to [0, cap]."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return min(max(seconds, 0.0), cap)
+
+
+class Fetcher:
+    """Thread-safe fetcher with one pooled HTTP client; see the module docstring."""
+
+    def __init__(self, config: FetchConfig, policy: AddressPolicy, *, num_pools: int = 64) -> None:
+        self.config = config
+        self.policy = policy
+        self._pools = urllib3.PoolManager(
+            num_pools=num_pools, maxsize=config.per_host, block=True, retries=False
+        )
+        http_conn = _guarded_connection(HTTPConnection, policy)
+        https_conn = _guarded_connection(HTTPSConnection, policy)
+        http_pool = type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn})
+        https_pool = type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn})
+        self._pools.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
+        self._headers = {
+            "User-Agent": config.user_agent,
+            "Accept": "image/*",
+            "Accept-Encoding": "identity",
+        }
+
+    def close(self) -> None:
+        self._pools.clear()
+
+    def fetch(self, url: str) -> FetchResponse:
+        """The body of ``url``; raises FetchError with a manifest status and attempt count."""
+        cfg = self.config
+        deadline_at = time.monotonic() + cfg.deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                body, status, final_url = self._attempt(url, deadline_at)
+                return FetchResponse(body, status, final_url, attempt)
+            except FetchError as exc:
+                exc.attempts = attempt
+                if not exc.retryable or attempt > cfg.retries:
+                    raise
+                delay = exc.retry_after
+                if delay is None:
+                    step = min(cfg.backoff_max, cfg.backoff_base * 2 ** (attempt - 1))
+                    delay = step / 2 + random.uniform(0, step / 2)
+                if time.monotonic() + delay >= deadline_at:
+                    raise
+                time.sleep(delay)
+
+    def _attempt(self, url: str, deadline_at: float) -> tuple[bytes, int, str]:
+        cfg = self.config
+        seen = {url}
+        current = url
+        for _hop in range(cfg.max_redirects + 1):
+            scheme = urlsplit(current).scheme.lower()
+            if scheme not in ("http", "https"):
+                raise FetchError("blocked", f"scheme {scheme!r} is not allowed ({current})")
+            response = self._open(current, deadline_at)
+            try:
+                status = response.status
+                if status in _REDIRECTS:
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise FetchError(
+                            "http_error", f"HTTP {status} without Location", http_status=status
+                        )
+                    current = urljoin(current, location)
+                    if current in seen:
+                        raise FetchError(
+                            "too_many_redirects", f"redirect loop at {current}", http_status=status
+                        )
+                    seen.add(current)
+                    continue
+                if status >= 500 or status in _RETRY_STATUSES:
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"), cfg.max_retry_after
+                    )
+                    raise FetchError(
+                        "http_error",
+                        f"HTTP {status}",
+                        http_status=status,
+                        retryable=True,
+                        retry_after=retry_after,
+                    )
+                if not 200 <= status < 300:
+                    raise FetchError("http_error", f"HTTP {status}", http_status=status)
+                return self._read_body(response, deadline_at), status, current
+            finally:
+                response.release_conn()
+        raise FetchError("too_many_redirects", f"more than {cfg.max_redirects} redirects")
+
+    def _open(self, url: str, deadline_at: float) -> Any:
+        cfg = self.config
+        remaining = deadline_at - time.monotonic()
+        if remaining <= 0:
+            raise FetchError("timeout", f"deadline of {cfg.deadline}s exceeded")
+        timeout = urllib3.Timeout(
+            connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining)
+        )
+        try:
+            response = self._pools.urlopen(
+                "GET",
+                url,
+                redirect=False,
+                retries=False,
+                timeout=timeout,
+                headers=self._headers,
+                preload_content=False,
+                decode_content=False,
+                assert_same_host=False,
+            )
+        except BlockedAddress as exc:
+            raise FetchError("blocked", f"address policy: {exc}") from None
+        except (LocationParseError, LocationValueError) as exc:
+            raise FetchError("invalid_url", f"cannot parse URL: {exc}") from None
+        except Urllib3Timeout as exc:
+            raise FetchError("timeout", _describe(exc), retryable=True) from None
+        except NameResolutionError as exc:
+            raise FetchError("connection_error", f"DNS lookup failed: {_describe(exc)}") from None
+        except SSLError as exc:
+            raise FetchError("connection_error", f"TLS error: {_describe(exc)}") from None
+        except (HTTPError, OSError) as exc:
+            raise FetchError("connection_error", _describe(exc), retryable=True) from None
+        return response
+
+    def _read_body(self, response: Any, deadline_at: float) -> bytes:
+        cfg = self.config
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
+            response.close()
+            raise FetchError(
+                "too_large",
+                f"Content-Length {declared} exceeds {cfg.max_bytes} bytes",
+                http_status=response.status,
+            )
+        chunks: list[bytes] = []
+        total = 0
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        try:
+            while True:
+                remaining = deadline_at - time.monotonic()
+                if remaining <= 0:
+                    response.close()
+                    raise FetchError(
+                        "timeout",
+                        f"body not complete within the {cfg.deadline}s "
+                        f"deadline ({total} bytes read)",
+                        http_status=response.status,
+                    )
+                if sock is not None:
+                    # A trickling server must not outlive the deadline by a full read timeout.
+                    sock.settimeout(max(0.05, min(cfg.read_timeout, remaining)))
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                total += len(chunk)
+                if total > cfg.max_bytes:
+                    response.close()
+                    raise FetchError(
+                        "too_large",
+                        f"body exceeds {cfg.max_bytes} bytes",
+                        http_status=response.status,
+                    )
+                chunks.append(chunk)
+        except Urllib3Timeout as exc:
+            response.close()
+            raise FetchError(
+                "timeout",
+                f"reading the body: {_describe(exc)}",
+                http_status=response.status,
+                retryable=True,
+            ) from None
+        except (HTTPError, OSError) as exc:
+            response.close()
+            raise FetchError(
+                "connection_error",
+                f"reading the body: {_describe(exc)}",
+                http_status=response.status,
+                retryable=True,
+            ) from None
+        return b"".join(chunks)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."

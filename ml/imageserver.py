@@ -1,0 +1,313 @@
+"""A local HTTP server of generated images with injectable faults: the tests' and demo's Flickr.
+
+Every path answers a deterministic, synthetic JPEG (seeded by the path, or by ``content=KEY`` so
+several URLs can share one picture). Query parameters change the answer:
+
+=========================  ===================================================================
+``label=Positive``         draw that label's colour patch (learnable synthetic data)
+``w=320&h=240``            image size; ``fmt=png|webp|gif|jpeg`` the format
+``delay=0.5``              wait before answering (plus the server-wide ``latency``)
+``fault=404``              answer 404
+``fault=500&fail=2``       500 for the first 2 requests of this URL, then the image (no
+                           ``fail``: always); ``fault=429&retry_after=1`` likewise, with
+                           Retry-After
+``fault=slow&interval=1``  trickle the body one byte per ``interval`` seconds
+``fault=truncated``        a JPEG cut short (HTTP-complete, image-incomplete)
+``fault=html``             an HTML page sent as ``Content-Type: image/jpeg``
+``fault=oversized``        ``size`` bytes (default 11 MiB); ``chunked=1`` omits Content-Length
+``fault=huge``             a tiny PNG whose header claims 60000x60000 pixels
+``fault=redirect&hops=2``  redirect ``hops`` times, then the image
+``fault=redirect-loop``    redirect to itself forever
+``fault=redirect-blocked`` redirect to ``to`` (default the cloud metadata address)
+``fault=reset``            close the connection without answering
+=========================  ===================================================================
+
+Usage::
+
+    with ImageServer(latency=0.04) as server:
+        url = server.url("/photos/1.jpg", label="Positive")
+
+or ``python -m ml imageserver --port 8000``. The images are synthetic; never real photos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import numpy as np
+from PIL import Image
+
+from ml.labels import LABEL_INDEX, normalize_label
+
+#: One colour per class, far apart so a small network can tell them apart.
+LABEL_COLOURS = ((200, 30, 30), (230, 140, 20), (128, 128, 128), (40, 170, 60), (30, 80, 220))
+METADATA_URL = "http://169.254.169.254/latest/meta-data/"
+
+
+def _seed(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
+def render_image(
+    key: str, *, width: int = 320, height: int = 240, label: str | None = None, detail: float = 24.0
+) -> Image.Image:
+    """A deterministic synthetic picture; with ``label`` it carries that class's colour patch."""
+    rng = np.random.default_rng(_seed(key))
+    base = rng.integers(0, 256, size=(max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(base).resize((width, height), Image.Resampling.BILINEAR))
+    noise = rng.normal(0.0, detail, size=(height, width, 3))
+    pixels = np.clip(smooth.astype(np.float64) + noise, 0, 255).astype(np.uint8)
+    if label is not None:
+        colour = np.array(LABEL_COLOURS[LABEL_INDEX[label]], dtype=np.float64)
+        ph, pw = max(1, height // 2), max(1, width // 2)
+        top = int(rng.integers(0, height - ph + 1))
+        left = int(rng.integers(0, width - pw + 1))
+        patch = colour + rng.normal(0.0, 10.0, size=(ph, pw, 3))
+        pixels[top : top + ph, left : left + pw] = np.clip(patch, 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 85) -> bytes:
+    out = io.BytesIO()
+    fmt = fmt.lower()
+    if fmt == "gif":
+        image.convert("P").save(out, format="GIF")
+    else:
+        image.save(out, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), quality=quality)
+    return out.getvalue()
+
+
+def png_bomb(width: int = 60000, height: int = 60000) -> bytes:
+    """A valid-looking PNG of a few hundred bytes whose header declares ``width x height``."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 4096))
+        + chunk(b"IEND", b"")
+    )
+
+
+def with_comment(jpeg: bytes, text: str) -> bytes:
+    """The same JPEG with a COM segment after SOI: unique bytes without re-encoding."""
+    payload = text.encode()[:60000]
+    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.server.count(self.path)
+        delay = self.server.latency + float(query.get("delay", 0))
+        if delay > 0:
+            time.sleep(delay)
+        try:
+            self._answer(parts.path, query)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str = "image/jpeg",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _image(self, path: str, query: dict[str, str]) -> bytes:
+        key = query.get("content", path)
+        if self.server.pool:
+            pool = self.server.pool
+            return with_comment(pool[_seed(key) % len(pool)], key)
+        label = normalize_label(query.get("label", ""))
+        image = render_image(
+            key + (label or ""),
+            width=int(query.get("w", 320)),
+            height=int(query.get("h", 240)),
+            label=label,
+        )
+        return encode(image, query.get("fmt", "jpeg"))
+
+    def _answer(self, path: str, query: dict[str, str]) -> None:
+        fault = query.get("fault", "")
+        failing = ("fail" not in query) or self.server.hits[self.path] <= int(query["fail"])
+        if fault in ("404", "403", "410"):
+            self._send(int(fault), b"not here", "text/plain")
+        elif fault in ("500", "503") and failing:
+            self._send(int(fault), b"server error", "text/plain")
+        elif fault == "429" and failing:
+            self._send(
+                429, b"slow down", "text/plain", {"Retry-After": query.get("retry_after", "1")}
+            )
+        elif fault == "slow":
+            self._trickle(self._image(path, query), float(query.get("interval", 1.0)))
+        elif fault == "truncated":
+            body = self._image(path, query)
+            self._send(200, body[: len(body) * 6 // 10])
+        elif fault == "html":
+            self._send(200, b"<!DOCTYPE html><html><body>Photo not found</body></html>")
+        elif fault == "oversized":
+            self._oversized(int(query.get("size", 11 * 1024 * 1024)), query.get("chunked") == "1")
+        elif fault == "huge":
+            self._send(200, png_bomb(), "image/png")
+        elif fault == "redirect" and int(query.get("hops", 1)) > 0:
+            hops = int(query.get("hops", 1)) - 1
+            rest = {k: v for k, v in query.items() if k not in ("hops",)}
+            if hops == 0:
+                rest.pop("fault")
+            target = path + "?" + urlencode({**rest, **({"hops": hops} if hops else {})})
+            self._send(302, b"", "text/plain", {"Location": target})
+        elif fault == "redirect-loop":
+            self._send(302, b"", "text/plain", {"Location": self.path})
+        elif fault == "redirect-blocked":
+            self._send(302, b"", "text/plain", {"Location": query.get("to", METADATA_URL)})
+        elif fault == "reset":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        else:
+            fmt = query.get("fmt", "jpeg").lower()
+            content_type = "image/" + {"jpg": "jpeg"}.get(fmt, fmt)
+            self._send(200, self._image(path, query), content_type)
+
+    def _trickle(self, body: bytes, interval: float) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for i in range(len(body)):
+            if self.server.stopping.is_set():
+                break
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+            time.sleep(interval)
+        self.close_connection = True
+
+    def _oversized(self, size: int, chunked: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(size))
+        self.end_headers()
+        block = b"\xff\xd8\xff\xe0" + b"\x00" * (64 * 1024 - 4)
+        sent = 0
+        while sent < size and not self.server.stopping.is_set():
+            piece = block[: min(len(block), size - sent)]
+            if chunked:
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            else:
+                self.wfile.write(piece)
+            sent += len(piece)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
+        self.close_connection = True
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, address: tuple[str, int], latency: float, pool: list[bytes]) -> None:
+        super().__init__(address, _Handler)
+        self.latency = latency
+        self.pool = pool
+        self.hits: Counter[str] = Counter()
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Clients closing idle keep-alive connections is normal; anything else is printed."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+    def count(self, path: str) -> None:
+        with self._lock:
+            self.hits[path] += 1
+
+
+def realistic_pool(size: int, *, width: int = 500, height: int = 375) -> list[bytes]:
+    """``size`` JPEGs of about 30-150 KB (like Flickr's 500 px photos), for benchmarks."""
+    details = np.linspace(4.0, 40.0, num=max(size, 1))
+    return [
+        encode(render_image(f"pool-{i}", width=width, height=height, detail=float(d)), quality=88)
+        for i, d in enumerate(details[:size])
+    ]
+
+
+class ImageServer:
+    """Runs the fault-injecting image server on a background thread."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency: float = 0.0,
+        pool: list[bytes] | None = None,
+    ) -> None:
+        self._server = _Server((host, port), latency, pool or [])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True
+        )
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def hits(self) -> Counter[str]:
+        """Requests received per path (with query): lets tests prove what was fetched."""
+        return self._server.hits
+
+    def url(self, path: str, **query: object) -> str:
+        suffix = "?" + urlencode(query) if query else ""
+        return f"{self.base_url}/{path.lstrip('/')}{suffix}"
+
+    def start(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> ImageServer:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

@@ -1,0 +1,82 @@
+"""Progress for long stages: a live bar on a terminal, periodic count lines in logs elsewhere."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from types import TracebackType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Usage: ``with Progress(total, "download") as bar: bar.advance("ok")``."""
+
+    def __init__(self, total: int, description: str, *, log_every: float = 15.0) -> None:
+        self.total = total
+        self.description = description
+        self.counts: Counter[str] = Counter()
+        self._log_every = log_every
+        self._last_log = time.monotonic()
+        self._bar: Any = None
+        self._task: Any = None
+        if sys.stderr.isatty() and total > 0:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
+
+            self._bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[counts]}"),
+                transient=False,
+            )
+
+    def __enter__(self) -> Progress:
+        if self._bar is not None:
+            self._bar.start()
+            self._task = self._bar.add_task(self.description, total=self.total, counts="")
+        return self
+
+    def advance(self, status: str) -> None:
+        self.counts[status] += 1
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, counts=self._summary())
+        elif time.monotonic() - self._last_log >= self._log_every:
+            self._last_log = time.monotonic()
+            log.info(
+                "%s: %d/%d done (%s)",
+                self.description,
+                self.counts.total(),
+                self.total,
+                self._summary(),
+            )
+
+    def _summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.counts.most_common())
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        log.info(
+            "%s: %d/%d done (%s)",
+            self.description,
+            self.counts.total(),
+            self.total,
+            self._summary() or "nothing to do",
+        )

@@ -1,0 +1,145 @@
+"""Split: stratified, deterministic train/valid/test over the images that downloaded ok.
+
+Images are grouped by content hash first, so the same picture behind two URLs always lands in one
+split (no leakage). Groups are ordered by a hash of (seed, content hash), which makes the split
+independent of row order and stable for the same input and seed. Within each label the group
+counts follow the ratios by largest remainder, and a class with at least as many groups as splits
+gets at least one group in every split.
+
+Usage: ``make_splits(dataset_uri, ratios=(0.8, 0.15, 0.05), seed=0)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+
+from ml.errors import PipelineError
+from ml.labels import LABEL_INDEX, LABELS
+from ml.layout import DatasetLayout
+from ml.storage import ObjectStore
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SPLIT_COLUMNS = (
+    "url",
+    "id",
+    "label",
+    "label_index",
+    "sha256",
+    "object_key",
+    "width",
+    "height",
+    "split",
+)
+
+
+def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
+    """``"0.8,0.15,0.05"`` -> (0.8, 0.15, 0.05); three non-negative numbers summing to 1."""
+    try:
+        values = [float(v) for v in (text.split(",") if isinstance(text, str) else text)]
+    except ValueError:
+        raise PipelineError(
+            f"--ratios must be three numbers like 0.8,0.15,0.05, got {text!r}"
+        ) from None
+    if len(values) != 3 or any(v < 0 for v in values) or values[0] <= 0:
+        raise PipelineError(f"--ratios needs train,valid,test with train > 0, got {text!r}")
+    if not math.isclose(sum(values), 1.0, abs_tol=1e-6):
+        raise PipelineError(f"--ratios must sum to 1, got {text!r} (sum {sum(values):g})")
+    return values[0], values[1], values[2]
+
+
+def allocate(n: int, ratios: Sequence[float]) -> list[int]:
+    """Counts per split for ``n`` items: largest remainder, and every split with a positive
+    ratio gets at least one item when ``n`` allows it."""
+    exact = [n * r for r in ratios]
+    counts = [math.floor(x) for x in exact]
+    by_remainder = sorted(
+        range(len(ratios)), key=lambda i: (exact[i] - counts[i], -i), reverse=True
+    )
+    for i in by_remainder[: n - sum(counts)]:
+        counts[i] += 1
+    wanted = [i for i, r in enumerate(ratios) if r > 0]
+    if n >= len(wanted):
+        for i in wanted:
+            if counts[i] == 0:
+                donor = max(range(len(counts)), key=lambda j: counts[j])
+                counts[donor] -= 1
+                counts[i] = 1
+    return counts
+
+
+def _order_key(seed: int, sha256: str) -> str:
+    return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
+
+
+def assign_splits(images: pd.DataFrame, ratios: Sequence[float], seed: int) -> pd.DataFrame:
+    """Add a ``split`` column to ok manifest rows (url, label, sha256, ...)."""
+    groups = (
+        images.groupby("sha256")["label"]
+        .agg(lambda s: sorted(s.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
+        .rename("group_label")
+        .reset_index()
+    )
+    groups["order"] = [_order_key(seed, sha) for sha in groups["sha256"]]
+    groups["split"] = ""
+    for label in LABELS:
+        members = groups.index[groups["group_label"] == label]
+        ordered = groups.loc[members].sort_values("order").index
+        start = 0
+        for name, count in zip(SPLITS, allocate(len(ordered), ratios), strict=True):
+            groups.loc[ordered[start : start + count], "split"] = name
+            start += count
+    return images.merge(groups[["sha256", "split"]], on="sha256", how="left")
+
+
+def make_splits(
+    dataset: str,
+    *,
+    ratios: str | Sequence[float] = (0.8, 0.15, 0.05),
+    seed: int = 0,
+    store: ObjectStore | None = None,
+) -> dict[str, Any]:
+    """Write the split manifest for ``dataset``; returns its URI and counts per split and label."""
+    fractions = parse_ratios(ratios)
+    layout = DatasetLayout.parse(dataset)
+    store = store or ObjectStore()
+    manifest = store.read_parquet(layout.download_manifest)
+    images = manifest.loc[manifest["status"] == "ok"].copy()
+    if images.empty:
+        raise PipelineError(
+            f"no downloaded images in {dataset}; run the download stage first "
+            f"(statuses: {manifest['status'].value_counts().to_dict()})"
+        )
+    images["label_index"] = images["label"].map(LABEL_INDEX).astype("int64")
+    table = assign_splits(images, fractions, seed)[list(SPLIT_COLUMNS)]
+    table = table.sort_values(["split", "label_index", "url"], kind="stable").reset_index(drop=True)
+    name = f"seed{seed}-" + "-".join(f"{round(r * 100, 2):g}" for r in fractions)
+    folder = layout.split_dir(name)
+    counts = {
+        s: {
+            label: int(((table["split"] == s) & (table["label"] == label)).sum())
+            for label in LABELS
+        }
+        for s in SPLITS
+    }
+    summary = {
+        "split": str(folder.child("splits.parquet")),
+        "dataset": dataset,
+        "seed": seed,
+        "ratios": list(fractions),
+        "images": len(table),
+        "groups": int(table["sha256"].nunique()),
+        "splits": counts,
+    }
+    store.write_parquet(folder.child("splits.parquet"), table)
+    store.write_json(folder.child("splits.json"), summary)
+    for s in SPLITS:
+        log.info("%s: %d images %s", s, sum(counts[s].values()), counts[s])
+    return summary
