@@ -98,6 +98,7 @@ def download_config(args: argparse.Namespace) -> Any:
         allow_networks=tuple(args.allow_network),
         fetch=fetch,
         image=image,
+        flush_rows=args.flush_rows,
     )
 
 
@@ -194,6 +195,13 @@ def _add_download_options(parser: argparse.ArgumentParser) -> None:
         type=_non_negative_int,
         default=256,
         help="shorter side of stored images at most; 0 keeps size (default: 256)",
+    )
+    group.add_argument(
+        "--flush-rows",
+        type=_positive_int,
+        default=200,
+        help="write a manifest part after this many results; a kill loses at most this many "
+        "rows (default: %(default)s)",
     )
 
 

@@ -45,6 +45,7 @@ MiB = 1024 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
 _RETRY_STATUSES = {408, 425, 429}
 _CHUNK = 64 * 1024
+_DRAIN_LIMIT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class Fetcher:
             if scheme not in ("http", "https"):
                 raise FetchError("blocked", f"scheme {scheme!r} is not allowed ({current})")
             response = self._open(current, deadline_at)
+            body: bytes | None = None
             try:
                 status = response.status
                 if status in _REDIRECTS:
@@ -223,8 +225,11 @@ class Fetcher:
                     )
                 if not 200 <= status < 300:
                     raise FetchError("http_error", f"HTTP {status}", http_status=status)
-                return self._read_body(response, deadline_at), status, current
+                body = self._read_body(response, deadline_at)
+                return body, status, current
             finally:
+                if body is None:
+                    _discard(response)
                 response.release_conn()
         raise FetchError("too_many_redirects", f"more than {cfg.max_redirects} redirects")
 
@@ -252,10 +257,12 @@ class Fetcher:
             raise FetchError("blocked", f"address policy: {exc}") from None
         except (LocationParseError, LocationValueError) as exc:
             raise FetchError("invalid_url", f"cannot parse URL: {exc}") from None
-        except Urllib3Timeout as exc:
-            raise FetchError("timeout", _describe(exc), retryable=True) from None
         except NameResolutionError as exc:
             raise FetchError("connection_error", f"DNS lookup failed: {_describe(exc)}") from None
+        except NewConnectionError as exc:  # a ConnectTimeoutError subclass, so before it
+            raise FetchError("connection_error", _describe(exc), retryable=True) from None
+        except Urllib3Timeout as exc:
+            raise FetchError("timeout", _describe(exc), retryable=True) from None
         except SSLError as exc:
             raise FetchError("connection_error", f"TLS error: {_describe(exc)}") from None
         except (HTTPError, OSError) as exc:
@@ -318,6 +325,18 @@ class Fetcher:
                 retryable=True,
             ) from None
         return b"".join(chunks)
+
+
+def _discard(response: Any) -> None:
+    """Leave the connection reusable after an unread answer: drain a short body, else close."""
+    length = response.headers.get("Content-Length", "")
+    try:
+        if length.isdigit() and int(length) <= _DRAIN_LIMIT:
+            response.drain_conn()
+            return
+    except (HTTPError, OSError):
+        pass
+    response.close()
 
 
 def _describe(exc: BaseException) -> str:

@@ -120,14 +120,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        self.server.count(self.path)
-        delay = self.server.latency + float(query.get("delay", 0))
-        if delay > 0:
-            time.sleep(delay)
+        self.server.enter(self.path)
         try:
+            delay = self.server.latency + float(query.get("delay", 0))
+            if delay > 0:
+                time.sleep(delay)
             self._answer(parts.path, query)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        finally:
+            self.server.leave()
 
     def _send(
         self,
@@ -243,6 +245,8 @@ class _Server(ThreadingHTTPServer):
         self.latency = latency
         self.pool = pool
         self.hits: Counter[str] = Counter()
+        self.active = 0
+        self.peak = 0
         self.stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -251,9 +255,15 @@ class _Server(ThreadingHTTPServer):
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
-    def count(self, path: str) -> None:
+    def enter(self, path: str) -> None:
         with self._lock:
             self.hits[path] += 1
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
 
 
 def realistic_pool(size: int, *, width: int = 500, height: int = 375) -> list[bytes]:
@@ -290,6 +300,15 @@ class ImageServer:
     def hits(self) -> Counter[str]:
         """Requests received per path (with query): lets tests prove what was fetched."""
         return self._server.hits
+
+    def reset_peak(self) -> None:
+        """Start counting the most requests in flight at once afresh (see ``peak``)."""
+        self._server.peak = self._server.active
+
+    @property
+    def peak(self) -> int:
+        """The most requests this server handled at the same time since ``reset_peak``."""
+        return self._server.peak
 
     def url(self, path: str, **query: object) -> str:
         suffix = "?" + urlencode(query) if query else ""

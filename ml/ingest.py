@@ -296,9 +296,8 @@ def ingest(
         raise PipelineError(f"--sample must be a positive number of rows, got {sample}")
     root = S3Uri.parse(store_uri)
     store = store or ObjectStore()
-    store.check_bucket(root)
-
     frame = parse_csv(read_source(source, store), source)
+    store.check_bucket(root)
     columns = find_columns(list(frame.columns))
     log.info("reading %s: %d rows; columns %s", source, len(frame), columns)
     records, rejected = validate_rows(frame, columns)

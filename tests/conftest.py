@@ -1,0 +1,88 @@
+"""Shared fixtures: a real S3 endpoint (moto server) and the fault-injecting image server.
+
+A process-wide audit hook refuses any socket connection to an address outside loopback, so no
+test can send a packet off this machine even by mistake; ``scripts/test`` additionally runs the
+suite inside a network namespace that has only loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ml.demo import local_s3
+from ml.imageserver import ImageServer
+from ml.storage import ObjectStore
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.csv"
+
+#: Non-loopback connection attempts seen by the audit hook (each was refused).
+OFF_MACHINE: list[str] = []
+
+
+def _loopback_only(event: str, args: tuple[object, ...]) -> None:
+    if event != "socket.connect":
+        return
+    address = args[1]
+    if not isinstance(address, tuple) or not address:
+        return  # Unix sockets
+    host = str(address[0])
+    try:
+        if ipaddress.ip_address(host.split("%", 1)[0]).is_loopback:
+            return
+    except ValueError:
+        pass
+    OFF_MACHINE.append(host)
+    raise ConnectionRefusedError(f"tests may only connect to loopback, not {host}")
+
+
+sys.addaudithook(_loopback_only)
+
+
+@pytest.fixture(autouse=True)
+def _no_off_machine_traffic() -> Iterator[None]:
+    before = len(OFF_MACHINE)
+    yield
+    assert OFF_MACHINE[before:] == [], "a test tried to connect outside loopback"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint on loopback; AWS_* variables point at it for the session."""
+    for key in ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        os.environ.pop(key, None)
+    with local_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def store(s3_endpoint: str) -> ObjectStore:
+    return ObjectStore()
+
+
+@pytest.fixture
+def store_uri(store: ObjectStore) -> str:
+    """A fresh bucket per test, so tests never see each other's objects."""
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    store.ensure_bucket(bucket)
+    return f"s3://{bucket}/pipeline"
+
+
+@pytest.fixture(scope="session")
+def image_server() -> Iterator[ImageServer]:
+    with ImageServer() as server:
+        yield server
+
+
+@pytest.fixture
+def real_csv() -> Path:
+    if not REAL_CSV.is_file():
+        pytest.skip(f"the CrowdFlower CSV is not at {REAL_CSV} (it ships in ../shared/data)")
+    return REAL_CSV

@@ -1,0 +1,225 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ml.errors import PipelineError
+from ml.ingest import (
+    dataset_id,
+    find_columns,
+    ingest,
+    parse_csv,
+    stratified_sample,
+    validate_rows,
+)
+from ml.layout import DatasetLayout
+from ml.storage import ObjectStore, S3Uri
+from tests.helpers import plain_csv
+
+# Counts from ../shared/data/ANALYSIS.md.
+REAL_LABELS = {
+    "Positive": 8551,
+    "Neutral": 4227,
+    "Negative": 2119,
+    "Highly positive": 433,
+    "Highly negative": 283,
+}
+
+
+def _validate(data: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = parse_csv(data)
+    return validate_rows(frame, find_columns(list(frame.columns)))
+
+
+def test_bare_cr_records_with_newlines_inside_quotes() -> None:
+    data = (
+        b'imageurl,label,note\r'
+        b'http://a.example/1.jpg,Positive,"two\nlines"\r'
+        b'http://a.example/2.jpg,Negative,plain'
+    )
+    records, rejected = _validate(data)
+    assert records["url"].tolist() == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
+    assert rejected.empty
+
+
+@pytest.mark.parametrize(
+    ("header", "url_col", "label_col"),
+    [
+        (["url", "label"], "url", "label"),
+        (["Image URL", "Sentiment"], "Image URL", "Sentiment"),
+        (["image_url", "class", "confidence", "id"], "image_url", "class"),
+        (["id", "link", "category"], "link", "category"),
+    ],
+)
+def test_find_columns_accepts_common_names(header: list[str], url_col: str, label_col: str) -> None:
+    found = find_columns(header)
+    assert found["url"] == url_col and found["label"] == label_col
+
+
+def test_missing_url_column_is_a_clear_error() -> None:
+    with pytest.raises(PipelineError, match="no url column found"):
+        find_columns(["picture", "label"])
+
+
+def test_rejections_have_row_numbers_and_reasons() -> None:
+    data = plain_csv(
+        [
+            ("http://a.example/1.jpg", "positive", "0.9"),
+            ("http://a.example/2.jpg", "meh", "0.9"),
+            ("", "Neutral", "0.9"),
+            ("ftp://a.example/3.jpg", "Neutral", "0.9"),
+            ("http://a.example/1.jpg", "Negative", "0.9"),
+            ("http://a.example/4.jpg", "Negative", "1.7"),
+            ("http://a.example/5.jpg", "", "0.5"),
+            ("http:///nohost.jpg", "Negative", "0.5"),
+            ("http://a.example/6.jpg", "HIGHLY_NEGATIVE", ""),
+        ],
+        header=("url", "label", "confidence"),
+    )
+    records, rejected = _validate(data)
+    assert records["label"].tolist() == ["Positive", "Highly negative"]
+    assert records["row"].tolist() == [1, 9]
+    reasons = dict(zip(rejected["row"], rejected["reason"], strict=True))
+    assert reasons == {
+        2: "unknown_label",
+        3: "empty_url",
+        4: "unsupported_scheme",
+        5: "duplicate_url",
+        6: "invalid_confidence",
+        7: "missing_label",
+        8: "invalid_url",
+    }
+    assert "row 1" in rejected.set_index("row").loc[5, "detail"]
+
+
+def test_stratified_sample_keeps_proportions_and_every_label() -> None:
+    labels = ["Positive"] * 550 + ["Neutral"] * 270 + ["Negative"] * 140 + [
+        "Highly positive"] * 25 + ["Highly negative"] * 15
+    records = pd.DataFrame({"url": [f"u{i}" for i in range(1000)], "label": labels})
+    sample = stratified_sample(records, 100, seed=1)
+    counts = sample["label"].value_counts().to_dict()
+    assert len(sample) == 100
+    assert counts["Positive"] == 55 and counts["Neutral"] == 27
+    assert counts["Highly negative"] >= 1 and counts["Highly positive"] >= 2
+    assert sample.equals(stratified_sample(records, 100, seed=1))
+    assert not sample.equals(stratified_sample(records, 100, seed=2))
+    tiny = stratified_sample(records, 5, seed=0)
+    assert sorted(tiny["label"].unique()) == sorted(set(labels))
+
+
+def test_dataset_id_depends_only_on_content() -> None:
+    a = pd.DataFrame({"id": ["1"], "url": ["u"], "label": ["Neutral"], "confidence": [1.0],
+                      "golden": [False]})
+    assert dataset_id(a) == dataset_id(a.copy())
+    assert dataset_id(a) != dataset_id(a.assign(label="Positive"))
+
+
+@pytest.mark.integration
+def test_real_csv_ingests_all_rows(real_csv: Path, store_uri: str, store: ObjectStore) -> None:
+    result = ingest(str(real_csv), store_uri, store=store)
+    assert result.rows == 15613
+    assert result.labels == {k: REAL_LABELS[k] for k in result.labels}
+    assert result.rejected == {}
+    layout = DatasetLayout.parse(result.dataset)
+    records = store.read_parquet(layout.records)
+    assert len(records) == 15613 and records["url"].is_unique
+    assert int(records["golden"].sum()) == 613
+    assert records.loc[records["id"] == "694561523", "confidence"].item() == 1.0
+    # Same content, same dataset id: a rerun overwrites the same keys.
+    assert ingest(str(real_csv), store_uri, store=store).dataset == result.dataset
+
+
+@pytest.mark.integration
+def test_real_csv_options(real_csv: Path, store_uri: str, store: ObjectStore) -> None:
+    result = ingest(str(real_csv), store_uri, store=store, exclude_golden=True,
+                    min_confidence=0.6, sample=500, seed=3)
+    assert result.rows == 500
+    assert result.filtered["golden_excluded"] == 613 or result.filtered["golden_excluded"] > 0
+    assert result.filtered["below_min_confidence"] > 0
+    assert all(v >= 1 for v in result.labels.values())
+    records = store.read_parquet(DatasetLayout.parse(result.dataset).records)
+    assert not records["golden"].any()
+    assert (records["confidence"] >= 0.6).all()
+
+
+@pytest.mark.integration
+def test_csv_from_s3_and_rejected_rows_are_stored(store_uri: str, store: ObjectStore) -> None:
+    data = plain_csv([("http://a.example/1.jpg", "positive"), ("nope", "Neutral"),
+                      ("http://a.example/2.jpg", "bad")])
+    source = S3Uri.parse(store_uri).child("in.csv")
+    store.put_bytes(source, data)
+    result = ingest(str(source), store_uri, store=store)
+    assert result.rows == 1
+    assert result.rejected == {"unsupported_scheme": 1, "unknown_label": 1}
+    rejected = store.read_parquet(DatasetLayout.parse(result.dataset).rejected)
+    assert rejected["row"].tolist() == [2, 3]
+    info = store.read_json(DatasetLayout.parse(result.dataset).info)
+    assert info["rows"] == 1 and info["options"]["sample"] is None
+
+
+@pytest.mark.integration
+def test_nothing_usable_is_an_error(store_uri: str, store: ObjectStore, tmp_path: Path) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_bytes(plain_csv([("http://a.example/1.jpg", "so-so")]))
+    with pytest.raises(PipelineError, match="no usable rows"):
+        ingest(str(path), store_uri, store=store)
+
+
+@pytest.mark.integration
+def test_missing_bucket_is_a_clear_error(store: ObjectStore, tmp_path: Path) -> None:
+    path = tmp_path / "ok.csv"
+    path.write_bytes(plain_csv([("http://a.example/1.jpg", "Positive")]))
+    with pytest.raises(PipelineError, match="bucket 'no-such-bucket' does not exist"):
+        ingest(str(path), "s3://no-such-bucket/x", store=store)
+
+
+@pytest.mark.integration
+def test_cli_prints_one_json_line(real_csv: Path, store_uri: str, s3_endpoint: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ml", "ingest", str(real_csv), "--store", store_uri,
+         "--sample", "50", "--seed", "1"],
+        capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["rows"] == 50 and sum(summary["labels"].values()) == 50
+    assert summary["dataset"].startswith(store_uri + "/datasets/ds-")
+    assert summary["rejected"] == {}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ingest", "/no/such/file.csv", "--store", "s3://b/p"], "CSV not found"),
+        (["ingest", "x.csv", "--store", "b/p"], "expected an s3://BUCKET/PREFIX URI"),
+        (["split", "--dataset", "s3://b/p/datasets/x", "--ratios", "0.5,0.5,0.5"], "sum to 1"),
+        (["download", "--dataset", "s3://b/not-a-dataset"], "not a dataset URI"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], message: str, s3_endpoint: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "ml", "-q", *args], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().startswith("error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_cli_refuses_bad_parameters() -> None:
+    done = subprocess.run([sys.executable, "-m", "ml", "download", "--dataset", "s3://b/d",
+                           "--concurrency", "0"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "--concurrency: must be at least 1" in done.stderr
+
+
+@pytest.mark.parametrize("stage", ["ingest", "download", "split", "imageserver", "demo"])
+def test_every_stage_has_help(stage: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "ml", stage, "--help"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and "usage: python -m ml " + stage in done.stdout
