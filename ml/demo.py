@@ -53,6 +53,7 @@ def local_s3(port: int = 0) -> Iterator[str]:
     """An in-memory S3 endpoint on loopback (moto); sets the AWS_* variables while it runs."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -56,8 +56,8 @@ def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
 
 
 def allocate(n: int, ratios: Sequence[float]) -> list[int]:
-    """Counts per split for ``n`` items: largest remainder, and every split with a positive
-    ratio gets at least one item when ``n`` allows it."""
+    """Counts per split for ``n`` items: largest remainder, and the splits with a positive
+    ratio get at least one item each, in split order, as far as ``n`` allows."""
     exact = [n * r for r in ratios]
     counts = [math.floor(x) for x in exact]
     by_remainder = sorted(
@@ -65,13 +65,12 @@ def allocate(n: int, ratios: Sequence[float]) -> list[int]:
     )
     for i in by_remainder[: n - sum(counts)]:
         counts[i] += 1
-    wanted = [i for i, r in enumerate(ratios) if r > 0]
-    if n >= len(wanted):
-        for i in wanted:
-            if counts[i] == 0:
-                donor = max(range(len(counts)), key=lambda j: counts[j])
-                counts[donor] -= 1
-                counts[i] = 1
+    # Small classes still reach every split, train first, then valid, then test.
+    for i in [i for i, r in enumerate(ratios) if r > 0][:n]:
+        if counts[i] == 0:
+            donor = max(range(len(counts)), key=lambda j: counts[j])
+            counts[donor] -= 1
+            counts[i] = 1
     return counts
 
 
