@@ -1,0 +1,188 @@
+"""Download benchmark: our downloader vs one-thread-per-URL vs img2dataset, same URLs.
+
+Prints images/s, CPU seconds per image and peak RSS for each, plus our peak RSS at two dataset
+sizes (memory should stay flat). Everything runs on loopback: a moto S3 server and the local
+image server (pre-made 30-150 KB JPEGs, unique bytes per URL, ``--latency-ms`` per answer) each
+in its own process, so each downloader's CPU and memory are its own.
+
+Usage::
+
+    .venv/bin/python benchmarks/download.py                 # 2,000 images, 40 ms latency
+    .venv/bin/python benchmarks/download.py --images 500 --skip-img2dataset --memory-sizes ""
+
+img2dataset 1.47.0 is installed into ``.venv-img2dataset`` on first use (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ml.ingest import ingest  # noqa: E402
+from ml.storage import ObjectStore, S3Uri  # noqa: E402
+
+I2D_VENV = REPO / ".venv-img2dataset"
+MEASURE = """
+import json, resource, subprocess, sys, time
+cmd = json.loads(sys.argv[1])
+start = time.monotonic()
+done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+wall = time.monotonic() - start
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"rc": done.returncode, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
+                  "rss_mb": usage.ru_maxrss / 1024, "stdout": done.stdout[-4000:],
+                  "stderr": done.stderr[-4000:]}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on port {port}")
+
+
+def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run ``cmd`` with its whole process tree's CPU time and largest RSS recorded."""
+    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(cmd)], env=env,
+                         capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    if result["rc"] != 0:
+        raise RuntimeError(f"{cmd[:3]} failed: {result['stderr']}")
+    return result
+
+
+def figures(name: str, result: dict[str, Any], ok: int, n: int) -> dict[str, Any]:
+    return {"approach": name, "images": n, "ok": ok, "wall_s": round(result["wall"], 2),
+            "images_per_s": round(ok / result["wall"], 1),
+            "cpu_ms_per_image": round(1000 * result["cpu"] / max(ok, 1), 2),
+            "peak_rss_mb": round(result["rss_mb"], 1)}
+
+
+def ensure_img2dataset() -> Path:
+    binary = I2D_VENV / "bin" / "img2dataset"
+    if not binary.exists():
+        print("installing img2dataset 1.47.0 into .venv-img2dataset ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
+        subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset==1.47.0", "s3fs"],
+                       check=True)
+    return binary
+
+
+def run_ours(store: ObjectStore, bucket: str, urls: list[str], args: argparse.Namespace,
+             env: dict[str, str], tmp: Path, tag: str) -> dict[str, Any]:
+    csv = tmp / f"{tag}.csv"
+    csv.write_text("url,label\n" + "".join(f"{u},Positive\n" for u in urls))
+    dataset = ingest(str(csv), f"s3://{bucket}/{tag}", store=store).dataset
+    cmd = [sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset,
+           "--allow-network", "127.0.0.0/8", "--concurrency", str(args.concurrency),
+           "--per-host", str(args.concurrency)]
+    result = measure(cmd, env)
+    summary = json.loads(result["stdout"].strip().splitlines()[-1])
+    return figures("ours (python -m ml download)", result, summary["downloaded"], len(urls))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--latency-ms", type=float, default=40.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--memory-sizes", default="1000,10000",
+                        help="dataset sizes for the flat-memory check ('' to skip)")
+    parser.add_argument("--skip-img2dataset", action="store_true")
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+
+    s3_port, img_port = free_port(), free_port()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+           "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL":
+           f"http://127.0.0.1:{s3_port}", "WANDB_MODE": "disabled",
+           "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
+    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    servers = [
+        subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                          str(s3_port)], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "ml", "-q", "imageserver", "--port",
+                          str(img_port), "--latency-ms", str(args.latency_ms), "--pool", "64"],
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_port(s3_port)
+        wait_port(img_port)
+        store = ObjectStore()
+        store.ensure_bucket("bench")
+        base = f"http://127.0.0.1:{img_port}"
+        with tempfile.TemporaryDirectory() as name:
+            tmp = Path(name)
+            urls = [f"{base}/main/{i}.jpg" for i in range(args.images)]
+            rows.append(run_ours(store, "bench", urls, args, env, tmp, "ours"))
+            print(json.dumps(rows[-1]), flush=True)
+            if not args.skip_naive:
+                listing = tmp / "naive.txt"
+                listing.write_text("\n".join(f"{base}/naive/{i}.jpg" for i in range(args.images)))
+                result = measure([sys.executable, str(REPO / "benchmarks" / "naive_download.py"),
+                                  str(listing), "s3://bench/naive"], env)
+                rows.append(figures("one thread per URL (seed)", result,
+                                    int(result["stdout"].split()[-1]), args.images))
+                print(json.dumps(rows[-1]), flush=True)
+            if not args.skip_img2dataset:
+                binary = ensure_img2dataset()
+                listing = tmp / "i2d.csv"
+                listing.write_text("url\n" + "".join(f"{base}/i2d/{i}.jpg\n"
+                                                     for i in range(args.images)))
+                result = measure([
+                    str(binary), "--url_list", str(listing), "--input_format", "csv",
+                    "--url_col", "url", "--output_format", "files", "--output_folder",
+                    "s3://bench/i2d", "--processes_count", "1", "--thread_count",
+                    str(args.concurrency), "--resize_mode", "keep_ratio", "--image_size", "256",
+                    "--resize_only_if_bigger", "True", "--encode_quality", "90",
+                    "--timeout", "10", "--retries", "2", "--enable_wandb", "False",
+                    "--number_sample_per_shard", "10000", "--disallowed_header_directives", "[]",
+                ], env)
+                stored = [k for k in store.list_keys(S3Uri("bench", "i2d")) if k.endswith(".jpg")]
+                rows.append(figures("img2dataset 1.47.0", result, len(stored), args.images))
+                print(json.dumps(rows[-1]), flush=True)
+            for size in [int(s) for s in args.memory_sizes.split(",") if s.strip()]:
+                urls = [f"{base}/mem{size}/{i}.jpg" for i in range(size)]
+                rows.append(run_ours(store, "bench", urls, args, env, tmp, f"mem{size}"))
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait()
+    print(f"\n{args.images} images, {args.latency_ms:g} ms latency, concurrency "
+          f"{args.concurrency}, {os.cpu_count()} CPUs\n")
+    print("| approach | images | ok | images/s | CPU ms/image | peak RSS MB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['approach']} | {r['images']} | {r['ok']} | {r['images_per_s']} | "
+              f"{r['cpu_ms_per_image']} | {r['peak_rss_mb']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
