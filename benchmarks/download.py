@@ -84,8 +84,8 @@ def ensure_img2dataset() -> Path:
     if not binary.exists():
         print("installing img2dataset 1.47.0 into .venv-img2dataset ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", str(I2D_VENV)], check=True)
-        subprocess.run([str(I2D_VENV / "bin" / "pip"), "install", "-q", "img2dataset==1.47.0", "s3fs"],
-                       check=True)
+        pip = str(I2D_VENV / "bin" / "pip")
+        subprocess.run([pip, "install", "-q", "img2dataset==1.47.0", "s3fs"], check=True)
     return binary
 
 

@@ -122,9 +122,7 @@ def _run_split(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_imageserver(args: argparse.Namespace) -> dict[str, Any]:
-    from ml.imageserver import ImageServer
-
-    from ml.imageserver import realistic_pool
+    from ml.imageserver import ImageServer, realistic_pool
 
     pool = realistic_pool(args.pool) if args.pool else None
     server = ImageServer(args.host, args.port, latency=args.latency_ms / 1000, pool=pool).start()
@@ -283,9 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_non_negative_int, default=8000)
     p.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
-    p.add_argument("--pool", type=_non_negative_int, default=0, metavar="N",
-                   help="serve N pre-made 500 px JPEGs of 30-150 KB (unique bytes per URL) "
-                   "instead of rendering each image (benchmarks)")
+    p.add_argument(
+        "--pool",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="serve N pre-made 500 px JPEGs of 30-150 KB (unique bytes per URL) "
+        "instead of rendering each image (benchmarks)",
+    )
     p.set_defaults(run=_run_imageserver)
 
     p = stages.add_parser(
