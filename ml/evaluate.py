@@ -1,0 +1,106 @@
+"""Evaluation: metrics that do not flatter a majority-class model, and the plots users look at.
+
+Accuracy alone rewards predicting "Positive" (55% of the data); macro-F1 weighs every class the
+same, so model selection and promotion use it.
+
+Usage: ``metrics = compute_metrics(y_true, y_pred)``; ``plot_confusion(metrics, path)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.labels import LABELS
+
+
+def compute_metrics(
+    y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str] = LABELS
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    index = list(range(len(labels)))
+    true, pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        true, pred, labels=index, zero_division=0
+    )
+    present = support > 0
+    return {
+        "accuracy": float((true == pred).mean()) if len(true) else 0.0,
+        # Macro over the classes present in this split: an absent class says nothing.
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(labels)
+        },
+        "confusion": confusion_matrix(true, pred, labels=index).tolist(),
+        "labels": list(labels),
+    }
+
+
+def plot_confusion(
+    metrics: dict[str, Any], path: Path, title: str = "Test confusion matrix"
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.asarray(metrics["confusion"])
+    labels = metrics["labels"]
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    high = matrix.max() if matrix.size else 0
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > high / 2 else "black",
+        )
+    ax.set_title(
+        f"{title} (accuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+    left.plot(epochs, [h["valid_loss"] for h in history], marker="o", label="valid loss")
+    left.set_xlabel("epoch")
+    left.legend()
+    right.plot(epochs, [h["valid_accuracy"] for h in history], marker="o", label="valid accuracy")
+    right.plot(epochs, [h["valid_macro_f1"] for h in history], marker="o", label="valid macro-F1")
+    right.set_xlabel("epoch")
+    right.set_ylim(0, 1)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

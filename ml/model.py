@@ -1,0 +1,203 @@
+"""The model: torchvision ResNet (152 by default) with a new 5-way head, and where its weights
+come from.
+
+Weights are named (``IMAGENET1K_V2``, ``IMAGENET1K_V1``, ``DEFAULT``), a local ``.pth`` file, or an
+``s3://`` URI; files are checked against a known SHA-256 (torchvision's file names carry its first
+8 hex digits, or pass ``weights_sha256``). Nothing is downloaded from the internet unless asked
+for: a missing file fails with one message that says how to stage it. ``none`` (random init) is
+for tests and the offline demo only, and is logged as such.
+
+Usage: ``model, info = build_model("IMAGENET1K_V2", num_classes=5)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ml.errors import PipelineError
+from ml.labels import LABELS
+from ml.storage import ObjectStore, S3Uri
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
+_ALIASES = {"imagenet": "IMAGENET1K_V2", "default": "DEFAULT"}
+
+
+@dataclass(frozen=True)
+class WeightsInfo:
+    """What the model was initialized from; logged as run tags."""
+
+    source: str
+    pretrained: bool
+    sha256: str = ""
+    transforms: dict[str, Any] = field(default_factory=dict)
+
+
+def eval_preset(arch: str = "resnet152") -> dict[str, Any]:
+    """Evaluation preprocessing from the ImageNet weights' own transforms (resize, crop, stats)."""
+    from torchvision.models import get_model_weights
+
+    preset = get_model_weights(arch).DEFAULT.transforms()
+    return {
+        "crop_size": int(preset.crop_size[0]),
+        "resize_size": int(preset.resize_size[0]),
+        "mean": [float(x) for x in preset.mean],
+        "std": [float(x) for x in preset.std],
+    }
+
+
+def weights_cache_dir() -> Path:
+    """Where torchvision looks for downloaded weights (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_hash(path: Path, expected: str | None) -> str:
+    actual = sha256_of(path)
+    if not expected:
+        match = _HASH_IN_NAME.search(path.name)
+        expected = match.group(1) if match else None
+    if expected and not actual.startswith(expected.lower()):
+        raise PipelineError(
+            f"weights file {path} has SHA-256 {actual[:16]}..., expected {expected}...; "
+            "it is corrupt or not the file named: stage it again"
+        )
+    return actual
+
+
+def _named_weights(arch: str, name: str) -> Any:
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(arch)
+    key = _ALIASES.get(name.lower(), name.upper())
+    try:
+        return enum[key] if key != "DEFAULT" else enum.DEFAULT
+    except KeyError:
+        names = ", ".join(w.name for w in enum)
+        raise PipelineError(
+            f"unknown weights {name!r} for {arch}; use one of {names}, a "
+            ".pth file, an s3:// URI, or none"
+        ) from None
+
+
+def _missing_message(arch: str, filename: str, where: Path) -> str:
+    return (
+        f"ImageNet weights for {arch} ({filename}) are not in {where} and this machine cannot "
+        "download them. Stage them once: on a machine with internet run "
+        f"`python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"`, "
+        f"then `python -m ml stage-weights ~/.cache/torch/hub/checkpoints/{filename} "
+        "--to s3://BUCKET/weights` and train with --weights s3://BUCKET/weights/"
+        f"{filename} (or copy the file into {where}); use --download-weights where the internet "
+        "is reachable, or --weights none to train from scratch (tests and demos only)"
+    )
+
+
+def resolve_weights(
+    arch: str,
+    weights: str,
+    *,
+    sha256: str | None = None,
+    download: bool = False,
+    store: ObjectStore | None = None,
+) -> tuple[Path | None, WeightsInfo]:
+    """The local file holding ``weights`` (None for random init) and what it is."""
+    if weights.lower() in ("none", ""):
+        log.warning("training %s from random weights (--weights none): tests and demos only", arch)
+        return None, WeightsInfo("none", pretrained=False)
+    cache = weights_cache_dir()
+    if weights.startswith("s3://"):
+        uri = S3Uri.parse(weights)
+        target = cache / Path(uri.key).name
+        if not target.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".partial")
+            partial.write_bytes((store or ObjectStore()).get_bytes(uri))
+            partial.replace(target)
+        return target, WeightsInfo(weights, True, _check_hash(target, sha256))
+    if weights.endswith((".pth", ".pt")) or os.sep in weights:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise PipelineError(f"weights file not found: {path}")
+        return path, WeightsInfo(str(path), True, _check_hash(path, sha256))
+    named = _named_weights(arch, weights)
+    filename = Path(named.url).name
+    target = cache / filename
+    if not target.is_file():
+        if not download:
+            raise PipelineError(_missing_message(arch, filename, cache))
+        torch.hub.load_state_dict_from_url(named.url, progress=False, check_hash=True)
+    return target, WeightsInfo(f"{arch}:{named.name}", True, _check_hash(target, sha256))
+
+
+def build_model(
+    weights: str = "IMAGENET1K_V2",
+    *,
+    arch: str = "resnet152",
+    num_classes: int = len(LABELS),
+    sha256: str | None = None,
+    download: bool = False,
+    store: ObjectStore | None = None,
+) -> tuple[nn.Module, WeightsInfo]:
+    """A ResNet with ImageNet (or no) weights and a freshly initialized ``num_classes`` head."""
+    from torchvision.models import get_model
+
+    if arch not in ARCHS:
+        raise PipelineError(f"unknown --arch {arch!r}; use one of {', '.join(ARCHS)}")
+    path, info = resolve_weights(arch, weights, sha256=sha256, download=download, store=store)
+    model: Any = get_model(arch, weights=None)
+    if path is not None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise PipelineError(
+                f"{path} does not hold {arch} ImageNet weights: {str(exc).splitlines()[0]}"
+            ) from None
+    head = nn.Linear(model.fc.in_features, num_classes)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    model.fc = head
+    return model, WeightsInfo(info.source, info.pretrained, info.sha256, eval_preset(arch))
+
+
+def stage_weights(
+    path: str, destination: str, *, store: ObjectStore | None = None
+) -> dict[str, Any]:
+    """Upload a weights file (hash-checked) into the store for workers without internet."""
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise PipelineError(f"weights file not found: {source}")
+    digest = _check_hash(source, None)
+    target = S3Uri.parse(destination)
+    if not target.key.endswith((".pth", ".pt")):
+        target = target.child(source.name)
+    (store or ObjectStore()).put_bytes(target, source.read_bytes())
+    return {"weights": str(target), "sha256": digest, "bytes": source.stat().st_size}
+
+
+def copy_into_cache(path: Path) -> Path:
+    """Place a weights file where torchvision looks for it (used by the demo and tests)."""
+    cache = weights_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / path.name
+    shutil.copyfile(path, target)
+    return target
