@@ -121,6 +121,94 @@ def _run_split(args: argparse.Namespace) -> dict[str, Any]:
     return make_splits(args.dataset, ratios=args.ratios, seed=args.seed)
 
 
+TRAIN_HELP = {
+    "split": "the split manifest URI that the split stage printed (required)",
+    "arch": "torchvision ResNet depth (default: %(default)s)",
+    "weights": "IMAGENET1K_V2, IMAGENET1K_V1, a .pth file, an s3:// URI, or none (tests and "
+    "demos only) (default: %(default)s)",
+    "weights_sha256": "expected SHA-256 (prefix) of the weights file",
+    "download_weights": "let torchvision download named weights (needs internet)",
+    "batch_size": "images per step and process (default: %(default)s)",
+    "optimizer": "sgd or adamw (default: %(default)s)",
+    "warmup_epochs": "linear warmup before the cosine decay (default: %(default)s)",
+    "imbalance": "class_weights, sampler or none (default: %(default)s)",
+    "head_epochs": "first epochs train the new head only (default: %(default)s)",
+    "device": "auto, cpu, cuda or cuda:N (default: %(default)s)",
+    "precision": "bf16, fp16 (with a grad scaler) or fp32; CUDA only (default: %(default)s)",
+    "channels_last": "channels_last memory format (default: on)",
+    "compile": "torch.compile the model",
+    "clip_grad": "gradient norm clip, 0 to disable (default: %(default)s)",
+    "patience": "early stop after this many epochs without a better validation macro-F1, "
+    "0 to disable (default: %(default)s)",
+    "workers": "DataLoader worker processes (default: %(default)s)",
+    "max_steps_per_epoch": "cap steps per epoch, 0 for all (tests, demos)",
+    "experiment": "MLflow experiment (default: %(default)s)",
+    "checkpoint": "s3:// folder for checkpoints (default: derived from the split and config)",
+    "cache_dir": "local image cache (default: ~/.cache/image-sentiment/images)",
+    "orchestrator_run_id": "the orchestrator's run id, tagged on the run",
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    from ml.train import TrainConfig
+
+    defaults = TrainConfig()
+    for item in dataclasses.fields(TrainConfig):
+        flag = "--" + item.name.replace("_", "-")
+        default = getattr(defaults, item.name)
+        text = TRAIN_HELP.get(item.name, "(default: %(default)s)")
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=text
+            )
+        else:
+            parser.add_argument(
+                flag, type=type(default), default=default, help=text, metavar=item.name.upper()
+            )
+
+
+def _run_train(args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    from ml.train import TrainConfig, fine_tune
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return fine_tune(config)
+
+
+def _run_register(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.registry import register_model
+
+    return register_model(
+        args.run_id,
+        name=args.name,
+        margin=args.margin,
+        orchestrator_run_id=args.orchestrator_run_id,
+    )
+
+
+def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.predict import predict
+
+    return predict(
+        args.model,
+        args.csv,
+        args.out,
+        bucket=args.bucket,
+        config=download_config(args),
+        batch_size=args.batch_size,
+    )
+
+
+def _run_stage_weights(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.model import stage_weights
+
+    return stage_weights(args.file, args.to)
+
+
 def _run_imageserver(args: argparse.Namespace) -> dict[str, Any]:
     from ml.imageserver import ImageServer, realistic_pool
 
@@ -274,6 +362,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_run_split)
 
     p = stages.add_parser(
+        "train",
+        help="fine-tune ResNet-152 on a split, log to MLflow",
+        description="Fine-tune a ResNet (ImageNet weights, new 5-way head) on "
+        "the split; checkpoints every epoch and resumes after a kill. Under "
+        "torchrun it uses DDP. MLflow: MLFLOW_TRACKING_URI.",
+    )
+    _add_train_options(p)
+    p.set_defaults(run=_run_train)
+
+    p = stages.add_parser(
+        "register",
+        help="register a training run in the MLflow registry",
+        description="Create a model version for the run (once), alias it "
+        "challenger, and promote it to champion if it beats the champion's "
+        "test macro-F1 by --margin.",
+    )
+    p.add_argument("--run-id", required=True, help="the run_id that train printed")
+    p.add_argument(
+        "--name", default="image-sentiment", help="registered model name (default: %(default)s)"
+    )
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.0,
+        help="macro-F1 a new version must gain over the champion (default: %(default)s)",
+    )
+    p.add_argument("--orchestrator-run-id", default="", help="tagged on the version")
+    p.set_defaults(run=_run_register)
+
+    p = stages.add_parser(
+        "predict",
+        help="batch inference with a registered model",
+        description="Predict the sentiment of images listed in a CSV (column "
+        "url: http(s) or s3:// URIs; or object_key with --bucket).",
+    )
+    p.add_argument(
+        "--model",
+        default="models:/image-sentiment@champion",
+        help="any MLflow model URI (default: %(default)s)",
+    )
+    p.add_argument("--csv", required=True, help="local path, http(s) URL or s3:// URI")
+    p.add_argument("--out", required=True, help="output .csv or .parquet, local or s3://")
+    p.add_argument("--bucket", default=None, help="bucket for bare object keys")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    _add_download_options(p)
+    p.set_defaults(run=_run_predict)
+
+    p = stages.add_parser(
+        "stage-weights",
+        help="upload a weights file for offline workers",
+        description="Upload a downloaded weights file (hash-checked) into the "
+        "store, for workers without internet; train with --weights URI.",
+    )
+    p.add_argument("file", help="e.g. ~/.cache/torch/hub/checkpoints/resnet152-f82ba261.pth")
+    p.add_argument("--to", required=True, metavar="s3://BUCKET/PREFIX")
+    p.set_defaults(run=_run_stage_weights)
+
+    p = stages.add_parser(
         "imageserver",
         help="serve synthetic images with injectable faults",
         description="Local stand-in for an image host (synthetic images).",
@@ -333,5 +479,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; finished work was saved, rerun to continue", file=sys.stderr)
         return 130
-    print(json.dumps(summary, default=str, sort_keys=False), flush=True)
+    if summary or os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print(json.dumps(summary, default=str, sort_keys=False), flush=True)
     return 0

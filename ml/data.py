@@ -16,6 +16,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -30,11 +31,19 @@ from ml.storage import ObjectStore, S3Uri
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
+# torchvision 0.29 marks its (libjpeg-turbo) decoders deprecated in favour of TorchCodec, which
+# is not packaged for every platform we run on; they still work and are the fastest option here.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities", category=DeprecationWarning
+)
+
 
 def train_transform(size: int) -> Transform:
     """Random resized crop and horizontal flip, on uint8 CHW tensors."""
-    return cast(Transform, v2.Compose([v2.RandomResizedCrop(size, antialias=True),
-                                       v2.RandomHorizontalFlip()]))
+    return cast(
+        Transform,
+        v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]),
+    )
 
 
 def eval_transform(size: int, preset: dict[str, Any]) -> Transform:

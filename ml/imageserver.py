@@ -70,6 +70,8 @@ def render_image(
     pixels = np.clip(smooth.astype(np.float64) + noise, 0, 255).astype(np.uint8)
     if label is not None:
         colour = np.array(LABEL_COLOURS[LABEL_INDEX[label]], dtype=np.float64)
+        # A tint over the whole picture survives any crop; the patch makes it plain to see.
+        pixels = (0.5 * pixels + 0.5 * colour).astype(np.uint8)
         ph, pw = max(1, height // 2), max(1, width // 2)
         top = int(rng.integers(0, height - ph + 1))
         left = int(rng.integers(0, width - pw + 1))

@@ -163,7 +163,9 @@ def build_model(
     if arch not in ARCHS:
         raise PipelineError(f"unknown --arch {arch!r}; use one of {', '.join(ARCHS)}")
     path, info = resolve_weights(arch, weights, sha256=sha256, download=download, store=store)
-    model: Any = get_model(arch, weights=None)
+    # From scratch, zero-initialized last BN in each block trains far faster (Goyal et al.);
+    # pretrained weights overwrite it anyway.
+    model: Any = get_model(arch, weights=None, zero_init_residual=path is None)
     if path is not None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         try:

@@ -86,3 +86,16 @@ def real_csv() -> Path:
     if not REAL_CSV.is_file():
         pytest.skip(f"the CrowdFlower CSV is not at {REAL_CSV} (it ships in ../shared/data)")
     return REAL_CSV
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server``: SQLite registry, artifacts proxied to the local S3 endpoint."""
+    from ml.demo import free_port
+    from tests.servers import start_mlflow
+
+    ObjectStore().ensure_bucket("mlflow")
+    folder = tmp_path_factory.mktemp("mlflow")
+    with start_mlflow(folder, free_port(), s3_endpoint, "s3://mlflow/artifacts") as url:
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        yield url

@@ -1,0 +1,331 @@
+"""Training, registry and prediction against a real MLflow server and S3 endpoint (CPU, 64 px)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ml.data import balanced_class_weights
+from ml.download import DownloadConfig, download
+from ml.errors import PipelineError
+from ml.evaluate import compute_metrics
+from ml.imageserver import ImageServer
+from ml.ingest import ingest
+from ml.labels import LABELS
+from ml.model import build_model, sha256_of, stage_weights
+from ml.predict import predict
+from ml.registry import register_model
+from ml.splits import make_splits
+from ml.storage import ObjectStore
+from ml.train import Classifier, TrainConfig, fine_tune, lr_factor
+from tests.helpers import labelled_urls, plain_csv
+
+LOOPBACK = DownloadConfig(allow_networks=("127.0.0.0/8",))
+
+
+# ---------------------------------------------------------------- unit tests (no servers)
+
+def test_lr_schedule_warms_up_then_decays() -> None:
+    factors = [lr_factor(step, total=100, warmup=10) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
+    assert factors[-1] < 0.01
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"split": ""}, "--split"),
+        ({"epochs": 0}, "--epochs"),
+        ({"precision": "fp8"}, "--precision"),
+        ({"imbalance": "oversample"}, "--imbalance"),
+        ({"head_epochs": 3, "epochs": 3}, "--head-epochs"),
+        ({"device": "tpu"}, "--device"),
+    ],
+)
+def test_config_is_validated(change: dict[str, Any], message: str) -> None:
+    config = TrainConfig(split="s3://b/d/splits/x/splits.parquet")
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(PipelineError, match=message):
+        config.validate()
+
+
+def test_checkpoint_key_ignores_runtime_settings() -> None:
+    a = TrainConfig(split="s3://b/p/datasets/ds-1/splits/s/splits.parquet")
+    b = TrainConfig(split=a.split, device="cpu", workers=0, orchestrator_run_id="r1")
+    c = TrainConfig(split=a.split, lr=0.5)
+    assert a.key() == b.key() != c.key()
+    assert str(a.checkpoint_dir()).startswith("s3://b/p/datasets/ds-1/training/")
+
+
+def test_class_weights_favour_rare_classes() -> None:
+    weights = balanced_class_weights([3] * 90 + [0] * 10, 5)
+    assert weights[0] > weights[3] and weights[1] == 1.0
+    assert float(weights[0]) == pytest.approx(100 / (5 * 10))
+
+
+def test_metrics_do_not_flatter_the_majority() -> None:
+    truth = [3] * 55 + [2] * 27 + [1] * 13 + [4] * 3 + [0] * 2
+    metrics = compute_metrics(truth, [3] * len(truth))
+    assert metrics["accuracy"] == pytest.approx(0.55)
+    assert metrics["macro_f1"] < 0.15
+    assert metrics["per_class"]["Positive"]["recall"] == 1.0
+    assert metrics["confusion"][3][3] == 55
+
+
+def test_classifier_returns_probabilities() -> None:
+    model, info = build_model("none", arch="resnet18")
+    assert not info.pretrained and model.fc.out_features == len(LABELS)
+    classifier = Classifier(model.eval(), info.transforms["mean"], info.transforms["std"])
+    with torch.no_grad():
+        out = classifier(torch.rand(3, 3, 64, 64))
+    assert out.shape == (3, 5)
+    assert torch.allclose(out.sum(1), torch.ones(3), atol=1e-5)
+
+
+def test_resnet152_has_a_new_five_way_head() -> None:
+    model, info = build_model("none")
+    assert type(model).__name__ == "ResNet" and len(model.layer3) == 36  # ResNet-152
+    assert model.fc.in_features == 2048 and model.fc.out_features == 5
+    assert info.transforms["crop_size"] == 224 and info.transforms["resize_size"] == 232
+
+
+def test_missing_weights_offline_says_how_to_stage_them(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PipelineError) as info:
+        build_model("IMAGENET1K_V2")
+    message = str(info.value)
+    assert "resnet152-f82ba261.pth" in message and "cannot download" in message
+    assert "python -m ml stage-weights" in message and "--weights none" in message
+    with pytest.raises(PipelineError, match="unknown weights 'IMAGENET9K'"):
+        build_model("IMAGENET9K")
+
+
+def test_weights_file_from_cache_is_hash_checked(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model, _ = build_model("none", arch="resnet18", num_classes=1000)
+    raw = tmp_path / "raw.pth"
+    torch.save(model.state_dict(), raw)
+    digest = sha256_of(raw)
+    good = tmp_path / f"resnet18-{digest[:8]}.pth"
+    raw.rename(good)
+    loaded, info = build_model(str(good), arch="resnet18")
+    assert info.pretrained and info.sha256 == digest
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight)
+    bad = tmp_path / "resnet18-00000000.pth"
+    bad.write_bytes(good.read_bytes())
+    with pytest.raises(PipelineError, match="corrupt or not the file named"):
+        build_model(str(bad), arch="resnet18")
+
+
+@pytest.mark.integration
+def test_weights_staged_in_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     store_uri: str, store: ObjectStore) -> None:
+    model, _ = build_model("none", arch="resnet18", num_classes=1000)
+    raw = tmp_path / "w.pth"
+    torch.save(model.state_dict(), raw)
+    named = tmp_path / f"resnet18-{sha256_of(raw)[:8]}.pth"
+    raw.rename(named)
+    staged = stage_weights(str(named), store_uri + "/weights", store=store)
+    assert staged["weights"] == f"{store_uri}/weights/{named.name}"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "worker"))  # a worker with an empty cache
+    loaded, info = build_model(staged["weights"], arch="resnet18", store=store)
+    assert info.source == staged["weights"] and info.sha256 == staged["sha256"]
+    assert torch.equal(loaded.conv1.weight, model.conv1.weight)
+
+
+# ------------------------------------------------------- integration: real MLflow server
+
+@pytest.fixture(scope="module")
+def learn_split(s3_endpoint: str, image_server: ImageServer,
+                tmp_path_factory: pytest.TempPathFactory) -> str:
+    """100 small labelled images (colour tint per class), downloaded and split 60/20/20."""
+    store = ObjectStore()
+    bucket = f"learn-{uuid.uuid4().hex[:8]}"
+    store.ensure_bucket(bucket)
+    rows = labelled_urls(image_server, dict.fromkeys(LABELS, 20), prefix="learn", w=96, h=80)
+    path = tmp_path_factory.mktemp("learn") / "learn.csv"
+    path.write_bytes(plain_csv(rows))
+    dataset = ingest(str(path), f"s3://{bucket}/p", store=store).dataset
+    download(dataset, LOOPBACK, store=store)
+    return str(make_splits(dataset, ratios="0.6,0.2,0.2", seed=0, store=store)["split"])
+
+
+def _config(split: str, cache: Path, **changes: Any) -> TrainConfig:
+    base = TrainConfig(split=split, weights="none", epochs=6, batch_size=12, optimizer="sgd",
+                       lr=0.03, warmup_epochs=0.5, image_size=64, workers=0, patience=0,
+                       cache_dir=str(cache), experiment="tests")
+    for key, value in changes.items():
+        setattr(base, key, value)
+    return base
+
+
+@pytest.fixture(scope="module")
+def trained(learn_split: str, mlflow_server: str,
+            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    config = _config(learn_split, tmp_path_factory.mktemp("cache"))
+    return {"config": config, "result": fine_tune(config)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    result = trained["result"]
+    client = MlflowClient()
+    run = client.get_run(result["run_id"])
+    history = client.get_metric_history(result["run_id"], "valid_accuracy")
+    best_valid = max(m.value for m in history)
+    counts = result["split_counts"]["valid"]
+    majority = max(counts.values()) / sum(counts.values())
+    assert len(history) == 6
+    assert best_valid >= majority + 0.3, (best_valid, majority)
+    assert result["test"]["accuracy"] >= majority + 0.3
+    assert run.data.metrics["test_macro_f1"] == pytest.approx(result["test"]["macro_f1"])
+    assert run.data.params["epochs"] == "6" and run.data.params["weights"] == "none"
+    assert run.data.tags["pretrained"] == "false" and "random weights" in run.data.tags["warning"]
+    artifacts = {a.path for a in client.list_artifacts(result["run_id"], "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/training_curves.png",
+            "evaluation/MODEL_CARD.md", "evaluation/test_report.json"} <= artifacts
+    data = {a.path for a in client.list_artifacts(result["run_id"], "data")}
+    assert data == {"data/label_map.json", "data/split_counts.json"}
+
+
+@pytest.mark.integration
+def test_finished_training_is_not_repeated(trained: dict[str, Any]) -> None:
+    started = time.monotonic()
+    again = fine_tune(trained["config"])
+    assert again["run_id"] == trained["result"]["run_id"]
+    assert time.monotonic() - started < 30  # read back, not retrained
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_server: str,
+                                                   tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    config = _config(learn_split, tmp_path, epochs=2, seed=7)
+    store = ObjectStore()
+    last = config.checkpoint_dir().child("last.pt")
+    args = [sys.executable, "-m", "ml", "-q", "train", "--split", learn_split, "--weights",
+            "none", "--epochs", "2", "--batch-size", "12", "--optimizer", "sgd", "--lr", "0.03",
+            "--warmup-epochs", "0.5", "--image-size", "64", "--workers", "0", "--patience", "0",
+            "--cache-dir", str(tmp_path), "--experiment", "tests", "--seed", "7"]
+    child = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not store.exists(last):
+        assert child.poll() is None, child.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not store.exists(config.checkpoint_dir().child("result.json"))
+
+    with caplog.at_level(logging.INFO, logger="ml.train"):
+        result = fine_tune(config)
+    assert "at epoch 1" in caplog.text and "resuming from" in caplog.text
+    assert "epoch 1/2" not in caplog.text and "epoch 2/2" in caplog.text
+    from mlflow import MlflowClient
+
+    steps = [m.step for m in MlflowClient().get_metric_history(result["run_id"], "train_loss")]
+    assert steps == [0, 1]  # one run, both epochs, nothing repeated
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_registry_promotion_and_prediction(trained: dict[str, Any], learn_split: str,
+                                           image_server: ImageServer, tmp_path: Path) -> None:
+    name = f"sentiment-{uuid.uuid4().hex[:6]}"
+    good = trained["result"]
+    first = register_model(good["run_id"], name=name, orchestrator_run_id="manual__1")
+    assert (first["version"], first["promoted"], first["created"]) == (1, True, True)
+    assert first["aliases"] == ["challenger", "champion"]
+    again = register_model(good["run_id"], name=name)
+    assert (again["version"], again["created"], again["promoted"]) == (1, False, False)
+
+    weak = fine_tune(_config(learn_split, tmp_path, epochs=1, max_steps_per_epoch=1, lr=1e-4,
+                             seed=3))
+    assert weak["test"]["macro_f1"] < good["test"]["macro_f1"]
+    second = register_model(weak["run_id"], name=name, margin=0.0)
+    assert (second["version"], second["promoted"]) == (2, False)
+    assert second["aliases"] == ["challenger"] and second["champion_version"] == 1
+
+    from mlflow import MlflowClient
+
+    version = MlflowClient().get_model_version(name, "1")
+    assert version.tags["orchestrator_run_id"] == "manual__1"
+    assert version.tags["dataset"] in learn_split
+    assert json.loads(version.tags["split_counts"]) == {"train": 60, "valid": 20, "test": 20}
+    assert version.tags["code_version"]
+
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    probs = np.asarray(model.predict(np.random.rand(4, 3, 64, 64).astype(np.float32)))
+    assert probs.shape == (4, 5) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+
+    rows = labelled_urls(image_server, {"Negative": 2, "Highly positive": 2}, prefix="predict",
+                         w=96, h=80)
+    csv = tmp_path / "predict.csv"
+    csv.write_bytes(plain_csv([(u,) for u, _ in rows]
+                              + [(image_server.url("predict/gone.jpg", fault="404"),)],
+                              header=("url",)))
+    out = tmp_path / "predictions.parquet"
+    summary = predict(f"models:/{name}@champion", str(csv), str(out), config=LOOPBACK)
+    assert summary["rows"] == 5 and summary["predicted"] == 4
+    assert summary["failed"] == {"http_error": 1}
+    table = pd.read_parquet(out)
+    assert set(table["label"].dropna()) <= set(LABELS)
+    probabilities = table.loc[:3, [c for c in table.columns if c.startswith("p_")]]
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert table.loc[4, "status"] == "http_error" and np.isnan(table.loc[4, "confidence"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: Path) -> None:
+    """Two CPU processes (gloo): one MLflow run, one result, both ranks trained."""
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    experiment = f"ddp-{uuid.uuid4().hex[:6]}"
+    done = subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "ml", "-q",
+         "train", "--split", learn_split, "--arch", "resnet18", "--weights", "none", "--epochs",
+         "1", "--batch-size", "8", "--image-size", "64", "--workers", "0", "--device", "cpu",
+         "--cache-dir", str(tmp_path), "--experiment", experiment],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    results = [s for s in summaries if s.get("run_id")]
+    assert len(results) == 1
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    assert len(runs) == 1 and runs.iloc[0]["tags.world_size"] == "2"
+
+
+def _free_port() -> int:
+    from ml.demo import free_port
+
+    return free_port()
