@@ -20,7 +20,6 @@ import pandas as pd
 import torch
 from torchvision.transforms import v2
 
-from ml.data import decode
 from ml.download import DownloadConfig
 from ml.errors import PipelineError
 from ml.fetch import Fetcher, FetchError
@@ -29,6 +28,7 @@ from ml.ingest import parse_csv, read_source
 from ml.labels import LABELS
 from ml.netpolicy import AddressPolicy
 from ml.storage import ObjectStore, S3Uri
+from ml.transforms import decode
 
 log = logging.getLogger(__name__)
 

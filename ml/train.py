@@ -43,19 +43,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, WeightedRandomSampler
 
-from ml.data import (
-    SplitImages,
-    balanced_class_weights,
-    class_counts,
-    eval_transform,
-    to_model_input,
-    train_transform,
-)
+from ml.data import SplitImages, balanced_class_weights, class_counts
 from ml.errors import PipelineError
 from ml.evaluate import compute_metrics, plot_confusion, plot_curves
 from ml.labels import LABELS
 from ml.model import WeightsInfo, build_model
 from ml.storage import ObjectStore, S3Uri
+from ml.transforms import eval_transform, to_model_input, train_transform
 
 log = logging.getLogger(__name__)
 
