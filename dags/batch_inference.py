@@ -1,0 +1,60 @@
+"""
+# Image sentiment: batch inference
+
+Predicts the sentiment of the images listed in a CSV with the registered champion model
+(`models:/<name>@champion`), writing one row per image with per-class probabilities.
+
+Runs whenever a new model version is registered (the `image_sentiment_model` asset) if
+`ML_INFERENCE_CSV` names a CSV to score, or by hand with the form's parameters. URLs are fetched
+with the same safety rules as the training downloads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
+STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
+MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL_NAME}")
+
+
+@dag(
+    dag_id="image_sentiment_batch_inference",
+    schedule=[MODEL_ASSET],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["image-sentiment", "ml", "inference"],
+    default_args={"retries": 2, "retry_exponential_backoff": 2.0},
+    params={
+        "csv": Param(os.environ.get("ML_INFERENCE_CSV", ""), type="string", title="CSV",
+                     description="Images to score: column url (http(s) or s3:// URIs). Empty: "
+                     "nothing to do."),
+        "output": Param("", type="string", title="Output", description="Where predictions go "
+                        "(.csv or .parquet, s3:// or local); empty: under the store, per run."),
+        "model_uri": Param(f"models:/{MODEL_NAME}@champion", type="string", title="Model",
+                           description="Any MLflow model URI."),
+    },
+)
+def image_sentiment_batch_inference() -> None:
+    @task
+    def predict(*, params: dict[str, Any], run_id: str) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from ml.pipeline import predict_step, run_partition
+
+        if not params["csv"]:
+            raise AirflowSkipException("no CSV to score: set the csv parameter or "
+                                       "ML_INFERENCE_CSV")
+        output = params["output"] or f"{run_partition(STORE, run_id)}/predictions.parquet"
+        return predict_step(params["csv"], output, params["model_uri"])
+
+    predict()
+
+
+image_sentiment_batch_inference()

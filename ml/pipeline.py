@@ -1,0 +1,130 @@
+"""The pipeline's steps as small functions from (settings, upstream JSON) to JSON.
+
+Each Airflow task in ``dags/`` calls exactly one of these, so the DAG only wires; the same
+functions run without Airflow (tests, notebooks). Inputs and outputs are small JSON-able dicts:
+URIs, counts and ids, never data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ml.settings import PipelineSettings
+
+
+def _download_config(settings: PipelineSettings) -> Any:
+    from ml.download import DownloadConfig
+    from ml.fetch import FetchConfig
+    from ml.imaging import ImageConfig
+
+    return DownloadConfig(
+        concurrency=settings.download_concurrency,
+        allow_networks=settings.allow_networks,
+        fetch=FetchConfig(per_host=min(16, settings.download_concurrency)),
+        image=ImageConfig(max_side=settings.max_side),
+    )
+
+
+def run_partition(store: str, run_id: str) -> str:
+    """The store folder for one orchestrator run (a retried task writes to the same place)."""
+    safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_id or "manual").strip("_")
+    return f"{store}/runs/{safe}"
+
+
+def ingest_step(params: Mapping[str, Any]) -> dict[str, Any]:
+    from ml.ingest import ingest
+
+    s = PipelineSettings.from_params(params)
+    return ingest(
+        s.csv,
+        s.store,
+        min_confidence=s.min_confidence or None,
+        sample=s.sample or None,
+        seed=s.seed,
+        exclude_golden=s.exclude_golden,
+    ).to_json()
+
+
+def plan_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> list[dict[str, Any]]:
+    from ml.download import plan_batches
+
+    s = PipelineSettings.from_params(params)
+    return [
+        b.to_json() for b in plan_batches(ingested["dataset"], batch_size=s.download_batch_size)
+    ]
+
+
+def download_step(params: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Any]:
+    from ml.download import BatchSpec, download_batch
+
+    s = PipelineSettings.from_params(params)
+    spec = BatchSpec.from_json(dict(batch))
+    return {"batch": spec.batch, **download_batch(spec, _download_config(s)).to_json()}
+
+
+def collect_step(ingested: Mapping[str, Any], results: list[Mapping[str, Any]]) -> dict[str, Any]:
+    from ml.download import collect_manifest
+
+    summary = collect_manifest(ingested["dataset"])
+    summary["downloaded"] = sum(int(r.get("downloaded", 0)) for r in results)
+    return summary
+
+
+def split_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> dict[str, Any]:
+    from ml.splits import make_splits
+
+    s = PipelineSettings.from_params(params)
+    return make_splits(ingested["dataset"], ratios=s.ratios, seed=s.seed)
+
+
+def train_step(
+    params: Mapping[str, Any], split: Mapping[str, Any], run_id: str = ""
+) -> dict[str, Any]:
+    from ml.train import TrainConfig, fine_tune
+
+    s = PipelineSettings.from_params(params)
+    config = TrainConfig(
+        split=split["split"],
+        weights=s.weights,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.learning_rate,
+        optimizer=s.optimizer,
+        image_size=s.image_size,
+        device=s.device,
+        precision=s.precision,
+        imbalance=s.imbalance,
+        head_epochs=s.head_epochs,
+        patience=s.patience,
+        max_steps_per_epoch=s.max_steps_per_epoch,
+        workers=s.workers,
+        seed=s.seed,
+        orchestrator_run_id=run_id,
+        checkpoint=f"{run_partition(s.store, run_id)}/training" if run_id else "",
+    )
+    result = fine_tune(config)
+    result.pop("split_counts", None)
+    return result
+
+
+def register_step(
+    params: Mapping[str, Any], trained: Mapping[str, Any], run_id: str = ""
+) -> dict[str, Any]:
+    from ml.registry import register_model
+
+    s = PipelineSettings.from_params(params)
+    return register_model(
+        trained["run_id"], name=s.model_name, margin=s.promotion_margin, orchestrator_run_id=run_id
+    )
+
+
+def predict_step(csv: str, output: str, model_uri: str) -> dict[str, Any]:
+    import os
+
+    from ml.download import DownloadConfig
+    from ml.predict import predict
+
+    networks = tuple(os.environ.get("ML_ALLOW_NETWORKS", "").replace(",", " ").split())
+    return predict(model_uri, csv, output, config=DownloadConfig(allow_networks=networks))

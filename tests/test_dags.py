@@ -1,0 +1,225 @@
+"""DAG integrity, the trigger form, the MLflow link plugin, and one end-to-end run through
+Airflow's own runner (``dag.test()``) against the real S3 endpoint, MLflow server and image server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ml.imageserver import ImageServer
+from ml.labels import LABELS
+from ml.settings import ParameterError, PipelineSettings
+from ml.storage import ObjectStore, S3Uri
+from tests.conftest import REPO
+from tests.helpers import labelled_urls, plain_csv
+
+DAG_FILES = sorted((REPO / "dags").glob("*.py"))
+HEAVY = ("torch", "mlflow", "pandas", "boto3", "numpy", "PIL", "ml")
+
+PARSE = """
+import importlib.util, json, sys, time
+import pendulum
+from airflow.sdk import Asset, dag, task
+# What Airflow itself loads for any DAG with assets (its providers' URI handlers) is not the
+# DAG file's doing: load it first, then measure only what our file adds.
+@dag(schedule=[Asset(name="a", uri="mlflow-registry://m")], start_date=pendulum.now())
+def baseline():
+    task(lambda: None, task_id="t", outlets=[Asset(name="b", uri="s3://b/k")])()
+baseline()
+before = set(sys.modules)
+start = time.perf_counter()
+spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+elapsed = time.perf_counter() - start
+added = set(sys.modules) - before
+print(json.dumps({"seconds": elapsed, "modules": sorted({m.split(".")[0] for m in added})}))
+"""
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    home = Path(os.environ["AIRFLOW_HOME"])
+    done = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return home
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db: Path) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags"))
+
+
+@pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
+def test_dag_file_parses_fast_and_light(path: Path) -> None:
+    done = subprocess.run([sys.executable, "-c", PARSE, str(path)], capture_output=True,
+                          text=True, check=False, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    loaded = set(report["modules"])
+    assert not loaded & set(HEAVY), f"{path.name} imports {sorted(loaded & set(HEAVY))} at parse"
+    assert report["seconds"] < 1.0, report["seconds"]
+
+
+def test_dags_import_without_errors(dagbag: Any) -> None:
+    assert dagbag.import_errors == {}
+    assert {"image_sentiment", "image_sentiment_batch_inference"} <= set(dagbag.dags)
+
+
+def test_every_task_retries(dagbag: Any) -> None:
+    for dag in dagbag.dags.values():
+        for task in dag.tasks:
+            assert task.retries >= 1, f"{dag.dag_id}.{task.task_id} has no retries"
+
+
+def test_pipeline_shape(dagbag: Any) -> None:
+    dag = dagbag.dags["image_sentiment"]
+    assert dag.max_active_runs == 1 and dag.catchup is False and dag.doc_md
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "ingest", "plan_batches", "download_batch", "collect_manifest", "split", "train",
+        "register"]
+    train = dag.get_task("train")
+    assert (train.queue, train.pool) == ("gpu", "gpu") and train.execution_timeout
+    assert dag.get_task("download_batch").max_active_tis_per_dag >= 1
+    outlets = {t.task_id: [a.name for a in t.outlets] for t in dag.tasks if t.outlets}
+    assert outlets == {"ingest": ["image_sentiment_dataset"],
+                       "register": ["image_sentiment_model"]}
+    inference = dagbag.dags["image_sentiment_batch_inference"]
+    condition = inference.timetable.asset_condition
+    assert [asset.name for asset in condition.objects] == ["image_sentiment_model"]
+
+
+def test_trigger_form_refuses_bad_values(dagbag: Any) -> None:
+    from airflow.sdk.definitions.param import ParamsDict
+
+    params = dagbag.dags["image_sentiment"].params
+    form = {k: params[k] for k in params}
+    ParamsDict(dict(params.items())).validate()  # the defaults are valid
+    for name, bad in (("epochs", 0), ("optimizer", "rmsprop"), ("ratios", "eighty,twenty"),
+                      ("min_confidence", 1.5), ("device", "tpu"), ("csv", "")):
+        candidate = ParamsDict(dict(params.items()))
+        with pytest.raises(Exception, match=name):
+            candidate[name] = bad
+    assert set(form) == {f for f in PipelineSettings.__dataclass_fields__} - {
+        "store", "allow_networks", "extra"}
+
+
+def test_bad_parameters_fail_the_first_task_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ML_STORE", "s3://bucket/prefix")
+    with pytest.raises(ParameterError, match="'ratios'.*sum to 1"):
+        PipelineSettings.from_params({"csv": "x.csv", "ratios": "0.5,0.5,0.5"})
+    with pytest.raises(ParameterError, match="'epochs' must be a int"):
+        PipelineSettings.from_params({"csv": "x.csv", "epochs": "many"})
+    with pytest.raises(ParameterError, match="unknown parameter"):
+        PipelineSettings.from_params({"csv": "x.csv", "epoch": 3})
+    monkeypatch.delenv("ML_STORE")
+    with pytest.raises(Exception, match="ML_STORE"):
+        PipelineSettings.from_params({"csv": "x.csv"})
+
+
+def test_mlflow_link_urls() -> None:
+    sys.path.insert(0, str(REPO / "plugins"))
+    try:
+        from mlflow_links import mlflow_url
+    finally:
+        sys.path.remove(str(REPO / "plugins"))
+    assert mlflow_url("train", {"run_id": "abc"}, "http://mlflow:5000/") == \
+        "http://mlflow:5000/#/runs/abc"
+    assert mlflow_url("register", {"model": "m", "version": 3, "run_id": "abc"},
+                      "http://m") == "http://m/#/models/m/versions/3"
+    assert mlflow_url("train", {}, "http://m") == ""
+
+
+def test_plugin_is_loaded(airflow_db: Path) -> None:
+    from airflow import plugins_manager
+
+    names = [link.name for link in plugins_manager.get_global_operator_extra_links()]
+    assert "MLflow" in names
+
+
+@pytest.fixture
+def pipeline_env(store: ObjectStore, mlflow_server: str, monkeypatch: pytest.MonkeyPatch,
+                 image_server: ImageServer, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    bucket = f"dag-{uuid.uuid4().hex[:8]}"
+    store.ensure_bucket(bucket)
+    rows = labelled_urls(image_server, dict.fromkeys(LABELS, 8), prefix="dag", w=96, h=80)
+    faults = [(image_server.url("dag/missing.jpg", fault="404"), "Positive"),
+              (image_server.url("dag/page.jpg", fault="html"), "Neutral"),
+              (image_server.url("dag/evil.jpg", fault="redirect-blocked"), "Negative")]
+    csv = S3Uri(bucket, "input/images.csv")
+    store.put_bytes(csv, plain_csv(rows + faults))
+    monkeypatch.setenv("ML_STORE", f"s3://{bucket}/pipeline")
+    monkeypatch.setenv("ML_ALLOW_NETWORKS", "127.0.0.0/8")
+    monkeypatch.setenv("ML_SCHEDULE", "none")
+    monkeypatch.setenv("HOME", str(tmp_path))  # image cache of this run only
+    yield {"bucket": bucket, "csv": str(csv), "rows": len(rows), "faults": len(faults)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_dag_runs_end_to_end(pipeline_env: dict[str, Any], airflow_db: Path,
+                             store: ObjectStore) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.models.pool import Pool
+    from airflow.utils.session import create_session
+    from mlflow import MlflowClient
+    from sqlalchemy import select
+
+    Pool.create_or_update_pool("gpu", slots=1, description="one GPU", include_deferred=False)
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["image_sentiment"]
+    model = f"dag-model-{uuid.uuid4().hex[:6]}"
+    conf = {"csv": pipeline_env["csv"], "epochs": 1, "batch_size": 8, "image_size": 64,
+            "weights": "none", "device": "cpu", "workers": 0, "learning_rate": 0.03,
+            "download_batch_size": 15, "model_name": model, "patience": 0}
+    run = dag.test(run_conf=conf)
+    assert str(run.state) in ("success", "DagRunState.SUCCESS"), run.state
+
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+
+    with create_session() as session:
+        states = {(ti.task_id, ti.map_index): str(ti.state) for ti in session.scalars(
+            select(TaskInstance).where(TaskInstance.run_id == run.run_id))}
+        assert all("success" in s for s in states.values()), states
+        assert sum(1 for t, _ in states if t == "download_batch") == 3
+
+        def value(task_id: str) -> Any:
+            row = session.execute(XComModel.get_many(
+                key="return_value", run_id=run.run_id, dag_ids=dag.dag_id, task_ids=task_id,
+                map_indexes=-1).with_only_columns(XComModel.value)).first()
+            return json.loads(row[0]) if isinstance(row[0], str) else row[0]
+
+        manifest = value("collect_manifest")
+        split = value("split")
+        registered = value("register")
+        events = {name: extra for name, extra in session.execute(
+            select(AssetModel.name, AssetEvent.extra).join(
+                AssetEvent, AssetEvent.asset_id == AssetModel.id))}
+
+    assert manifest["statuses"] == {"ok": pipeline_env["rows"], "http_error": 1,
+                                    "not_image": 1, "blocked": 1}
+    assert sum(sum(c.values()) for c in split["splits"].values()) == pipeline_env["rows"]
+    assert all(split["splits"][s][label] >= 1 for s in ("train", "valid", "test")
+               for label in LABELS)
+    assert registered["model"] == model and registered["version"] == 1
+    assert registered["aliases"] == ["challenger", "champion"]
+    version = MlflowClient().get_model_version(model, "1")
+    assert version.tags["orchestrator_run_id"] == run.run_id
+    assert events["image_sentiment_dataset"]["dataset"].startswith(
+        f"s3://{pipeline_env['bucket']}/pipeline/datasets/ds-")
+    assert events["image_sentiment_model"]["version"] == 1
+    checkpoint = store.list_keys(S3Uri(pipeline_env["bucket"], "pipeline/runs"))
+    assert any(k.endswith("training/last.pt") for k in checkpoint)  # partitioned by run
