@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -103,8 +103,9 @@ def generated_csv(rows: int, seed: int = 0) -> bytes:
     return str(frame.to_csv(index=False, lineterminator="\r")).encode()
 
 
-def point_at(data: bytes, server: ImageServer) -> bytes:
-    """The same CSV with each URL served by ``server`` (label-coloured, some faults)."""
+def point_at(data: bytes, base_url: str) -> bytes:
+    """The same CSV with each URL served by the image server at ``base_url`` (a colour per
+    label; every Nth row faulty, see DEMO_FAULTS)."""
     frame = parse_csv(data)
     columns = find_columns(list(frame.columns))
     urls = []
@@ -116,29 +117,34 @@ def point_at(data: bytes, server: ImageServer) -> bytes:
         for every, fault in DEMO_FAULTS:
             if i % every == 0:
                 query["fault"] = fault
-        urls.append(server.url(f"{parts.hostname}{parts.path}", **query))
+        urls.append(f"{base_url.rstrip('/')}/{parts.hostname}{parts.path}?{urlencode(query)}")
     frame[columns["url"]] = urls
     # Quote every field: the CrowdFlower file has newlines inside quoted fields.
     return str(frame.to_csv(index=False, lineterminator="\r", quoting=csv.QUOTE_ALL)).encode()
+
+
+def source_csv(csv_path: str | None = None, rows: int = 500, seed: int = 0) -> bytes:
+    """The CSV to sample: ``csv_path``, else the CrowdFlower file beside the repository, else
+    a generated stand-in of the same shape."""
+    if csv_path:
+        return Path(csv_path).read_bytes()
+    if DATASET_CSV.is_file():
+        return DATASET_CSV.read_bytes()
+    log.info("dataset CSV not found at %s; generating a stand-in", DATASET_CSV)
+    return generated_csv(rows, seed)
 
 
 def run_demo(*, sample: int = 200, csv: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Run ingest, download and split offline; returns the three summaries."""
     from ml.ingest import ingest
 
-    if csv:
-        source = Path(csv).read_bytes()
-    elif DATASET_CSV.is_file():
-        source = DATASET_CSV.read_bytes()
-    else:
-        log.info("dataset CSV not found at %s; generating a stand-in", DATASET_CSV)
-        source = generated_csv(max(sample * 2, 500), seed)
+    source = source_csv(csv, max(sample * 2, 500), seed)
     with local_s3() as endpoint, ImageServer() as server:
         log.info("local S3 at %s, synthetic image server at %s", endpoint, server.base_url)
         store = ObjectStore()
         store.ensure_bucket("demo")
         csv_uri = S3Uri("demo", "input/sample.csv")
-        store.put_bytes(csv_uri, point_at(source, server), content_type="text/csv")
+        store.put_bytes(csv_uri, point_at(source, server.base_url), content_type="text/csv")
         ingested = ingest(
             str(csv_uri), "s3://demo/pipeline", sample=sample, seed=seed, store=store
         ).to_json()
@@ -160,4 +166,4 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in ("dataset", "rows", "labels", "rejected")}
 
 
-__all__ = ["generated_csv", "local_s3", "point_at", "run_demo"]
+__all__ = ["generated_csv", "local_s3", "point_at", "run_demo", "source_csv"]

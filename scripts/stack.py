@@ -1,0 +1,408 @@
+"""The whole pipeline on this machine, no Docker: a local S3 endpoint (moto), an MLflow server
+(SQLite registry, artifacts in S3), the image server standing in for Flickr (synthetic images)
+and Airflow standalone (SQLite, LocalExecutor), each in its own process group.
+
+    python scripts/stack.py demo [--sample N] [--epochs N]   # up, one DAG run, summary
+    python scripts/stack.py up | status | down
+
+``demo`` leaves the stack up for browsing; ``down`` stops every process it started (by process
+group, then by a marker in their environment, so nothing is orphaned) and deletes its state
+(the S3 endpoint keeps data in memory, so a stopped stack's data is gone anyway).
+Ports: STACK_AIRFLOW_PORT (8080), STACK_MLFLOW_PORT (5000), STACK_S3_PORT (9000),
+STACK_IMAGES_PORT (8000); state folder: STACK_DIR (.run/stack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+STATE = Path(os.environ.get("STACK_DIR", REPO / ".run" / "stack")).resolve()
+PORTS = {
+    "airflow": int(os.environ.get("STACK_AIRFLOW_PORT", "8080")),
+    "mlflow": int(os.environ.get("STACK_MLFLOW_PORT", "5000")),
+    "s3": int(os.environ.get("STACK_S3_PORT", "9000")),
+    "images": int(os.environ.get("STACK_IMAGES_PORT", "8000")),
+    "worker_logs": int(os.environ.get("STACK_WORKER_LOG_PORT", "8793")),
+    "trigger_logs": int(os.environ.get("STACK_TRIGGER_LOG_PORT", "8794")),
+}
+BUCKET = "pipeline"
+DAG_ID = "image_sentiment"
+DEMO_CSV = f"s3://{BUCKET}/input/sample.csv"
+#: The embedded defaults of the demo run: small and CPU-sized, with a real DAG run end to end.
+DEMO_CONF = {"csv": DEMO_CSV, "sample": 200, "epochs": 3, "batch_size": 16, "image_size": 64,
+             "weights": "none", "device": "cpu", "workers": 0, "learning_rate": 0.03,
+             "max_side": 128, "download_batch_size": 50, "patience": 0}
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def url(name: str, path: str = "") -> str:
+    return f"http://127.0.0.1:{PORTS[name]}{path}"
+
+
+def environment(marker: str) -> dict[str, str]:
+    """What every service (and so every Airflow task) sees."""
+    home = STATE / "airflow"
+    return {
+        **os.environ,
+        "STACK_MARKER": marker,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+        "AWS_ENDPOINT_URL": url("s3"), "AWS_ACCESS_KEY_ID": "stack",
+        "AWS_SECRET_ACCESS_KEY": "stack-local-only", "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_TRACKING_URI": url("mlflow"), "MLFLOW_UI_URL": f"http://localhost:"
+        f"{PORTS['mlflow']}", "MLFLOW_S3_ENDPOINT_URL": url("s3"),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "ML_STORE": f"s3://{BUCKET}/store", "ML_ALLOW_NETWORKS": "127.0.0.0/8",
+        "ML_CSV": DEMO_CSV, "ML_SCHEDULE": "none", "ML_DOWNLOAD_PARALLELISM": "2",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API__PORT": str(PORTS["airflow"]),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{PORTS['airflow']}"
+        "/execution/",
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(PORTS["worker_logs"]),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(PORTS["trigger_logs"]),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+    }
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def wait_http(target: str, name: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"error: {name} exited ({process.returncode}); see "
+                             f"{STATE / 'logs' / (name + '.log')}")
+        try:
+            with urllib.request.urlopen(target, timeout=3) as response:
+                if response.status < 500:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"error: {name} did not answer at {target} within {timeout:.0f}s; see "
+                     f"{STATE / 'logs' / (name + '.log')}")
+
+
+def api(method: str, path: str, body: Any | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url("airflow", "/api/v2" + path), data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def load_state() -> dict[str, Any]:
+    path = STATE / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def up() -> dict[str, Any]:
+    state = load_state()
+    if state.get("services") and all(_alive(s["pid"]) for s in state["services"].values()):
+        say(f"the stack is already up (state in {STATE})")
+        return state
+    if state:
+        down(quiet=True)
+    busy = [f"{name} ({port})" for name, port in PORTS.items() if not port_free(port)]
+    if busy:
+        raise SystemExit(f"error: ports in use: {', '.join(busy)}; stop what uses them or set "
+                         "STACK_*_PORT (see scripts/stack.py)")
+    (STATE / "logs").mkdir(parents=True, exist_ok=True)
+    marker = uuid.uuid4().hex
+    env = environment(marker)
+    state = {"marker": marker, "services": {}, "ports": PORTS}
+    python = str(VENV_BIN / "python")
+    services = [
+        ("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORTS["s3"])],
+         url("s3", "/"), 60),
+        ("images", [python, "-m", "ml", "-q", "imageserver", "--port", str(PORTS["images"])],
+         url("images", "/health.jpg"), 60),
+        ("mlflow", [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
+                    f"sqlite:///{STATE / 'mlflow.db'}", "--artifacts-destination",
+                    f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port",
+                    str(PORTS["mlflow"]), "--workers", "1"], url("mlflow", "/health"), 120),
+        ("airflow", [str(VENV_BIN / "airflow"), "standalone"],
+         url("airflow", "/api/v2/monitor/health"), 180),
+    ]
+    try:
+        for name, command, health, timeout in services:
+            say(f"starting {name} ...")
+            log = (STATE / "logs" / f"{name}.log").open("ab")
+            process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            state["services"][name] = {"pid": process.pid, "port": PORTS.get(name)}
+            (STATE / "state.json").write_text(json.dumps(state, indent=2))
+            if name == "mlflow":
+                _create_bucket(env)
+            wait_http(health, name, timeout, process)
+        _wait_airflow_ready()
+        api("POST", "/pools", {"name": "gpu", "slots": 1,
+                               "description": "one training job at a time"})
+    except BaseException:
+        down(quiet=True)
+        raise
+    say(f"stack up: Airflow {url('airflow')} · MLflow {url('mlflow')} · S3 {url('s3')} · "
+        f"images {url('images')}")
+    return state
+
+
+def _create_bucket(env: dict[str, str]) -> None:
+    deadline = time.monotonic() + 60
+    while not _s3_ready():
+        if time.monotonic() > deadline:
+            raise SystemExit("error: the local S3 endpoint did not start")
+        time.sleep(0.3)
+    subprocess.run([str(VENV_BIN / "python"), "-c",
+                    f"from ml.storage import ObjectStore; ObjectStore().ensure_bucket({BUCKET!r})"],
+                   env=env, cwd=REPO, check=True)
+
+
+def _s3_ready() -> bool:
+    try:
+        with urllib.request.urlopen(url("s3", "/"), timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_airflow_ready(timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            health = api("GET", "/monitor/health")
+            dags = api("GET", "/dags").get("dags", [])
+            parts = ("metadatabase", "scheduler", "dag_processor")
+            if all(health.get(p, {}).get("status") == "healthy" for p in parts) and \
+                    any(d["dag_id"] == DAG_ID for d in dags):
+                return
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(1)
+    raise SystemExit("error: Airflow did not become healthy or did not parse the DAG; see "
+                     f"{STATE / 'logs' / 'airflow.log'}")
+
+
+def prepare_demo_csv(sample_source: str | None) -> None:
+    env = environment(load_state().get("marker", ""))
+    code = ("import sys; from ml.demo import point_at, source_csv; "
+            "from ml.storage import ObjectStore, S3Uri; "
+            f"data = point_at(source_csv({sample_source!r}), {url('images')!r}); "
+            f"ObjectStore().put_bytes(S3Uri.parse({DEMO_CSV!r}), data, content_type='text/csv')")
+    subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, cwd=REPO, check=True)
+
+
+def trigger(conf: dict[str, Any]) -> str:
+    api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
+    run = api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
+    return str(run["dag_run_id"])
+
+
+def _tasks(run_id: str) -> list[dict[str, Any]]:
+    quoted = urllib.request.quote(run_id, safe="")
+    items: list[dict[str, Any]] = api(
+        "GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
+    return items
+
+
+def wait(run_id: str, timeout: float) -> str:
+    quoted = urllib.request.quote(run_id, safe="")
+    started = time.monotonic()
+    shown = ""
+    while time.monotonic() - started < timeout:
+        state = api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}")["state"]
+        line = _progress(_tasks(run_id))
+        if line != shown:
+            say(f"[{time.monotonic() - started:5.0f}s] {line}")
+            shown = line
+        if state in ("success", "failed"):
+            return str(state)
+        time.sleep(3)
+    return "timeout"
+
+
+def _progress(tasks: list[dict[str, Any]]) -> str:
+    order = ["ingest", "plan_batches", "download_batch", "collect_manifest", "split", "train",
+             "register"]
+    marks = {"success": "done", "running": "running", "failed": "FAILED",
+             "up_for_retry": "retrying", "queued": "queued", "scheduled": "queued"}
+    parts = []
+    for name in order:
+        mine = [t for t in tasks if t["task_id"] == name]
+        states = [t["state"] for t in mine]
+        if name == "download_batch" and len(mine) > 1:
+            parts.append(f"{name} {states.count('success')}/{len(mine)}")
+        else:
+            parts.append(f"{name} {marks.get(states[0] or '', 'waiting') if states else '-'}")
+    return " | ".join(parts)
+
+
+def xcom(run_id: str, task_id: str) -> Any:
+    quoted = urllib.request.quote(run_id, safe="")
+    entry = api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/"
+                "return_value")
+    value = entry.get("value")
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def demo(args: argparse.Namespace) -> int:
+    up()
+    conf = {**DEMO_CONF, "sample": args.sample, "epochs": args.epochs}
+    say("pointing a sample of the CrowdFlower CSV at the local image server "
+        "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ...")
+    prepare_demo_csv(args.csv)
+    run_id = trigger(conf)
+    say(f"triggered {DAG_ID} run {run_id}; waiting (Ctrl-C stops waiting, not the stack) ...")
+    result = wait(run_id, args.timeout)
+    run_link = f"http://localhost:{PORTS['airflow']}/dags/{DAG_ID}/runs/" + \
+        urllib.request.quote(run_id, safe="")
+    if result != "success":
+        failed = [t["task_id"] for t in _tasks(run_id) if t["state"] == "failed"]
+        say(f"\nthe run ended {result}{' in ' + ', '.join(failed) if failed else ''}; logs: "
+            f"{run_link} (stack left up; stop it with: bash scripts/stop)")
+        return 1
+    manifest = xcom(run_id, "collect_manifest")
+    registered = xcom(run_id, "register")
+    metrics = registered.get("metrics", {})
+    say("\nrun succeeded")
+    say(f"  Airflow UI : {run_link}")
+    say(f"  MLflow UI  : http://localhost:{PORTS['mlflow']}/#/models/{registered['model']}"
+        f"/versions/{registered['version']}")
+    say(f"  downloads  : {manifest['statuses']}")
+    say(f"  model      : {registered['model']} version {registered['version']}, aliases "
+        f"{', '.join(registered['aliases'])}{' (promoted)' if registered['promoted'] else ''}")
+    say(f"  test       : accuracy {metrics.get('test_accuracy', 0):.3f}, macro-F1 "
+        f"{metrics.get('test_macro_f1', 0):.3f} (synthetic images, {args.epochs} CPU epochs)")
+    say("The stack stays up for browsing. Stop it with: bash scripts/stop")
+    print(json.dumps({"dag_run_id": run_id, "state": result, "downloads": manifest["statuses"],
+                      "model": registered}), flush=True)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment carries this stack's marker (any process group)."""
+    found = []
+    needle = f"STACK_MARKER={marker}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def down(quiet: bool = False) -> int:
+    state = load_state()
+    if not state:
+        if not quiet:
+            say("nothing to stop")
+        return 0
+    groups = [s["pid"] for s in state.get("services", {}).values()]
+    for signum, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signum)
+        for pid in _marked(state["marker"]):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and (_marked(state["marker"]) or
+                                               any(_group_alive(g) for g in groups)):
+            time.sleep(0.3)
+        if not _marked(state["marker"]) and not any(_group_alive(g) for g in groups):
+            break
+    left = _marked(state["marker"])
+    if left:
+        say(f"error: processes still running: {left}")
+        return 1
+    shutil.rmtree(STATE, ignore_errors=True)
+    if not quiet:
+        say("stack stopped; nothing left running")
+    return 0
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status() -> int:
+    state = load_state()
+    if not state:
+        say("the stack is not running")
+        return 1
+    for name, service in state["services"].items():
+        say(f"{name:8s} pid {service['pid']:7d} {'up' if _alive(service['pid']) else 'DOWN'}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    d = commands.add_parser("demo", help="start the stack, run the DAG once, print the result")
+    d.add_argument("--sample", type=int, default=DEMO_CONF["sample"])
+    d.add_argument("--epochs", type=int, default=DEMO_CONF["epochs"])
+    d.add_argument("--csv", default=None, help="CSV to sample (default: the CrowdFlower file)")
+    d.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    commands.add_parser("up", help="start the stack")
+    commands.add_parser("down", help="stop everything the stack started")
+    commands.add_parser("status", help="show the stack's processes")
+    args = parser.parse_args()
+    if args.command == "demo":
+        return demo(args)
+    if args.command == "up":
+        up()
+        return 0
+    if args.command == "down":
+        return down()
+    return status()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
