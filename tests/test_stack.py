@@ -1,0 +1,58 @@
+"""The README's main command itself: start the stack, one DAG run to success, stop, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ml.demo import free_port
+from tests.conftest import REPO
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("AIRFLOW", "MLFLOW", "S3", "IMAGES", "WORKER_LOG",
+                                            "TRIGGER_LOG")}
+    env = {**os.environ, "STACK_DIR": str(tmp_path / "stack"),
+           **{f"STACK_{k}_PORT": str(v) for k, v in ports.items()}}
+    for key in ("AIRFLOW_HOME", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "ML_STORE"):
+        env.pop(key, None)  # the stack sets its own; nothing leaks in from the test session
+    try:
+        demo = subprocess.run(["bash", "scripts/demo", "--sample", "60", "--epochs", "1"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
+                              check=False)
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        summary = json.loads(demo.stdout.strip().splitlines()[-1])
+        assert summary["state"] == "success"
+        assert summary["downloads"]["ok"] >= 50
+        assert "champion" in summary["model"]["aliases"]
+        assert "SYNTHETIC" in demo.stdout and "bash scripts/stop" in demo.stdout
+        marker = json.loads((tmp_path / "stack" / "state.json").read_text())["marker"]
+    finally:
+        stop = subprocess.run(["bash", "scripts/stop"], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=300, check=False)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert "nothing left running" in stop.stdout
+    needle = f"STACK_MARKER={marker}".encode()
+    survivors = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    survivors.append(entry.name)
+            except OSError:
+                continue
+    assert survivors == []
+    assert not any(_listening(port) for port in ports.values())
+    assert not (tmp_path / "stack").exists()
