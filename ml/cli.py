@@ -22,41 +22,32 @@ from ml.errors import PipelineError
 log = logging.getLogger("ml")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(
+    kind: type[Any], low: float, *, high: float | None = None, strict: bool = False
+) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` parsed from text, at least ``low`` (above it when strict)."""
+    noun = "whole number" if kind is int else "number"
+    if high is not None:
+        rule = f"must be between {low:g} and {high:g}"
+    else:
+        rule = f"must be greater than {low:g}" if strict else f"must be at least {low:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {noun}") from None
+        if value < low or (strict and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
+_positive_int = _bounded(int, 1)
+_non_negative_int = _bounded(int, 0)
+_positive_float = _bounded(float, 0, strict=True)
+_fraction = _bounded(float, 0, high=1)
 
 
 def _store_default() -> str | None:
@@ -152,7 +143,7 @@ TRAIN_HELP = {
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     import dataclasses
 
-    from ml.train import TrainConfig
+    from ml.train_config import TrainConfig
 
     defaults = TrainConfig()
     for item in dataclasses.fields(TrainConfig):
@@ -172,7 +163,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 def _run_train(args: argparse.Namespace) -> dict[str, Any]:
     import dataclasses
 
-    from ml.train import TrainConfig, fine_tune
+    from ml.train import fine_tune
+    from ml.train_config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})

@@ -82,7 +82,8 @@ def split_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> dict[s
 def train_step(
     params: Mapping[str, Any], split: Mapping[str, Any], run_id: str = ""
 ) -> dict[str, Any]:
-    from ml.train import TrainConfig, fine_tune
+    from ml.train import fine_tune
+    from ml.train_config import TrainConfig
 
     s = PipelineSettings.from_params(params)
     config = TrainConfig(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import PipelineError
@@ -46,7 +46,8 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 
 
 class ParameterError(PipelineError):
-    """A run parameter is wrong: retrying cannot help, so the run fails at once."""
+    """A run parameter or a deployment setting is wrong: retrying cannot help, so the run fails
+    at once."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,6 @@ class PipelineSettings:
     workers: int = 4
     model_name: str = "image-sentiment"
     promotion_margin: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_params(
@@ -89,7 +89,7 @@ class PipelineSettings:
     ) -> PipelineSettings:
         """Validate ``params`` (unknown names are refused) and add the deployment settings."""
         env = os.environ if env is None else env
-        names = {f.name for f in dataclasses.fields(cls)} - {"store", "allow_networks", "extra"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"store", "allow_networks"}
         unknown = sorted(set(params) - names)
         if unknown:
             raise ParameterError(
@@ -103,7 +103,7 @@ class PipelineSettings:
             values[name] = _coerce(name, value, default)
         store = env.get("ML_STORE", "")
         if not store.startswith("s3://"):
-            raise PipelineError(
+            raise ParameterError(
                 "ML_STORE is not set to an s3://BUCKET/PREFIX URI in the "
                 "environment of this worker; set it in the deployment"
             )
@@ -111,7 +111,7 @@ class PipelineSettings:
         try:
             parse_networks(networks)
         except ValueError as exc:
-            raise PipelineError(f"ML_ALLOW_NETWORKS: {exc}") from None
+            raise ParameterError(f"ML_ALLOW_NETWORKS: {exc}") from None
         settings = cls(store=store.rstrip("/"), allow_networks=networks, **values)
         settings._check()
         return settings

@@ -21,7 +21,6 @@ process only); model selection and early stopping use validation macro-F1, never
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -49,94 +48,10 @@ from ml.evaluate import compute_metrics, plot_confusion, plot_curves
 from ml.labels import LABELS
 from ml.model import WeightsInfo, build_model
 from ml.storage import ObjectStore, S3Uri
+from ml.train_config import TrainConfig
 from ml.transforms import eval_transform, to_model_input, train_transform
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("bf16", "fp16", "fp32")
-IMBALANCE = ("class_weights", "sampler", "none")
-#: Config fields that do not change what is trained (left out of the checkpoint key).
-RUNTIME_FIELDS = (
-    "device",
-    "workers",
-    "compile",
-    "cache_dir",
-    "orchestrator_run_id",
-    "run_name",
-    "experiment",
-    "checkpoint",
-    "download_weights",
-)
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on; logged once as MLflow params."""
-
-    split: str = ""
-    arch: str = "resnet152"
-    weights: str = "IMAGENET1K_V2"
-    weights_sha256: str = ""
-    download_weights: bool = False
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    imbalance: str = "class_weights"
-    head_epochs: int = 0
-    image_size: int = 224
-    device: str = "auto"
-    precision: str = "bf16"
-    channels_last: bool = True
-    compile: bool = False
-    clip_grad: float = 1.0
-    patience: int = 3
-    seed: int = 0
-    workers: int = 4
-    max_steps_per_epoch: int = 0
-    experiment: str = "image-sentiment"
-    run_name: str = ""
-    checkpoint: str = ""
-    cache_dir: str = ""
-    orchestrator_run_id: str = ""
-
-    def validate(self) -> None:
-        checks = [
-            (bool(self.split), "give --split (the 'split' URI that the split stage printed)"),
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.image_size >= 32, "--image-size must be at least 32"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (0 <= self.head_epochs < self.epochs, "--head-epochs must be below --epochs"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
-            (self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}"),
-            (
-                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                "--device must be auto, cpu or cuda",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PipelineError(message)
-
-    def key(self) -> str:
-        """Identifies what is trained: same key, same checkpoint to resume from."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-    def checkpoint_dir(self) -> S3Uri:
-        if self.checkpoint:
-            return S3Uri.parse(self.checkpoint)
-        split = S3Uri.parse(self.split)
-        dataset_root = split.key.split("/splits/")[0]
-        return S3Uri(split.bucket, f"{dataset_root}/training/{self.key()}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from ml.predict import predict
 from ml.registry import register_model
 from ml.splits import make_splits
 from ml.storage import ObjectStore
-from ml.train import Classifier, TrainConfig, fine_tune, lr_factor
+from ml.train import Classifier, fine_tune, lr_factor
+from ml.train_config import TrainConfig
 from tests.helpers import labelled_urls, plain_csv
 
 LOOPBACK = DownloadConfig(allow_networks=("127.0.0.0/8",))
