@@ -13,8 +13,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 50000 --gid 0 airflow
 
-COPY requirements.txt requirements-deploy.txt /tmp/
-RUN pip install -r /tmp/requirements.txt -r /tmp/requirements-deploy.txt
+COPY requirements.txt /tmp/
+RUN pip install -r /tmp/requirements.txt
 
 WORKDIR /opt/airflow
 COPY --chown=airflow:0 ml ./ml
