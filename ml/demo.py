@@ -134,6 +134,24 @@ def source_csv(csv_path: str | None = None, rows: int = 500, seed: int = 0) -> b
     return generated_csv(rows, seed)
 
 
+def stage_demo_inputs(
+    base_url: str,
+    sample_uri: str,
+    score_uri: str,
+    csv_path: str | None = None,
+    score_rows: int = 20,
+) -> None:
+    """Upload the demo's training CSV (pointed at the image server) and a CSV of a few of its
+    URLs for the batch-inference DAG to score."""
+    data = point_at(source_csv(csv_path), base_url)
+    store = ObjectStore()
+    store.put_bytes(S3Uri.parse(sample_uri), data, content_type="text/csv")
+    frame = parse_csv(data)
+    urls = frame[find_columns(list(frame.columns))["url"]].head(score_rows)
+    listing = "url\n" + "".join(f"{u}\n" for u in urls)
+    store.put_bytes(S3Uri.parse(score_uri), listing.encode(), content_type="text/csv")
+
+
 def run_demo(*, sample: int = 200, csv: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Run ingest, download and split offline; returns the three summaries."""
     from ml.ingest import ingest
@@ -166,4 +184,4 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in ("dataset", "rows", "labels", "rejected")}
 
 
-__all__ = ["generated_csv", "local_s3", "point_at", "run_demo", "source_csv"]
+__all__ = ["generated_csv", "local_s3", "point_at", "run_demo", "source_csv", "stage_demo_inputs"]

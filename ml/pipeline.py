@@ -122,10 +122,9 @@ def register_step(
 
 
 def predict_step(csv: str, output: str, model_uri: str) -> dict[str, Any]:
-    import os
-
     from ml.download import DownloadConfig
     from ml.predict import predict
+    from ml.settings import allowed_networks
 
-    networks = tuple(os.environ.get("ML_ALLOW_NETWORKS", "").replace(",", " ").split())
-    return predict(model_uri, csv, output, config=DownloadConfig(allow_networks=networks))
+    config = DownloadConfig(allow_networks=allowed_networks())
+    return predict(model_uri, csv, output, config=config)

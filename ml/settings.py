@@ -107,11 +107,7 @@ class PipelineSettings:
                 "ML_STORE is not set to an s3://BUCKET/PREFIX URI in the "
                 "environment of this worker; set it in the deployment"
             )
-        networks = tuple(n for n in env.get("ML_ALLOW_NETWORKS", "").replace(",", " ").split() if n)
-        try:
-            parse_networks(networks)
-        except ValueError as exc:
-            raise ParameterError(f"ML_ALLOW_NETWORKS: {exc}") from None
+        networks = allowed_networks(env)
         settings = cls(store=store.rstrip("/"), allow_networks=networks, **values)
         settings._check()
         return settings
@@ -143,6 +139,17 @@ class PipelineSettings:
             parse_ratios(self.ratios)
         except PipelineError as exc:
             raise ParameterError(f"parameter 'ratios': {exc}") from None
+
+
+def allowed_networks(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The CIDRs in ``ML_ALLOW_NETWORKS`` (space- or comma-separated), checked."""
+    env = os.environ if env is None else env
+    networks = tuple(env.get("ML_ALLOW_NETWORKS", "").replace(",", " ").split())
+    try:
+        parse_networks(networks)
+    except ValueError as exc:
+        raise ParameterError(f"ML_ALLOW_NETWORKS: {exc}") from None
+    return networks
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:

@@ -293,8 +293,9 @@ def _save(store: ObjectStore, uri: S3Uri, payload: dict[str, Any]) -> None:
 def _load(store: ObjectStore, uri: S3Uri) -> dict[str, Any] | None:
     if not store.exists(uri):
         return None
+    # weights_only: a checkpoint is tensors and plain values; never unpickle arbitrary objects.
     state: dict[str, Any] = torch.load(
-        io.BytesIO(store.get_bytes(uri)), map_location="cpu", weights_only=False
+        io.BytesIO(store.get_bytes(uri)), map_location="cpu", weights_only=True
     )
     return state
 

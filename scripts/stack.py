@@ -44,6 +44,8 @@ PORTS = {
 BUCKET = "pipeline"
 DAG_ID = "image_sentiment"
 DEMO_CSV = f"s3://{BUCKET}/input/sample.csv"
+SCORE_CSV = f"s3://{BUCKET}/input/score.csv"
+INFERENCE_DAG_ID = "image_sentiment_batch_inference"
 #: The embedded defaults of the demo run: small and CPU-sized, with a real DAG run end to end.
 DEMO_CONF = {"csv": DEMO_CSV, "sample": 200, "epochs": 3, "batch_size": 16, "image_size": 64,
              "weights": "none", "device": "cpu", "workers": 0, "learning_rate": 0.03,
@@ -73,6 +75,7 @@ def environment(marker: str) -> dict[str, str]:
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         "ML_STORE": f"s3://{BUCKET}/store", "ML_ALLOW_NETWORKS": "127.0.0.0/8",
         "ML_CSV": DEMO_CSV, "ML_SCHEDULE": "none", "ML_DOWNLOAD_PARALLELISM": "2",
+        "ML_INFERENCE_CSV": SCORE_CSV,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
@@ -213,14 +216,14 @@ def _wait_airflow_ready(timeout: float = 180) -> None:
 
 def prepare_demo_csv(sample_source: str | None) -> None:
     env = environment(load_state().get("marker", ""))
-    code = ("import sys; from ml.demo import point_at, source_csv; "
-            "from ml.storage import ObjectStore, S3Uri; "
-            f"data = point_at(source_csv({sample_source!r}), {url('images')!r}); "
-            f"ObjectStore().put_bytes(S3Uri.parse({DEMO_CSV!r}), data, content_type='text/csv')")
+    code = ("from ml.demo import stage_demo_inputs; "
+            f"stage_demo_inputs({url('images')!r}, {DEMO_CSV!r}, {SCORE_CSV!r}, "
+            f"{sample_source!r})")
     subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, cwd=REPO, check=True)
 
 
 def trigger(conf: dict[str, Any]) -> str:
+    api("PATCH", f"/dags/{INFERENCE_DAG_ID}", {"is_paused": False})  # runs on the new model
     api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
     run = api("POST", f"/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": conf})
     return str(run["dag_run_id"])
@@ -301,10 +304,34 @@ def demo(args: argparse.Namespace) -> int:
         f"{', '.join(registered['aliases'])}{' (promoted)' if registered['promoted'] else ''}")
     say(f"  test       : accuracy {metrics.get('test_accuracy', 0):.3f}, macro-F1 "
         f"{metrics.get('test_macro_f1', 0):.3f} (synthetic images, {args.epochs} CPU epochs)")
+    scored = wait_inference(120)
+    if scored:
+        say(f"  inference  : the new model version triggered {INFERENCE_DAG_ID}; "
+            f"{scored.get('predicted', 0)} images scored -> {scored.get('predictions')}")
     say("The stack stays up for browsing. Stop it with: bash scripts/stop")
     print(json.dumps({"dag_run_id": run_id, "state": result, "downloads": manifest["statuses"],
-                      "model": registered}), flush=True)
+                      "model": registered, "inference": scored}), flush=True)
     return 0
+
+
+def wait_inference(timeout: float) -> dict[str, Any] | None:
+    """The batch-inference run that the model asset triggered, once it has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = api("GET", f"/dags/{INFERENCE_DAG_ID}/dagRuns").get("dag_runs", [])
+        done = [r for r in runs if r["state"] in ("success", "failed")]
+        if done:
+            quoted = urllib.request.quote(done[-1]["dag_run_id"], safe="")
+            try:
+                entry = api("GET", f"/dags/{INFERENCE_DAG_ID}/dagRuns/{quoted}/taskInstances/"
+                            "predict/xcomEntries/return_value")
+            except urllib.error.HTTPError:
+                return None
+            value = entry.get("value")
+            return json.loads(value) if isinstance(value, str) else value
+        time.sleep(3)
+    say(f"  inference  : {INFERENCE_DAG_ID} had not finished after {timeout:.0f}s; see the UI")
+    return None
 
 
 def _alive(pid: int) -> bool:

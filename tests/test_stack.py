@@ -38,6 +38,8 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         assert summary["downloads"]["ok"] >= 50
         assert "champion" in summary["model"]["aliases"]
         assert "SYNTHETIC" in demo.stdout and "bash scripts/stop" in demo.stdout
+        # The new model version is an asset event: the batch-inference DAG ran on it.
+        assert summary["inference"]["predicted"] >= 15, summary["inference"]
         marker = json.loads((tmp_path / "stack" / "state.json").read_text())["marker"]
     finally:
         stop = subprocess.run(["bash", "scripts/stop"], cwd=REPO, env=env, capture_output=True,
