@@ -12,6 +12,7 @@ import io
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import urllib3
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS, normalize_label
 from ml.layout import DatasetLayout
+from ml.progress import Progress
 from ml.storage import ObjectStore, S3Uri
 
 log = logging.getLogger(__name__)
@@ -186,9 +188,12 @@ def _check_url(url: str) -> tuple[str, str] | None:
 
 
 def validate_rows(
-    frame: pd.DataFrame, columns: dict[str, str]
+    frame: pd.DataFrame,
+    columns: dict[str, str],
+    on_row: Callable[[str], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split raw rows into canonical records and rejected rows (row number, reason, detail)."""
+    """Split raw rows into canonical records and rejected rows (row number, reason, detail);
+    ``on_row`` hears "ok" or the rejection reason of each row (progress)."""
     records: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
@@ -215,6 +220,8 @@ def validate_rows(
                 problem = ("invalid_confidence", f"confidence {raw[conf_col]!r} is not in [0, 1]")
         if problem is None and url in seen:
             problem = ("duplicate_url", f"same URL as row {seen[url]}")
+        if on_row is not None:
+            on_row(problem[0] if problem else "ok")
         if problem is not None:
             rejected.append(
                 {
@@ -300,7 +307,8 @@ def ingest(
     store.check_bucket(root)
     columns = find_columns(list(frame.columns))
     log.info("reading %s: %d rows; columns %s", source, len(frame), columns)
-    records, rejected = validate_rows(frame, columns)
+    with Progress(len(frame), "ingest") as bar:
+        records, rejected = validate_rows(frame, columns, bar.advance)
     for item in rejected.head(_SHOW_REJECTED).itertuples():
         log.warning("row %d rejected (%s): %s", item.row, item.reason, item.detail)
     if len(rejected) > _SHOW_REJECTED:

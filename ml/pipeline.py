@@ -58,10 +58,13 @@ def plan_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> list[di
 
 def download_step(params: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Any]:
     from ml.download import BatchSpec, download_batch
+    from ml.progress import Progress
 
     s = PipelineSettings.from_params(params)
     spec = BatchSpec.from_json(dict(batch))
-    return {"batch": spec.batch, **download_batch(spec, _download_config(s)).to_json()}
+    with Progress(spec.pending, f"download batch {spec.batch}") as bar:  # counts in the log
+        result = download_batch(spec, _download_config(s), on_result=bar.advance)
+    return {"batch": spec.batch, **result.to_json()}
 
 
 def collect_step(ingested: Mapping[str, Any], results: list[Mapping[str, Any]]) -> dict[str, Any]:

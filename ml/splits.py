@@ -22,6 +22,7 @@ import pandas as pd
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS
 from ml.layout import DatasetLayout
+from ml.progress import Progress
 from ml.storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,10 @@ def make_splits(
             f"(statuses: {manifest['status'].value_counts().to_dict()})"
         )
     images["label_index"] = images["label"].map(LABEL_INDEX).astype("int64")
-    table = assign_splits(images, fractions, seed)[list(SPLIT_COLUMNS)]
+    with Progress(len(images), "split") as bar:
+        table = assign_splits(images, fractions, seed)[list(SPLIT_COLUMNS)]
+        for name in table["split"]:
+            bar.advance(name)
     table = table.sort_values(["split", "label_index", "url"], kind="stable").reset_index(drop=True)
     name = f"seed{seed}-" + "-".join(f"{round(r * 100, 2):g}" for r in fractions)
     folder = layout.split_dir(name)

@@ -47,6 +47,7 @@ from ml.errors import PipelineError
 from ml.evaluate import compute_metrics, plot_confusion, plot_curves
 from ml.labels import LABELS
 from ml.model import WeightsInfo, build_model
+from ml.progress import Progress
 from ml.storage import ObjectStore, S3Uri
 from ml.train_config import TrainConfig
 from ml.transforms import eval_transform, to_model_input, train_transform
@@ -200,6 +201,7 @@ def train_one_epoch(
     cfg: TrainConfig,
     rt: Runtime,
     preset: dict[str, Any],
+    on_step: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     model.train()
     total_loss, correct, seen, started = 0.0, 0, 0, time.perf_counter()
@@ -224,6 +226,8 @@ def train_one_epoch(
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         seen += len(y)
+        if on_step is not None:
+            on_step("step")
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
     elapsed = time.perf_counter() - started
@@ -432,9 +436,20 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
         for epoch in range(start, cfg.epochs):
             if isinstance(loaders.train_sampler, DistributedSampler):
                 loaders.train_sampler.set_epoch(epoch)
-            stats = train_one_epoch(
-                trained, loaders.train, optimizer, scheduler, scaler, loss_fn, cfg, rt, preset
-            )
+            bar = Progress(steps, f"epoch {epoch + 1}/{cfg.epochs}") if rt.main else None
+            with bar or nullcontext():
+                stats = train_one_epoch(
+                    trained,
+                    loaders.train,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    loss_fn,
+                    cfg,
+                    rt,
+                    preset,
+                    bar.advance if bar else None,
+                )
             stop = False
             if rt.main:
                 valid, _ = evaluate(_unwrap(trained), loaders.valid, plain_loss, cfg, rt, preset)
