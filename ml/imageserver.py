@@ -303,13 +303,9 @@ class ImageServer:
         """Requests received per path (with query): lets tests prove what was fetched."""
         return self._server.hits
 
-    def reset_peak(self) -> None:
-        """Start counting the most requests in flight at once afresh (see ``peak``)."""
-        self._server.peak = self._server.active
-
     @property
     def peak(self) -> int:
-        """The most requests this server handled at the same time since ``reset_peak``."""
+        """The most requests this server has handled at the same time."""
         return self._server.peak
 
     def url(self, path: str, **query: object) -> str:

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,12 +193,3 @@ def stage_weights(
         target = target.child(source.name)
     (store or ObjectStore()).put_bytes(target, source.read_bytes())
     return {"weights": str(target), "sha256": digest, "bytes": source.stat().st_size}
-
-
-def copy_into_cache(path: Path) -> Path:
-    """Place a weights file where torchvision looks for it (used by the demo and tests)."""
-    cache = weights_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / path.name
-    shutil.copyfile(path, target)
-    return target

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ml.data import balanced_class_weights
+from ml.demo import free_port
 from ml.download import DownloadConfig, download
 from ml.errors import PipelineError
 from ml.evaluate import compute_metrics
@@ -309,7 +310,7 @@ def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: 
     torchrun = str(Path(sys.executable).parent / "torchrun")
     experiment = f"ddp-{uuid.uuid4().hex[:6]}"
     done = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "ml", "-q",
+        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ml", "-q",
          "train", "--split", learn_split, "--arch", "resnet18", "--weights", "none", "--epochs",
          "1", "--batch-size", "8", "--image-size", "64", "--workers", "0", "--device", "cpu",
          "--cache-dir", str(tmp_path), "--experiment", experiment],
@@ -324,9 +325,3 @@ def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: 
 
     runs = mlflow.search_runs(experiment_names=[experiment])
     assert len(runs) == 1 and runs.iloc[0]["tags.world_size"] == "2"
-
-
-def _free_port() -> int:
-    from ml.demo import free_port
-
-    return free_port()
