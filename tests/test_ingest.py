@@ -223,3 +223,26 @@ def test_every_stage_has_help(stage: str) -> None:
     done = subprocess.run([sys.executable, "-m", "ml", stage, "--help"], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0 and "usage: python -m ml " + stage in done.stdout
+
+
+@pytest.mark.integration
+def test_csv_from_an_http_url(store_uri: str, store: ObjectStore, tmp_path: Path) -> None:
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    (tmp_path / "images.csv").write_bytes(plain_csv([("http://a.example/1.jpg", "neutral"),
+                                                     ("http://a.example/2.jpg", "Positive")]))
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign, assignment]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        result = ingest(f"{base}/images.csv", store_uri, store=store)
+        assert result.rows == 2 and result.labels["Neutral"] == 1
+        with pytest.raises(PipelineError, match="HTTP 404"):
+            ingest(f"{base}/missing.csv", store_uri, store=store)
+    finally:
+        server.shutdown()
+        server.server_close()
