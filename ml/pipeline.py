@@ -7,6 +7,7 @@ URIs, counts and ids, never data.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -106,6 +107,7 @@ def train_step(
         workers=s.workers,
         seed=s.seed,
         orchestrator_run_id=run_id,
+        download_weights=os.environ.get("ML_DOWNLOAD_WEIGHTS", "").lower() in ("1", "true", "yes"),
         checkpoint=f"{run_partition(s.store, run_id)}/training" if run_id else "",
     )
     result = fine_tune(config)

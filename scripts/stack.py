@@ -214,8 +214,14 @@ def _wait_airflow_ready(timeout: float = 180) -> None:
                      f"{STATE / 'logs' / 'airflow.log'}")
 
 
-def prepare_demo_csv(sample_source: str | None) -> None:
+def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
     env = environment(load_state().get("marker", ""))
+    if real:  # the CSV as it is: its images come from their real hosts
+        code = ("from ml.demo import source_csv; from ml.storage import ObjectStore, S3Uri; "
+                f"ObjectStore().put_bytes(S3Uri.parse({DEMO_CSV!r}), "
+                f"source_csv({sample_source!r}), content_type='text/csv')")
+        subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, cwd=REPO, check=True)
+        return
     code = ("from ml.demo import stage_demo_inputs; "
             f"stage_demo_inputs({url('images')!r}, {DEMO_CSV!r}, {SCORE_CSV!r}, "
             f"{sample_source!r})")
@@ -279,9 +285,12 @@ def xcom(run_id: str, task_id: str) -> Any:
 def demo(args: argparse.Namespace) -> int:
     up()
     conf = {**DEMO_CONF, "sample": args.sample, "epochs": args.epochs}
-    say("pointing a sample of the CrowdFlower CSV at the local image server "
-        "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ...")
-    prepare_demo_csv(args.csv)
+    if args.real:
+        say("using the CSV as it is: images are fetched from their real hosts (needs internet)")
+    else:
+        say("pointing a sample of the CrowdFlower CSV at the local image server "
+            "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ...")
+    prepare_demo_csv(args.csv, args.real)
     run_id = trigger(conf)
     say(f"triggered {DAG_ID} run {run_id}; waiting (Ctrl-C stops waiting, not the stack) ...")
     result = wait(run_id, args.timeout)
@@ -417,6 +426,8 @@ def main() -> int:
     d.add_argument("--epochs", type=int, default=DEMO_CONF["epochs"])
     d.add_argument("--csv", default=None, help="CSV to sample (default: the CrowdFlower file)")
     d.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    d.add_argument("--real", action="store_true", help="keep the CSV's own image URLs (a "
+                   "machine with internet); with --sample 0 it is the whole real dataset")
     commands.add_parser("up", help="start the stack")
     commands.add_parser("down", help="stop everything the stack started")
     commands.add_parser("status", help="show the stack's processes")
