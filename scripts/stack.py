@@ -274,9 +274,10 @@ def _progress(tasks: list[dict[str, Any]]) -> str:
     return " | ".join(parts)
 
 
-def xcom(run_id: str, task_id: str) -> Any:
+def xcom(run_id: str, task_id: str, dag_id: str = DAG_ID) -> Any:
+    """The return value of a finished task."""
     quoted = urllib.request.quote(run_id, safe="")
-    entry = api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/"
+    entry = api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/"
                 "return_value")
     value = entry.get("value")
     return json.loads(value) if isinstance(value, str) else value
@@ -330,22 +331,20 @@ def wait_inference(timeout: float) -> dict[str, Any] | None:
         runs = api("GET", f"/dags/{INFERENCE_DAG_ID}/dagRuns").get("dag_runs", [])
         done = [r for r in runs if r["state"] in ("success", "failed")]
         if done:
-            quoted = urllib.request.quote(done[-1]["dag_run_id"], safe="")
             try:
-                entry = api("GET", f"/dags/{INFERENCE_DAG_ID}/dagRuns/{quoted}/taskInstances/"
-                            "predict/xcomEntries/return_value")
+                result: dict[str, Any] = xcom(done[-1]["dag_run_id"], "predict", INFERENCE_DAG_ID)
             except urllib.error.HTTPError:
                 return None
-            value = entry.get("value")
-            return json.loads(value) if isinstance(value, str) else value
+            return result
         time.sleep(3)
     say(f"  inference  : {INFERENCE_DAG_ID} had not finished after {timeout:.0f}s; see the UI")
     return None
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, *, group: bool = False) -> bool:
+    """Whether the process (or, with ``group``, any process of the group) still exists."""
     try:
-        os.kill(pid, 0)
+        (os.killpg if group else os.kill)(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
@@ -384,9 +383,9 @@ def down(quiet: bool = False) -> int:
                 os.kill(pid, signum)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and (_marked(state["marker"]) or
-                                               any(_group_alive(g) for g in groups)):
+                                               any(_alive(g, group=True) for g in groups)):
             time.sleep(0.3)
-        if not _marked(state["marker"]) and not any(_group_alive(g) for g in groups):
+        if not _marked(state["marker"]) and not any(_alive(g, group=True) for g in groups):
             break
     left = _marked(state["marker"])
     if left:
@@ -396,16 +395,6 @@ def down(quiet: bool = False) -> int:
     if not quiet:
         say("stack stopped; nothing left running")
     return 0
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def status() -> int:
