@@ -21,5 +21,7 @@ WORKDIR /opt/airflow
 COPY --chown=airflow:0 ml ./ml
 COPY --chown=airflow:0 dags ./dags
 COPY --chown=airflow:0 plugins ./plugins
-RUN mkdir -p /opt/airflow/logs /opt/airflow/secrets && chown -R airflow:0 /opt/airflow
+COPY --chown=airflow:0 deploy ./deploy
+RUN mkdir -p /opt/airflow/logs /opt/airflow/secrets /var/lib/mlflow-auth \
+    && chown -R airflow:0 /opt/airflow /var/lib/mlflow-auth
 USER airflow

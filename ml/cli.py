@@ -48,6 +48,7 @@ _positive_int = _bounded(int, 1)
 _non_negative_int = _bounded(int, 0)
 _positive_float = _bounded(float, 0, strict=True)
 _fraction = _bounded(float, 0, high=1)
+_port = _bounded(int, 0, high=65535)
 
 
 def _store_default() -> str | None:
@@ -59,6 +60,13 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
 
     if not args.store:
         raise PipelineError("give --store s3://BUCKET/PREFIX (or set ML_STORE)")
+    from ml.csvsource import SourceLimits
+
+    limits = SourceLimits(
+        max_bytes=args.max_csv_bytes or SourceLimits().max_bytes,
+        deadline=args.csv_deadline,
+        allow_networks=tuple(args.allow_network),
+    )
     return ingest(
         args.csv,
         args.store,
@@ -66,6 +74,8 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         sample=args.sample,
         seed=args.seed,
         exclude_golden=args.exclude_golden,
+        encoding=args.encoding,
+        limits=limits,
     ).to_json()
 
 
@@ -94,14 +104,16 @@ def download_config(args: argparse.Namespace) -> Any:
 
 
 def _run_download(args: argparse.Namespace) -> dict[str, Any]:
-    from ml.download import download
+    from ml.download import download, read_records
     from ml.layout import DatasetLayout
     from ml.progress import Progress
     from ml.storage import ObjectStore
 
     config = download_config(args)
     store = ObjectStore(max_pool_connections=config.concurrency + 4)
-    total = len(store.read_parquet(DatasetLayout.parse(args.dataset).records))
+    layout = DatasetLayout.parse(args.dataset)
+    store.check_bucket(layout.store)
+    total = len(read_records(layout, store))
     with Progress(total, "download") as bar:
         return download(args.dataset, config, store=store, on_result=bar.advance)
 
@@ -205,7 +217,15 @@ def _run_imageserver(args: argparse.Namespace) -> dict[str, Any]:
     from ml.imageserver import ImageServer, realistic_pool
 
     pool = realistic_pool(args.pool) if args.pool else None
-    server = ImageServer(args.host, args.port, latency=args.latency_ms / 1000, pool=pool).start()
+    try:
+        server = ImageServer(args.host, args.port, latency=args.latency_ms / 1000, pool=pool)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise PipelineError(
+            f"cannot listen on {args.host}:{args.port}: {reason}; choose a free port "
+            "(--port 0 picks one) or another --host"
+        ) from None
+    server.start()
     print(json.dumps({"imageserver": server.base_url}), flush=True)
     try:
         while True:
@@ -329,6 +349,33 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop CrowdFlower's golden (test-question) rows",
     )
+    p.add_argument(
+        "--encoding",
+        default=None,
+        help="the CSV's text encoding when it is not UTF-8 and has no byte-order mark "
+        "(for example cp1252); default: UTF-8, or what the BOM says",
+    )
+    p.add_argument(
+        "--max-csv-bytes",
+        type=_positive_int,
+        default=None,
+        metavar="B",
+        help="refuse a larger CSV (default: $ML_CSV_MAX_BYTES or 512 MiB)",
+    )
+    p.add_argument(
+        "--csv-deadline",
+        type=_positive_float,
+        default=300.0,
+        metavar="S",
+        help="total seconds to download an http(s) CSV (default: %(default)s)",
+    )
+    p.add_argument(
+        "--allow-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="let an http(s) CSV come from a network the address policy refuses (repeatable)",
+    )
     p.set_defaults(run=_run_ingest)
 
     p = stages.add_parser(
@@ -416,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve synthetic images with injectable faults",
         description="Local stand-in for an image host (synthetic images).",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_non_negative_int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    p.add_argument("--port", type=_port, default=8000, help="0 picks a free port")
     p.add_argument("--latency-ms", type=float, default=0.0, help="added to every answer")
     p.add_argument(
         "--pool",
@@ -447,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    """Messages print on one line, with URL credentials redacted."""
+    from ml.redact import redact_text
+
+    return " ".join(redact_text(text).split())[:2000]
+
+
 def _terminate(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -460,17 +514,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from ml.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:  # third-party records get redacted too
+        handler.addFilter(RedactingFilter())
     # SIGTERM (Airflow, kill) unwinds like Ctrl-C, so finished work is saved on the way out.
     signal.signal(signal.SIGTERM, _terminate)
     run: Callable[[argparse.Namespace], dict[str, Any]] = args.run
     try:
         summary = run(args)
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; finished work was saved, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an environment we did not foresee: still one line
+        if os.environ.get("ML_DEBUG"):
+            raise
+        detail = _one_line(f"{type(exc).__name__}: {exc}")
+        print(
+            f"error: unexpected failure ({detail}); check the arguments and the environment, "
+            "or rerun with ML_DEBUG=1 for the traceback and report it",
+            file=sys.stderr,
+        )
+        return 2
     if summary or os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(json.dumps(summary, default=str, sort_keys=False), flush=True)
     return 0

@@ -28,10 +28,11 @@ from ml.imageserver import ImageServer
 from ml.ingest import CROWDFLOWER_LABEL, find_columns, parse_csv
 from ml.labels import LABELS
 from ml.progress import Progress
+from ml.redact import get_logger
 from ml.splits import make_splits
 from ml.storage import ObjectStore, S3Uri
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.csv"
@@ -127,7 +128,10 @@ def source_csv(csv_path: str | None = None, rows: int = 500, seed: int = 0) -> b
     """The CSV to sample: ``csv_path``, else the CrowdFlower file beside the repository, else
     a generated stand-in of the same shape."""
     if csv_path:
-        return Path(csv_path).read_bytes()
+        from ml import csvsource
+
+        csvsource.check_available(csv_path)
+        return csvsource.read_bytes(csv_path)
     if DATASET_CSV.is_file():
         return DATASET_CSV.read_bytes()
     log.info("dataset CSV not found at %s; generating a stand-in", DATASET_CSV)

@@ -19,7 +19,8 @@ Statuses in the manifest (column ``status``):
 ``too_many_redirects`` more than the allowed redirects, or a redirect loop
 ``too_large``        the body exceeds the byte cap
 ``not_image``        the bytes are not JPEG, PNG, WebP or GIF (whatever the Content-Type)
-``too_many_pixels``  the image header declares more pixels than allowed (decompression bomb)
+``too_many_pixels``  the image header declares more pixels (or decode memory) than allowed
+``too_complex``      a JPEG with more scans than allowed (a CPU bomb), refused before decoding
 ``undecodable``      a supported format, but truncated or corrupt
 ``store_error``      the image could not be written to the object store
 ``internal_error``   an unexpected error in our code (a bug: please report it)
@@ -29,7 +30,6 @@ Statuses in the manifest (column ``status``):
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -49,9 +49,10 @@ from ml.fetch import FetchConfig, Fetcher, FetchError
 from ml.imaging import ImageConfig, ImageRejected, normalize_image
 from ml.layout import DatasetLayout
 from ml.netpolicy import AddressPolicy, Resolver
+from ml.redact import get_logger, redact_text, redact_url
 from ml.storage import ObjectStore, S3Uri
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 STATUSES = (
     "ok",
@@ -64,6 +65,7 @@ STATUSES = (
     "too_large",
     "not_image",
     "too_many_pixels",
+    "too_complex",
     "undecodable",
     "store_error",
     "internal_error",
@@ -163,24 +165,71 @@ def _part_range(key: str) -> tuple[int, int] | None:
     return (int(start), int(stop)) if start.isdigit() and stop.isdigit() else None
 
 
+@dataclass
+class Parts:
+    """Manifest rows read from the parts, and the objects among them that could not be used."""
+
+    rows: pd.DataFrame
+    unreadable: list[str] = field(default_factory=list)
+
+
 def read_parts(
     layout: DatasetLayout, store: ObjectStore, window: tuple[int, int] | None = None
-) -> pd.DataFrame:
+) -> Parts:
     """Every manifest row written so far (all attempts), optionally only parts overlapping
-    the record window ``[start, stop)``."""
+    the record window ``[start, stop)``.
+
+    Objects this project did not write (folder markers that S3 consoles create, empty files,
+    junk or truncated Parquet, a part with other columns) are skipped and named in a warning;
+    the rows they would have held are simply fetched again.
+    """
     frames = []
-    for key in store.list_keys(layout.download_parts):
+    unreadable: list[str] = []
+    for key, size in store.list_objects(layout.download_parts):
+        if key.endswith("/") and size == 0:
+            continue  # a folder marker
         span = _part_range(key)
         if window and span and (span[1] <= window[0] or span[0] >= window[1]):
             continue
-        frames.append(store.read_parquet(S3Uri(layout.store.bucket, key)))
+        frame = _read_part(store, S3Uri(layout.store.bucket, key), size)
+        if frame is None:
+            unreadable.append(key)
+        else:
+            frames.append(frame)
+    if unreadable:
+        log.warning(
+            "skipped %d manifest part(s) that are not readable manifest Parquet (their URLs are "
+            "fetched again): %s%s",
+            len(unreadable),
+            ", ".join(unreadable[:5]),
+            " ..." if len(unreadable) > 5 else "",
+        )
     if not frames:
-        return pd.DataFrame(columns=list(MANIFEST_COLUMNS))
-    return pd.concat(frames, ignore_index=True)
+        return Parts(pd.DataFrame(columns=list(MANIFEST_COLUMNS)), unreadable)
+    return Parts(pd.concat(frames, ignore_index=True), unreadable)
 
 
-def _ok_urls(parts: pd.DataFrame) -> set[str]:
-    return set(parts.loc[parts["status"] == "ok", "url"])
+def _read_part(store: ObjectStore, uri: S3Uri, size: int) -> pd.DataFrame | None:
+    if size == 0 or not uri.key.endswith(".parquet"):
+        return None
+    try:
+        frame = store.read_parquet(uri)
+    except PipelineError:
+        return None
+    if not {"status", "row", "url", "fetched_at"} <= set(frame.columns):
+        return None
+    return frame
+
+
+def _ok_rows(parts: pd.DataFrame) -> set[int]:
+    return {int(r) for r in parts.loc[parts["status"] == "ok", "row"]}
+
+
+def read_records(layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
+    """The dataset's records; one clear error when they are missing or unreadable."""
+    return store.read_parquet(
+        layout.records, hint="run ingest again to rewrite it (the dataset id stays the same)"
+    )
 
 
 def plan_batches(
@@ -193,14 +242,14 @@ def plan_batches(
     """The batches that still have URLs without an ok row (at most ``max_batches``)."""
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
-    records = store.read_parquet(layout.records)
-    done = _ok_urls(read_parts(layout, store))
+    records = read_records(layout, store)
+    done = _ok_rows(read_parts(layout, store).rows)
     size = max(1, batch_size, math.ceil(len(records) / max_batches))
-    urls = records["url"].tolist()
+    rows = records["row"].tolist()
     batches = []
-    for number, start in enumerate(range(0, len(urls), size)):
-        stop = min(start + size, len(urls))
-        pending = sum(1 for url in urls[start:stop] if url not in done)
+    for number, start in enumerate(range(0, len(rows), size)):
+        stop = min(start + size, len(rows))
+        pending = sum(1 for row in rows[start:stop] if row not in done)
         if pending:
             batches.append(BatchSpec(dataset, number, start, stop, pending))
     log.info(
@@ -244,7 +293,7 @@ class _PartWriter:
 def _row(record: dict[str, Any], status: str, started: float, **values: Any) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(MANIFEST_COLUMNS)
     row.update(
-        url=record["url"],
+        url=redact_url(record["url"]),
         id=record["id"],
         label=record["label"],
         row=record["row"],
@@ -272,8 +321,9 @@ class _Worker:
         try:
             return self._run(record, started)
         except Exception as exc:  # one bad URL must never stop the others
-            log.exception("unexpected error on %s", record["url"])
-            return _row(record, "internal_error", started, error=f"{type(exc).__name__}: {exc}")
+            log.exception("unexpected error on row %s", record["row"])
+            message = redact_text(f"{type(exc).__name__}: {exc}")
+            return _row(record, "internal_error", started, error=message)
 
     def _run(self, record: dict[str, Any], started: float) -> dict[str, Any]:
         url = record["url"]
@@ -340,9 +390,9 @@ def download_batch(
         policy = AddressPolicy.from_cidrs(config.allow_networks, resolver)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
-    records = store.read_parquet(layout.records).iloc[spec.start : spec.stop]
-    done = _ok_urls(read_parts(layout, store, (spec.start, spec.stop)))
-    todo = [r for r in records.to_dict("records") if r["url"] not in done]
+    records = read_records(layout, store).iloc[spec.start : spec.stop]
+    done = _ok_rows(read_parts(layout, store, (spec.start, spec.stop)).rows)
+    todo = [r for r in records.to_dict("records") if r["row"] not in done]
     result = BatchResult(skipped_existing=len(records) - len(todo))
     if not todo:
         return result
@@ -394,19 +444,21 @@ def _as_completed(futures: Iterable[Future[dict[str, Any]]]) -> Iterable[Future[
 
 
 def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[str, Any]:
-    """Fold every manifest part into one row per URL (an ok row wins, else the latest)."""
+    """Fold every manifest part into one row per record (an ok row wins, else the latest)."""
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
-    records = store.read_parquet(layout.records)
-    parts = read_parts(layout, store)
+    records = read_records(layout, store)
+    found = read_parts(layout, store)
+    parts = found.rows[found.rows["row"].isin(records["row"])]
     parts = parts.assign(_ok=parts["status"] == "ok").sort_values(
         ["_ok", "fetched_at"], ascending=False, kind="stable"
     )
-    best = parts.drop_duplicates("url").drop(columns="_ok").set_index("url")
-    missing = records.loc[~records["url"].isin(best.index)]
+    best = parts.drop_duplicates("row").drop(columns="_ok")
+    best = best.assign(url=best["url"].map(redact_url))  # parts written before redaction
+    missing = records.loc[~records["row"].isin(best["row"])]
     pending = pd.DataFrame(
         {
-            "url": missing["url"],
+            "url": [redact_url(u) for u in missing["url"]],
             "status": "pending",
             "bytes": 0,
             "attempts": 0,
@@ -417,21 +469,26 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
             "row": missing["row"],
         }
     )
-    manifest = pd.concat(
-        [best.loc[records["url"][records["url"].isin(best.index)]].reset_index(), pending],
-        ignore_index=True,
+    frames = [f for f in (best, pending) if not f.empty]
+    manifest = (
+        pd.concat(frames, ignore_index=True)
+        if frames
+        else pd.DataFrame(columns=list(MANIFEST_COLUMNS))
     )
     manifest = manifest.sort_values("row", kind="stable")[list(MANIFEST_COLUMNS)]
     manifest = manifest.astype(_DTYPES).reset_index(drop=True)
     store.write_parquet(layout.download_manifest, manifest)
     statuses = {k: int(v) for k, v in manifest["status"].value_counts().items()}
     ok = manifest["status"] == "ok"
-    return {
+    summary: dict[str, Any] = {
         "manifest": str(layout.download_manifest),
         "statuses": statuses,
         "images": int(manifest.loc[ok, "sha256"].nunique()),
         "urls": len(manifest),
     }
+    if found.unreadable:
+        summary["unreadable_parts"] = found.unreadable
+    return summary
 
 
 def download(
@@ -447,7 +504,7 @@ def download(
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore(max_pool_connections=config.concurrency + 4)
     store.check_bucket(layout.store)
-    total = len(store.read_parquet(layout.records))
+    total = len(read_records(layout, store))
     spec = BatchSpec(dataset, 0, 0, total, total)
     result = download_batch(spec, config, store=store, resolver=resolver, on_result=on_result)
     summary = collect_manifest(dataset, store=store)

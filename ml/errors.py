@@ -9,3 +9,8 @@ class PipelineError(Exception):
     Usage: ``raise PipelineError("bucket 'x' does not exist; create it first")``.
     The CLI prints the message on one line and exits non-zero; it never shows a traceback.
     """
+
+
+class ParameterError(PipelineError):
+    """A run parameter or a deployment setting is wrong: retrying cannot help, so the run fails
+    at once."""

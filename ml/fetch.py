@@ -1,11 +1,18 @@
 """HTTP fetching for untrusted URLs: pooled, policy-checked, bounded in time, bytes and hops.
 
 One :class:`Fetcher` is shared by all download threads. It keeps a connection pool per host
-(``per_host`` connections at most; threads wait for a free one), checks every address it
-connects to against the :class:`~ml.netpolicy.AddressPolicy` (redirect hops included, since each
-hop opens its connection through the same check), follows at most ``max_redirects`` redirects,
-retries timeouts, 408/429 and 5xx with exponential backoff and jitter (honouring Retry-After),
-and stops any image that runs past its total ``deadline`` or past ``max_bytes``.
+(``per_host`` connections at most; threads wait for a free one, but never past the deadline),
+checks every address it connects to against the :class:`~ml.netpolicy.AddressPolicy` (redirect
+hops included, since each hop opens its connection through the same check), follows at most
+``max_redirects`` redirects, retries timeouts, 408/429 and 5xx with exponential backoff and
+jitter (honouring Retry-After), and stops any fetch that runs past ``max_bytes``.
+
+**One deadline for everything.** ``deadline`` covers the DNS lookup, waiting for a pooled
+connection, connecting, the TLS handshake, the status line, the headers, the body, every
+redirect hop, every retry and every backoff. Socket timeouts count per call, so a server that
+trickles its headers a byte at a time would never trip them; instead every blocking call on our
+sockets is capped at the time left (see :class:`_DeadlineSocket`), so a fetch ends as ``timeout``
+at its deadline and gives its per-host slot back. Messages never carry a URL's credentials.
 
 Usage::
 
@@ -17,7 +24,10 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 import socket
+import ssl
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +39,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import (
     ConnectTimeoutError,
+    EmptyPoolError,
     HTTPError,
     LocationParseError,
     LocationValueError,
@@ -37,9 +48,10 @@ from urllib3.exceptions import (
     SSLError,
 )
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
-from urllib3.util import connection as urllib3_connection
+from urllib3.util.ssl_ import create_urllib3_context
 
 from ml.netpolicy import AddressPolicy, BlockedAddress
+from ml.redact import redact_text, redact_url
 
 MiB = 1024 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -66,6 +78,7 @@ class FetchConfig:
     max_redirects: int = 5
     per_host: int = 16
     user_agent: str = "image-sentiment-pipeline/0.1 (dataset downloader)"
+    accept: str = "image/*"
 
 
 class FetchError(Exception):
@@ -80,7 +93,7 @@ class FetchError(Exception):
         retryable: bool = False,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(redact_text(message))
         self.status = status
         self.http_status = http_status
         self.retryable = retryable
@@ -96,24 +109,118 @@ class FetchResponse:
     attempts: int
 
 
+_local = threading.local()
+
+
+def _remaining() -> float | None:
+    """Seconds left before the calling thread's fetch deadline (None outside a fetch)."""
+    deadline_at: float | None = getattr(_local, "deadline_at", None)
+    return None if deadline_at is None else deadline_at - time.monotonic()
+
+
+def _bound(sock: socket.socket, requested: float | None) -> None:
+    """Cap the next blocking call on ``sock`` at the time left before the deadline.
+
+    Socket timeouts count per call, so a server sending one byte every half second never trips
+    a 10-second read timeout; capping every call at the time left makes the deadline hold for
+    the status line, the headers, the body and the TLS handshake alike.
+    """
+    remaining = _remaining()
+    if remaining is None:
+        return
+    if remaining <= 0:
+        raise TimeoutError("the fetch deadline has passed")
+    socket.socket.settimeout(sock, remaining if requested is None else min(requested, remaining))
+
+
+class _DeadlineSocket(socket.socket):
+    """A TCP socket whose every blocking call ends by the calling thread's fetch deadline."""
+
+    _requested: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._requested = value
+        super().settimeout(value)
+
+    def connect(self, address: Any) -> None:
+        _bound(self, self._requested)
+        super().connect(address)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        _bound(self, self._requested)
+        return super().recv(bufsize, flags)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        _bound(self, self._requested)
+        return super().recv_into(buffer, nbytes, flags)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        _bound(self, self._requested)
+        super().sendall(data, flags)
+
+
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """The TLS counterpart of :class:`_DeadlineSocket` (handshake included)."""
+
+    _requested: float | None = None
+
+    def settimeout(self, value: float | None) -> None:
+        self._requested = value
+        super().settimeout(value)
+
+    def do_handshake(self, block: bool = False) -> None:
+        _bound(self, self._requested)
+        super().do_handshake(block)
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:
+        _bound(self, self._requested)
+        return super().read(len, buffer)
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        _bound(self, self._requested)
+        super().sendall(data, flags)
+
+
+def open_connection(
+    address: str, port: int, timeout: float | None, options: Any = None
+) -> socket.socket:
+    """A TCP connection to an address that the policy has already checked."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = _DeadlineSocket(family, socket.SOCK_STREAM)
+    try:
+        for option in options or ():
+            sock.setsockopt(*option)
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _tls_context() -> ssl.SSLContext:
+    """urllib3's default verifying context, making deadline-bound TLS sockets."""
+    context = create_urllib3_context()
+    context.load_default_certs()
+    context.sslsocket_class = _DeadlineSSLSocket
+    return context
+
+
 def _guarded_connection(base: type[HTTPConnection], policy: AddressPolicy) -> type[HTTPConnection]:
-    """A connection class that connects only to addresses ``policy`` allows."""
+    """A connection class that connects only to addresses ``policy`` allows, by the deadline."""
 
     class GuardedConnection(base):  # type: ignore[misc, valid-type]
         def _new_conn(self) -> socket.socket:
             try:
-                addresses = policy.resolve(self._dns_host, self.port)
+                addresses = policy.resolve(self._dns_host, self.port, timeout=_remaining())
             except socket.gaierror as exc:
                 raise NameResolutionError(self.host, self, exc) from exc
+            except TimeoutError as exc:
+                raise ConnectTimeoutError(self, f"DNS lookup of {self.host} timed out") from exc
             error: Exception | None = None
             for address in addresses:
                 try:
-                    return urllib3_connection.create_connection(
-                        (address, self.port),
-                        self.timeout,
-                        source_address=self.source_address,
-                        socket_options=self.socket_options,
-                    )
+                    return open_connection(address, self.port, self.timeout, self.socket_options)
                 except TimeoutError:
                     error = ConnectTimeoutError(self, f"connection to {self.host} timed out")
                 except OSError as exc:
@@ -149,7 +256,11 @@ class Fetcher:
         self.config = config
         self.policy = policy
         self._pools = urllib3.PoolManager(
-            num_pools=num_pools, maxsize=config.per_host, block=True, retries=False
+            num_pools=num_pools,
+            maxsize=config.per_host,
+            block=True,
+            retries=False,
+            ssl_context=_tls_context(),
         )
         http_conn = _guarded_connection(HTTPConnection, policy)
         https_conn = _guarded_connection(HTTPSConnection, policy)
@@ -158,17 +269,30 @@ class Fetcher:
         self._pools.pool_classes_by_scheme = {"http": http_pool, "https": https_pool}
         self._headers = {
             "User-Agent": config.user_agent,
-            "Accept": "image/*",
+            "Accept": config.accept,
             "Accept-Encoding": "identity",
         }
 
     def close(self) -> None:
         self._pools.clear()
 
-    def fetch(self, url: str) -> FetchResponse:
-        """The body of ``url``; raises FetchError with a manifest status and attempt count."""
+    def fetch(self, url: str, *, deadline: float | None = None) -> FetchResponse:
+        """The body of ``url``; raises FetchError with a manifest status and attempt count.
+
+        ``deadline`` overrides the configured one for this call (seconds).
+        """
         cfg = self.config
-        deadline_at = time.monotonic() + cfg.deadline
+        seconds = cfg.deadline if deadline is None else deadline
+        deadline_at = time.monotonic() + seconds
+        outer = getattr(_local, "deadline_at", None)
+        _local.deadline_at = deadline_at if outer is None else min(outer, deadline_at)
+        try:
+            return self._fetch(url, deadline_at, seconds)
+        finally:
+            _local.deadline_at = outer
+
+    def _fetch(self, url: str, deadline_at: float, seconds: float) -> FetchResponse:
+        cfg = self.config
         attempt = 0
         while True:
             attempt += 1
@@ -177,6 +301,16 @@ class Fetcher:
                 return FetchResponse(body, status, final_url, attempt)
             except FetchError as exc:
                 exc.attempts = attempt
+                if exc.status in ("timeout", "connection_error") and (
+                    time.monotonic() >= deadline_at - 0.001
+                ):
+                    error = FetchError(
+                        "timeout",
+                        f"deadline of {seconds:g}s reached ({exc})",
+                        http_status=exc.http_status,
+                    )
+                    error.attempts = attempt
+                    raise error from None
                 if not exc.retryable or attempt > cfg.retries:
                     raise
                 delay = exc.retry_after
@@ -194,7 +328,9 @@ class Fetcher:
         for _hop in range(cfg.max_redirects + 1):
             scheme = urlsplit(current).scheme.lower()
             if scheme not in ("http", "https"):
-                raise FetchError("blocked", f"scheme {scheme!r} is not allowed ({current})")
+                raise FetchError(
+                    "blocked", f"scheme {scheme!r} is not allowed ({redact_url(current)})"
+                )
             response = self._open(current, deadline_at)
             body: bytes | None = None
             try:
@@ -208,7 +344,9 @@ class Fetcher:
                     current = urljoin(current, location)
                     if current in seen:
                         raise FetchError(
-                            "too_many_redirects", f"redirect loop at {current}", http_status=status
+                            "too_many_redirects",
+                            f"redirect loop at {redact_url(current)}",
+                            http_status=status,
                         )
                     seen.add(current)
                     continue
@@ -237,7 +375,7 @@ class Fetcher:
         cfg = self.config
         remaining = deadline_at - time.monotonic()
         if remaining <= 0:
-            raise FetchError("timeout", f"deadline of {cfg.deadline}s exceeded")
+            raise FetchError("timeout", "the fetch deadline was reached")
         timeout = urllib3.Timeout(
             connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining)
         )
@@ -252,11 +390,18 @@ class Fetcher:
                 preload_content=False,
                 decode_content=False,
                 assert_same_host=False,
+                pool_timeout=remaining,
             )
         except BlockedAddress as exc:
             raise FetchError("blocked", f"address policy: {exc}") from None
         except (LocationParseError, LocationValueError) as exc:
             raise FetchError("invalid_url", f"cannot parse URL: {exc}") from None
+        except EmptyPoolError:
+            raise FetchError(
+                "timeout",
+                "no free connection to the host before the fetch deadline "
+                f"({cfg.per_host} per host, all busy)",
+            ) from None
         except NameResolutionError as exc:
             raise FetchError("connection_error", f"DNS lookup failed: {_describe(exc)}") from None
         except NewConnectionError as exc:  # a ConnectTimeoutError subclass, so before it
@@ -281,7 +426,6 @@ class Fetcher:
             )
         chunks: list[bytes] = []
         total = 0
-        sock = getattr(getattr(response, "connection", None), "sock", None)
         try:
             while True:
                 remaining = deadline_at - time.monotonic()
@@ -289,13 +433,9 @@ class Fetcher:
                     response.close()
                     raise FetchError(
                         "timeout",
-                        f"body not complete within the {cfg.deadline}s "
-                        f"deadline ({total} bytes read)",
+                        f"body not complete by the fetch deadline ({total} bytes read)",
                         http_status=response.status,
                     )
-                if sock is not None:
-                    # A trickling server must not outlive the deadline by a full read timeout.
-                    sock.settimeout(max(0.05, min(cfg.read_timeout, remaining)))
                 chunk = response.read1(_CHUNK)
                 if not chunk:
                     break
@@ -339,6 +479,9 @@ def _discard(response: Any) -> None:
     response.close()
 
 
+_POOL_PREFIX = re.compile(r"\w*Pool\(host=[^)]*\): |\s*\((?:read|connect) timeout=[^)]*\)")
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    text = _POOL_PREFIX.sub("", redact_text(str(exc))) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."

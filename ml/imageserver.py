@@ -12,6 +12,8 @@ several URLs can share one picture). Query parameters change the answer:
                            ``fail``: always); ``fault=429&retry_after=1`` likewise, with
                            Retry-After
 ``fault=slow&interval=1``  trickle the body one byte per ``interval`` seconds
+``fault=slow-headers``     trickle the status line and headers likewise (``interval``)
+``fault=stall``            accept the request, then send nothing until the client leaves
 ``fault=truncated``        a JPEG cut short (HTTP-complete, image-incomplete)
 ``fault=html``             an HTML page sent as ``Content-Type: image/jpeg``
 ``fault=oversized``        ``size`` bytes (default 11 MiB); ``chunked=1`` omits Content-Length
@@ -175,6 +177,13 @@ class _Handler(BaseHTTPRequestHandler):
             )
         elif fault == "slow":
             self._trickle(self._image(path, query), float(query.get("interval", 1.0)))
+        elif fault == "slow-headers":
+            self._trickle_head(self._image(path, query), float(query.get("interval", 0.5)))
+        elif fault == "stall":
+            self.close_connection = True
+            while not self.server.stopping.wait(0.1):
+                if self._client_gone():
+                    break
         elif fault == "truncated":
             body = self._image(path, query)
             self._send(200, body[: len(body) * 6 // 10])
@@ -215,6 +224,35 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(interval)
         self.close_connection = True
+
+    def _trickle_head(self, body: bytes, interval: float) -> None:
+        head = (
+            b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n"
+            + b"X-Padding: "
+            + b"a" * 200
+            + b"\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        self.close_connection = True
+        for i in range(len(head)):
+            if self.server.stopping.is_set() or self._client_gone():
+                return
+            self.wfile.write(head[i : i + 1])
+            self.wfile.flush()
+            time.sleep(interval)
+        self.wfile.write(body)
+
+    def _client_gone(self) -> bool:
+        """Whether the client closed its side (a readable socket with nothing to read)."""
+        import select
+
+        readable, _, _ = select.select([self.connection], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return bool(self.connection.recv(1, socket.MSG_PEEK) == b"")
+        except OSError:
+            return True
 
     def _oversized(self, size: int, chunked: bool) -> None:
         self.send_response(200)

@@ -1,18 +1,34 @@
 """Image verification and normalization: bytes in, a small RGB JPEG out, or a clear refusal.
 
-The format comes from the bytes (magic numbers), never from the Content-Type. Dimensions are read
-from the header and checked against ``max_pixels`` before any pixel is decoded, so a
-decompression bomb costs nothing. A truncated or corrupt file fails the full decode.
+The format comes from the bytes (magic numbers), never from the Content-Type. Before any pixel
+is decoded:
+
+- the header's dimensions are checked against ``max_pixels`` (a decompression bomb costs nothing);
+- a JPEG's scans are counted (``max_scans``): a progressive JPEG whose scan is repeated thousands
+  of times decodes the whole image once per scan, a CPU bomb in a few kilobytes;
+- the memory the decode will take (pixels after JPEG draft scaling, times the decoder's bytes per
+  pixel, times the working copies of conversion) is reserved from one :class:`DecodeBudget` shared
+  by every thread of the process, so many large images decoding at once wait for each other
+  instead of exhausting the worker. An image that alone needs more than the budget is refused.
+
+A truncated or corrupt file fails the full decode. Large images are scaled down right after
+decoding, before colour conversion, so no full-size working copies pile up.
 
 Usage: ``normalize_image(data, ImageConfig())`` returns a :class:`NormalizedImage` or raises
-:class:`ImageRejected` with status ``not_image``, ``too_many_pixels`` or ``undecodable``.
+:class:`ImageRejected` with status ``not_image``, ``too_many_pixels``, ``too_complex`` or
+``undecodable``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
+import struct
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps
@@ -20,6 +36,29 @@ from PIL import Image, ImageOps
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit before decoding, with a clear status
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+MiB = 1024 * 1024
+#: Bytes per pixel the decoder holds, by Pillow mode (anything else counts 8).
+_MODE_BYTES = {
+    "1": 1,
+    "L": 1,
+    "P": 1,
+    "LA": 2,
+    "La": 2,
+    "PA": 2,
+    "I;16": 2,
+    "RGB": 3,
+    "YCbCr": 3,
+    "LAB": 3,
+    "HSV": 3,
+    "RGBA": 4,
+    "RGBa": 4,
+    "RGBX": 4,
+    "CMYK": 4,
+    "I": 4,
+    "F": 4,
+}
+#: Working copies next to the decoded pixels: colour conversion (RGBA, then RGB) before scaling.
+_WORKING_BYTES_PER_PIXEL = 4 + 3
 
 
 @dataclass(frozen=True)
@@ -28,6 +67,10 @@ class ImageConfig:
     max_side: int = 256
     #: Refuse images with more pixels than this before decoding (decompression bombs).
     max_pixels: int = 40_000_000
+    #: Refuse JPEGs with more scans than this before decoding (CPU bombs); 10 is typical.
+    max_scans: int = 100
+    #: Decode memory shared by all threads of the process (bytes); one image may use it all.
+    decode_budget: int = 512 * MiB
     jpeg_quality: int = 90
 
 
@@ -35,6 +78,83 @@ class ImageRejected(Exception):  # noqa: N818 - a manifest status, like FetchErr
     def __init__(self, status: str, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class DecodeBudget:
+    """Bytes of decode memory shared by threads; ``reserve(n)`` waits until ``n`` are free.
+
+    Usage: ``with budget.reserve(estimate): image.load()``. Requests larger than the whole
+    budget are the caller's to refuse (see :func:`normalize_image`).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+        self.peak = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def reserve(self, size: int) -> Iterator[None]:
+        size = min(max(size, 0), self.limit)
+        with self._free:
+            self._free.wait_for(lambda: self.in_use + size <= self.limit)
+            self.in_use += size
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._free:
+                self.in_use -= size
+                self._free.notify_all()
+
+
+_BUDGETS: dict[int, DecodeBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def shared_budget(limit: int) -> DecodeBudget:
+    """The process-wide budget of ``limit`` bytes (one per distinct limit)."""
+    with _BUDGETS_LOCK:
+        return _BUDGETS.setdefault(limit, DecodeBudget(limit))
+
+
+_JPEG_MARKER = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+
+
+def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
+    """The number of scans (SOS segments) in a JPEG, read from its markers without decoding.
+
+    Entropy-coded data is skipped with one C-level search per scan, so counting costs
+    microseconds even for a file of many thousands of scans. Stops early past ``stop_after``.
+    """
+    scans, pos, size = 0, 2, len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:  # stray bytes between segments: find the next marker
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+            continue
+        code = data[pos + 1]
+        if code == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if code == 0xD9:  # end of image
+            break
+        if 0xD0 <= code <= 0xD7 or code == 0x01:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        pos += 2 + length
+        if code == 0xDA:
+            scans += 1
+            if stop_after is not None and scans > stop_after:
+                break
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+    return scans
 
 
 @dataclass(frozen=True)
@@ -69,12 +189,24 @@ def _target_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def normalize_image(data: bytes, config: ImageConfig) -> NormalizedImage:
-    """Verify ``data`` is a supported, intact, reasonably sized image; re-encode it as RGB JPEG."""
+def normalize_image(
+    data: bytes, config: ImageConfig, budget: DecodeBudget | None = None
+) -> NormalizedImage:
+    """Verify ``data`` is a supported, intact, reasonably sized image; re-encode it as RGB JPEG.
+
+    ``budget`` defaults to the process-wide budget of ``config.decode_budget`` bytes.
+    """
     fmt = sniff_format(data)
     if fmt is None:
-        head = data[:16].decode("latin-1").encode("unicode_escape").decode()
-        raise ImageRejected("not_image", f"not a JPEG, PNG, WebP or GIF (starts with {head!r})")
+        raise ImageRejected("not_image", "not a JPEG, PNG, WebP or GIF (judged by its first bytes)")
+    if fmt == "JPEG":
+        scans = count_jpeg_scans(data, stop_after=config.max_scans)
+        if scans > config.max_scans:
+            raise ImageRejected(
+                "too_complex",
+                f"JPEG with more than {config.max_scans} scans (each scan decodes the whole "
+                "image again)",
+            )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -87,14 +219,27 @@ def normalize_image(data: bytes, config: ImageConfig) -> NormalizedImage:
             "too_many_pixels", f"{width}x{height} exceeds the limit of {config.max_pixels} pixels"
         )
     target = _target_size(width, height, config.max_side)
-    try:
+    if fmt == "JPEG":
+        # Decode at a reduced DCT scale when that still covers the target: far cheaper.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if fmt == "JPEG":
-                # Decode at a reduced DCT scale when that still covers the target: far cheaper.
-                opened.draft("RGB", target)
+            opened.draft("RGB", target)
+    decoded_w, decoded_h = opened.size
+    pixels = decoded_w * decoded_h
+    need = pixels * (_MODE_BYTES.get(opened.mode, 8) + _WORKING_BYTES_PER_PIXEL)
+    budget = budget or shared_budget(config.decode_budget)
+    if need > budget.limit:
+        raise ImageRejected(
+            "too_many_pixels",
+            f"{width}x{height} {opened.mode} needs about {need // MiB} MiB to decode, more than "
+            f"the {budget.limit // MiB} MiB decode budget",
+        )
+    try:
+        with budget.reserve(need), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             opened.load()
-            image = ImageOps.exif_transpose(opened)
+            image = _shrink(opened, config.max_side)
+            image = ImageOps.exif_transpose(image)
             image = _to_rgb(image)
             if image.size != _target_size(*image.size, config.max_side):
                 image = image.resize(
@@ -116,6 +261,25 @@ def normalize_image(data: bytes, config: ImageConfig) -> NormalizedImage:
         source_width=width,
         source_height=height,
     )
+
+
+def _shrink(image: Image.Image, max_side: int) -> Image.Image:
+    """A cheap integer-factor reduction of a large decoded image, in its own mode, so that the
+    colour conversion and the final resize work on a few times the target size, not the
+    original. Orientation does not matter here: the factor depends on the shorter side."""
+    shorter = min(image.size)
+    if max_side <= 0 or shorter < 4 * max_side:
+        return image
+    factor = shorter // (2 * max_side)
+    if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr"):
+        return image  # palette and exotic modes: converted first, at full size (budgeted)
+    info = dict(image.info)
+    exif = image.getexif()
+    reduced = image.reduce(factor)
+    reduced.info.update(info)
+    if exif:
+        reduced.info["exif"] = exif.tobytes()
+    return reduced
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

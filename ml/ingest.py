@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
-import urllib3
 
+from ml import csvsource
+from ml.csvsource import SourceLimits
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS, normalize_label
 from ml.layout import DatasetLayout
 from ml.progress import Progress
+from ml.redact import get_logger, redact_url
 from ml.storage import ObjectStore, S3Uri
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CROWDFLOWER_LABEL = "which_of_these_sentiment_scores_does_the_above_image_fit_into_best"
 
@@ -85,6 +85,10 @@ REJECT_REASONS = (
 FILTER_REASONS = ("below_min_confidence", "golden_excluded")
 
 RECORD_COLUMNS = ("row", "id", "url", "label", "label_index", "confidence", "golden")
+REJECTED_COLUMNS = ("row", "reason", "detail", "url", "label")
+_RECORD_TYPES = {"row": "int64", "label_index": "int64", "confidence": "float64", "golden": "bool"}
+#: Rows validated at a time: memory stays flat however long the CSV is.
+CHUNK_ROWS = 100_000
 _SHOW_REJECTED = 10
 _TRUE = {"true", "1", "yes", "y", "t"}
 _NAME_SEPARATORS = re.compile(r"[\s\-]+")
@@ -110,8 +114,12 @@ def _normalize_name(name: str) -> str:
     return _NAME_SEPARATORS.sub("_", str(name).strip().lower())
 
 
-def find_columns(columns: list[str]) -> dict[str, str]:
-    """Map each role (url, label, confidence, id, golden) to the CSV column that plays it."""
+def find_columns(columns: list[str], *, show: bool = True) -> dict[str, str]:
+    """Map each role (url, label, confidence, id, golden) to the CSV column that plays it.
+
+    ``show=False`` keeps the header's names out of the error (for fetched files, whose content
+    must never be echoed).
+    """
     by_norm = {_normalize_name(c): c for c in columns}
     found: dict[str, str] = {}
     for role, candidates in COLUMN_NAMES.items():
@@ -122,53 +130,44 @@ def find_columns(columns: list[str]) -> dict[str, str]:
     for role in ("url", "label"):
         if role not in found:
             names = ", ".join(COLUMN_NAMES[role][:4])
-            raise PipelineError(
-                f"no {role} column found among {list(columns)[:12]}; "
-                f"name the column one of: {names}"
-            )
+            among = f"among {list(columns)[:12]}" if show else f"among its {len(columns)} columns"
+            raise PipelineError(f"no {role} column found {among}; name the column one of: {names}")
     return found
 
 
-def read_source(source: str, store: ObjectStore | None = None) -> bytes:
-    """The bytes of a CSV given as a local path, an http(s) URL or an s3:// URI."""
-    if source.startswith("s3://"):
-        return (store or ObjectStore()).get_bytes(S3Uri.parse(source))
-    if source.startswith(("http://", "https://")):
-        try:
-            response = urllib3.request(
-                "GET", source, timeout=urllib3.Timeout(connect=10, read=60), retries=3
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            raise PipelineError(f"could not download the CSV {source}: {exc}") from exc
-        if response.status != 200:
-            raise PipelineError(f"could not download the CSV {source}: HTTP {response.status}")
-        return bytes(response.data)
-    path = Path(source)
-    if not path.is_file():
-        raise PipelineError(
-            f"CSV not found: {source} (give a local path, an http(s) URL or an s3:// URI)"
-        )
-    return path.read_bytes()
+def read_source(
+    source: str, store: ObjectStore | None = None, limits: SourceLimits | None = None
+) -> bytes:
+    """The bytes of a CSV given as a local path, an http(s) URL or an s3:// URI (see
+    :mod:`ml.csvsource` for the limits that apply)."""
+    return csvsource.read_bytes(source, limits, store)
 
 
-def parse_csv(data: bytes, source: str = "CSV") -> pd.DataFrame:
+def parse_csv(data: bytes, source: str = "CSV", encoding: str | None = None) -> pd.DataFrame:
     """Every field as a string; bare-CR, LF and CRLF records alike; never raises a traceback."""
+    name = csvsource.describe(source)
+    return csvsource.parse_all(csvsource.to_utf8(data, name, encoding), name)
+
+
+def _read_chunks(
+    data: bytes, name: str, usecols: list[str], chunk_rows: int
+) -> Iterator[pd.DataFrame]:
+    """UTF-8 CSV bytes as frames of ``chunk_rows`` rows, only ``usecols``, every field a string."""
     try:
-        frame = pd.read_csv(
+        reader = pd.read_csv(
             io.BytesIO(data),
             dtype=str,
             keep_default_na=False,
-            encoding="utf-8-sig",
-            encoding_errors="replace",
+            encoding="utf-8",
+            usecols=usecols,
+            chunksize=chunk_rows,
         )
-    except pd.errors.EmptyDataError as exc:
-        raise PipelineError(f"{source} is empty: it has no header row") from exc
+        with reader:
+            yield from reader
     except (pd.errors.ParserError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PipelineError(f"could not parse {source} as CSV: {message}") from exc
-    if frame.empty:
-        raise PipelineError(f"{source} has a header but no data rows")
-    return frame
+        raise PipelineError(
+            f"could not parse {name} as CSV: {csvsource._parser_problem(exc)}"
+        ) from None
 
 
 def _check_url(url: str) -> tuple[str, str] | None:
@@ -191,68 +190,109 @@ def validate_rows(
     frame: pd.DataFrame,
     columns: dict[str, str],
     on_row: Callable[[str], None] | None = None,
+    *,
+    first_row: int = 1,
+    check_duplicates: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split raw rows into canonical records and rejected rows (row number, reason, detail);
-    ``on_row`` hears "ok" or the rejection reason of each row (progress)."""
-    records: list[dict[str, Any]] = []
-    rejected: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
+    """Split raw rows into canonical records and rejected rows (row number, reason, detail).
+
+    ``first_row`` numbers the frame's first row (chunks of a large file); ``on_row`` hears
+    "ok" or the rejection reason of each row (progress). With ``check_duplicates`` a URL seen
+    in an earlier row of the frame is rejected (:func:`reject_duplicates` does it across chunks).
+    """
     url_col, label_col = columns["url"], columns["label"]
     conf_col, id_col, golden_col = (columns.get(k) for k in ("confidence", "id", "golden"))
-    for number, raw in enumerate(frame.to_dict("records"), start=1):
-        url = str(raw[url_col]).strip()
-        raw_label = str(raw[label_col])
-        problem: tuple[str, str] | None = None
-        label = normalize_label(raw_label)
+    n = len(frame)
+    urls = frame[url_col].astype(str).str.strip().tolist()
+    raw_labels = frame[label_col].astype(str).tolist()
+    labels = [_label(raw) for raw in raw_labels]
+    if conf_col:
+        conf_text = frame[conf_col].astype(str).str.strip()
+        confidence = pd.to_numeric(conf_text, errors="coerce").to_numpy(dtype="float64")
+        conf_given = (conf_text != "").to_numpy()
+    else:
+        confidence = np.full(n, np.nan)
+        conf_given = np.zeros(n, dtype=bool)
+    good: dict[str, list[Any]] = {name: [] for name in RECORD_COLUMNS}
+    bad: dict[str, list[Any]] = {name: [] for name in REJECTED_COLUMNS}
+    ids = frame[id_col].astype(str).str.strip().tolist() if id_col else None
+    golden = (
+        frame[golden_col].astype(str).str.strip().str.lower().isin(_TRUE).tolist()
+        if golden_col
+        else None
+    )
+    for i in range(n):
+        number = first_row + i
+        url, raw_label, label = urls[i], raw_labels[i], labels[i]
+        problem: tuple[str, str] | None
         if not raw_label.strip():
             problem = ("missing_label", "the label is empty")
         elif label is None:
-            problem = ("unknown_label", f"label {raw_label!r} is not one of {', '.join(LABELS)}")
+            shown = raw_label if len(raw_label) <= 40 else raw_label[:37] + "..."
+            problem = ("unknown_label", f"label {shown!r} is not one of {', '.join(LABELS)}")
         else:
             problem = _check_url(url)
-        confidence = float("nan")
-        if problem is None and conf_col and str(raw[conf_col]).strip():
-            try:
-                confidence = float(raw[conf_col])
-            except ValueError:
-                confidence = float("nan")
-            if not 0.0 <= confidence <= 1.0:
-                problem = ("invalid_confidence", f"confidence {raw[conf_col]!r} is not in [0, 1]")
-        if problem is None and url in seen:
-            problem = ("duplicate_url", f"same URL as row {seen[url]}")
+        value = float(confidence[i])
+        if problem is None and conf_given[i] and not 0.0 <= value <= 1.0:
+            problem = ("invalid_confidence", "the confidence is not a number in [0, 1]")
         if on_row is not None:
             on_row(problem[0] if problem else "ok")
         if problem is not None:
-            rejected.append(
-                {
-                    "row": number,
-                    "reason": problem[0],
-                    "detail": problem[1],
-                    "url": url,
-                    "label": raw_label,
-                }
-            )
+            for key, item in zip(
+                REJECTED_COLUMNS,
+                (number, problem[0], problem[1], redact_url(url), raw_label),
+                strict=True,
+            ):
+                bad[key].append(item)
             continue
-        assert label is not None
-        seen[url] = number
-        records.append(
+        row_id = ids[i] if ids is not None and ids[i] else str(number)
+        record = (number, row_id, url, label, LABEL_INDEX[str(label)], value, False)
+        for key, item in zip(RECORD_COLUMNS, record, strict=True):
+            good[key].append(item)
+        if golden is not None:
+            good["golden"][-1] = bool(golden[i])
+    records = pd.DataFrame(good, columns=list(RECORD_COLUMNS)).astype(_RECORD_TYPES)
+    rejected = pd.DataFrame(bad, columns=list(REJECTED_COLUMNS)).astype({"row": "int64"})
+    if check_duplicates:
+        records, rejected = reject_duplicates([records], [rejected])
+    return records, rejected
+
+
+def _label(raw: str) -> str | None:
+    return normalize_label(raw)
+
+
+def reject_duplicates(
+    records: list[pd.DataFrame], rejected: list[pd.DataFrame]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join chunks; a URL already used by an earlier valid row is rejected as ``duplicate_url``."""
+    good = pd.concat(records, ignore_index=True) if records else _empty_records()
+    bad = pd.concat(rejected, ignore_index=True) if rejected else _empty_rejected()
+    repeated = good["url"].duplicated(keep="first")
+    if repeated.any():
+        first = good.loc[~repeated].set_index("url")["row"]
+        dupes = good.loc[repeated]
+        extra = pd.DataFrame(
             {
-                "row": number,
-                "id": str(raw[id_col]).strip()
-                if id_col and str(raw[id_col]).strip()
-                else str(number),
-                "url": url,
-                "label": label,
-                "label_index": LABEL_INDEX[label],
-                "confidence": confidence,
-                "golden": bool(golden_col) and str(raw[golden_col]).strip().lower() in _TRUE,
+                "row": dupes["row"].to_numpy(),
+                "reason": "duplicate_url",
+                "detail": [f"same URL as row {first[u]}" for u in dupes["url"]],
+                "url": [redact_url(u) for u in dupes["url"]],
+                "label": dupes["label"].to_numpy(),
             }
         )
-    good = pd.DataFrame.from_records(records, columns=list(RECORD_COLUMNS))
-    bad = pd.DataFrame.from_records(rejected, columns=["row", "reason", "detail", "url", "label"])
-    return good.astype(
-        {"row": "int64", "label_index": "int64", "confidence": "float64", "golden": "bool"}
-    ), bad
+        bad = pd.concat([bad, extra], ignore_index=True)
+        good = good.loc[~repeated].reset_index(drop=True)
+    bad = bad.sort_values("row", kind="stable").reset_index(drop=True).astype({"row": "int64"})
+    return good, bad
+
+
+def _empty_records() -> pd.DataFrame:
+    return pd.DataFrame({c: [] for c in RECORD_COLUMNS}).astype(_RECORD_TYPES)
+
+
+def _empty_rejected() -> pd.DataFrame:
+    return pd.DataFrame({c: [] for c in REJECTED_COLUMNS}).astype({"row": "int64"})
 
 
 def stratified_sample(records: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
@@ -280,10 +320,46 @@ def stratified_sample(records: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return records.loc[sorted(chosen)].reset_index(drop=True)
 
 
-def dataset_id(records: pd.DataFrame) -> str:
-    """A short id derived from the records' content: same rows, same id."""
-    canonical = records[["id", "url", "label", "confidence", "golden"]].to_csv(index=False)
-    return "ds-" + hashlib.sha256(canonical.encode()).hexdigest()[:16]
+def dataset_id(records: pd.DataFrame, chunk_rows: int = 50_000) -> str:
+    """A short id derived from the records' content: same rows, same id (hashed in chunks,
+    so a large dataset never becomes one big string)."""
+    digest = hashlib.sha256()
+    columns = ["id", "url", "label", "confidence", "golden"]
+    for start in range(0, max(1, len(records)), chunk_rows):
+        part = records[columns].iloc[start : start + chunk_rows]
+        digest.update(part.to_csv(index=False, header=start == 0).encode())
+    return "ds-" + digest.hexdigest()[:16]
+
+
+def read_records(
+    data: bytes,
+    name: str,
+    *,
+    show_columns: bool = True,
+    chunk_rows: int = CHUNK_ROWS,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str], int]:
+    """Validate UTF-8 CSV bytes chunk by chunk (memory grows with the valid records only):
+    (records, rejected, the columns found, the number of data rows)."""
+    header = csvsource.read_header(data, name)
+    columns = find_columns(header, show=show_columns)
+    good: list[pd.DataFrame] = []
+    bad: list[pd.DataFrame] = []
+    total = 0
+    with Progress(0, "ingest") as bar:
+        for chunk in _read_chunks(data, name, sorted(set(columns.values())), chunk_rows):
+            records, rejected = validate_rows(
+                chunk, columns, first_row=total + 1, check_duplicates=False
+            )
+            total += len(chunk)
+            bar.advance("ok", len(records))
+            if len(rejected):
+                bar.advance("rejected", len(rejected))
+            good.append(records)
+            bad.append(rejected)
+    if total == 0:
+        raise PipelineError(f"{name} has a header but no data rows")
+    records, rejected = reject_duplicates(good, bad)
+    return records, rejected, columns, total
 
 
 def ingest(
@@ -294,21 +370,28 @@ def ingest(
     sample: int | None = None,
     seed: int = 0,
     exclude_golden: bool = False,
+    encoding: str | None = None,
+    limits: SourceLimits | None = None,
     store: ObjectStore | None = None,
 ) -> IngestResult:
-    """Validate the CSV at ``source`` and write its canonical records under ``store_uri``."""
+    """Validate the CSV at ``source`` and write its canonical records under ``store_uri``.
+
+    ``limits`` bounds how the CSV is fetched (bytes, time, networks: see :mod:`ml.csvsource`).
+    """
     if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
         raise PipelineError(f"--min-confidence must be between 0 and 1, got {min_confidence}")
     if sample is not None and sample < 1:
         raise PipelineError(f"--sample must be a positive number of rows, got {sample}")
     root = S3Uri.parse(store_uri)
+    csvsource.check_available(source)
     store = store or ObjectStore()
-    frame = parse_csv(read_source(source, store), source)
     store.check_bucket(root)
-    columns = find_columns(list(frame.columns))
-    log.info("reading %s: %d rows; columns %s", source, len(frame), columns)
-    with Progress(len(frame), "ingest") as bar:
-        records, rejected = validate_rows(frame, columns, bar.advance)
+    name = csvsource.describe(source)
+    data = csvsource.to_utf8(read_source(source, store, limits), name, encoding)
+    local = "://" not in source
+    records, rejected, columns, total = read_records(data, name, show_columns=local)
+    del data
+    log.info("read %s: %d rows; columns %s", name, total, columns)
     for item in rejected.head(_SHOW_REJECTED).itertuples():
         log.warning("row %d rejected (%s): %s", item.row, item.reason, item.detail)
     if len(rejected) > _SHOW_REJECTED:
@@ -327,19 +410,19 @@ def ingest(
     records = records.reset_index(drop=True)
     if records.empty:
         raise PipelineError(
-            f"no usable rows left in {source} ({len(rejected)} rejected, "
+            f"no usable rows left in {name} ({len(rejected)} rejected, "
             f"{sum(filtered.values())} filtered out); see the reasons above"
         )
 
     layout = DatasetLayout(root, dataset_id(records))
-    labels = {name: int((records["label"] == name).sum()) for name in LABELS}
+    counts = records["label"].value_counts()
     result = IngestResult(
         dataset=layout.uri,
         rows=len(records),
-        labels=labels,
+        labels={label: int(counts.get(label, 0)) for label in LABELS},
         rejected={k: int(v) for k, v in rejected["reason"].value_counts().items()},
         filtered={k: v for k, v in filtered.items() if v},
-        source=source,
+        source=name,
         columns=columns,
     )
     store.write_parquet(layout.records, records)
@@ -353,6 +436,7 @@ def ingest(
                 "sample": sample,
                 "seed": seed,
                 "exclude_golden": exclude_golden,
+                "encoding": encoding,
             },
         },
     )

@@ -13,7 +13,6 @@ Usage: ``model, info = build_model("IMAGENET1K_V2", num_classes=5)``.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,9 +24,10 @@ from torch import nn
 
 from ml.errors import PipelineError
 from ml.labels import LABELS
+from ml.redact import get_logger
 from ml.storage import ObjectStore, S3Uri
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
@@ -166,12 +166,15 @@ def build_model(
     # pretrained weights overwrite it anyway.
     model: Any = get_model(arch, weights=None, zero_init_residual=path is None)
     if path is not None:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         try:
+            # weights_only: tensors and plain values; a weights file never runs code.
+            state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
-        except RuntimeError as exc:
+        except Exception as exc:  # unpicklable, truncated, or another model's tensors
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise PipelineError(
-                f"{path} does not hold {arch} ImageNet weights: {str(exc).splitlines()[0]}"
+                f"{path} does not hold {arch} ImageNet weights ({type(exc).__name__}: {first}); "
+                "stage the right file (python -m ml stage-weights) or use --weights none"
             ) from None
     head = nn.Linear(model.fc.in_features, num_classes)
     nn.init.normal_(head.weight, std=0.01)

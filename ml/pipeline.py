@@ -7,6 +7,7 @@ URIs, counts and ids, never data.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -29,9 +30,15 @@ def _download_config(settings: PipelineSettings) -> Any:
 
 
 def run_partition(store: str, run_id: str) -> str:
-    """The store folder for one orchestrator run (a retried task writes to the same place)."""
-    safe = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_id or "manual").strip("_")
-    return f"{store}/runs/{safe}"
+    """The store folder for one orchestrator run (a retried task writes to the same place).
+
+    The folder name is a readable slug of the run id plus a hash of the exact id, so two
+    different run ids never share a folder, whatever characters they differ in.
+    """
+    run_id = run_id or "manual"
+    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_id).strip("_.")[:80] or "run"
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
+    return f"{store}/runs/{slug}-{digest}"
 
 
 def ingest_step(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,10 +133,31 @@ def register_step(
     )
 
 
-def predict_step(csv: str, output: str, model_uri: str) -> dict[str, Any]:
+def predict_step(
+    csv: str, output: str, model_uri: str, env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Batch inference from the form: every parameter is contained before any work starts."""
+    from ml.containment import (
+        check_input,
+        check_model_uri,
+        check_output,
+        input_roots,
+        output_dir_setting,
+    )
+    from ml.settings import ParameterError, allowed_networks
+
+    env = os.environ if env is None else env
+    store = env.get("ML_STORE", "").rstrip("/")
+    if not store.startswith("s3://"):
+        raise ParameterError("ML_STORE is not set to an s3://BUCKET/PREFIX URI on this worker")
+    roots = input_roots(env, store)
+    check_model_uri(model_uri)
+    check_input(csv, roots=roots, parameter="csv", trusted=(env.get("ML_INFERENCE_CSV", ""),))
+    output = check_output(output, store=store, output_dir=output_dir_setting(env))
+    networks = allowed_networks(env)
+
     from ml.download import DownloadConfig
     from ml.predict import predict
-    from ml.settings import allowed_networks
 
-    config = DownloadConfig(allow_networks=allowed_networks())
-    return predict(model_uri, csv, output, config=config)
+    config = DownloadConfig(allow_networks=networks)
+    return predict(model_uri, csv, output, config=config, s3_roots=roots)

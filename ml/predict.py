@@ -10,7 +10,8 @@ Usage: ``predict("models:/image-sentiment@champion", "images.csv", "predictions.
 from __future__ import annotations
 
 import io
-import logging
+import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,19 +21,58 @@ import pandas as pd
 import torch
 from torchvision.transforms import v2
 
+from ml import csvsource
+from ml.containment import OUTPUT_SUFFIXES, check_model_uri, inside_s3
 from ml.download import DownloadConfig
 from ml.errors import PipelineError
 from ml.fetch import Fetcher, FetchError
 from ml.imaging import ImageRejected, normalize_image
-from ml.ingest import parse_csv, read_source
 from ml.labels import LABELS
 from ml.netpolicy import AddressPolicy
+from ml.redact import get_logger, redact_text, redact_url
 from ml.storage import ObjectStore, S3Uri
 from ml.transforms import decode
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 INPUT_COLUMNS = ("url", "image_url", "imageurl", "uri", "object_key", "key", "image", "path")
+
+
+#: A cell starting with one of these is run as a formula by spreadsheet programs.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralize_formulas(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as formulas, prefixed with ``'`` (OWASP's advice
+    against CSV injection); numbers are left as they are."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object or pd.api.types.is_string_dtype(out[column]):
+            out[column] = out[column].map(
+                lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+            )
+    return out
+
+
+def check_destination(out: str, store: ObjectStore) -> None:
+    """Fail before any work when ``out`` cannot take the predictions."""
+    if not out.lower().endswith(OUTPUT_SUFFIXES):
+        raise PipelineError(f"--out must end in .csv or .parquet, got {out!r}")
+    if out.startswith("s3://"):
+        store.check_bucket(S3Uri.parse(out))
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise PipelineError(f"--out {out} is a directory; name a .csv or .parquet file in it")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".predict-", delete=True):
+            pass
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot write --out {out}: {exc.strerror or exc}; choose a writable folder"
+        ) from None
 
 
 def _input_column(frame: pd.DataFrame) -> str:
@@ -41,7 +81,7 @@ def _input_column(frame: pd.DataFrame) -> str:
         if name in lowered:
             return str(lowered[name])
     raise PipelineError(
-        f"no image column among {list(frame.columns)[:10]}; name it url "
+        f"no image column among the CSV's {len(frame.columns)} columns; name it url "
         "(http(s) or s3:// URIs) or object_key"
     )
 
@@ -49,18 +89,32 @@ def _input_column(frame: pd.DataFrame) -> str:
 class _Loader:
     """Bytes of one input (URL, s3 URI or object key), as a normalized JPEG."""
 
-    def __init__(self, config: DownloadConfig, store: ObjectStore, bucket: str | None) -> None:
+    def __init__(
+        self,
+        config: DownloadConfig,
+        store: ObjectStore,
+        bucket: str | None,
+        s3_roots: Sequence[str] | None,
+    ) -> None:
         self.fetcher = Fetcher(config.fetch, AddressPolicy.from_cidrs(config.allow_networks))
         self.config, self.store, self.bucket = config, store, bucket
+        self.s3_roots = s3_roots
 
     def __call__(self, value: str) -> tuple[bytes | None, str, str]:
         try:
-            if value.startswith(("http://", "https://")):
+            if value.lower().startswith(("http://", "https://")):
                 body = self.fetcher.fetch(value).body
-            elif value.startswith("s3://"):
-                body = self.store.get_bytes(S3Uri.parse(value))
-            elif self.bucket:
-                body = self.store.get_bytes(S3Uri(self.bucket, value.lstrip("/")))
+            elif value.startswith("s3://") or self.bucket:
+                uri = (
+                    S3Uri.parse(value)
+                    if value.startswith("s3://")
+                    else S3Uri(str(self.bucket), value.lstrip("/"))
+                )
+                if self.s3_roots is not None and not any(
+                    inside_s3(uri, S3Uri.parse(root)) for root in self.s3_roots
+                ):
+                    return None, "blocked", "outside the folders this run may read"
+                body = self.store.get_bytes(uri, max_bytes=self.config.fetch.max_bytes)
             else:
                 return None, "invalid_url", "an object key needs --bucket"
             return normalize_image(body, self.config.image).data, "ok", ""
@@ -81,20 +135,35 @@ def predict(
     config: DownloadConfig | None = None,
     batch_size: int = 32,
     store: ObjectStore | None = None,
+    s3_roots: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Write one row per input with its predicted label and per-class probabilities."""
+    """Write one row per input with its predicted label and per-class probabilities.
+
+    ``model_uri`` must name a registered model (``models:/<name>@<alias>`` or
+    ``models:/<name>/<version>``): a model from anywhere else could carry code. The output is
+    checked before any work starts. ``s3_roots`` limits which store folders the listed
+    ``s3://`` inputs may come from (a run started from a form passes the input roots).
+    """
     import mlflow
 
+    from ml.registry import check_tracking_server
+
+    check_model_uri(model_uri, "--model")
     config = config or DownloadConfig()
     store = store or ObjectStore()
-    frame = parse_csv(read_source(csv, store), csv)
+    check_destination(out, store)
+    name = csvsource.describe(csv)
+    limits = csvsource.SourceLimits(allow_networks=config.allow_networks)
+    data = csvsource.to_utf8(csvsource.read_bytes(csv, limits, store), name)
+    frame = csvsource.parse_all(data, name)
     column = _input_column(frame)
+    check_tracking_server()
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:
+        first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
         raise PipelineError(
-            f"cannot load model {model_uri}: {str(exc).splitlines()[0][:200]} "
-            "(is MLFLOW_TRACKING_URI set, and does the alias exist?)"
+            f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
         ) from None
     meta = model.metadata.metadata or {}
     labels = list(meta.get("labels", LABELS))
@@ -104,7 +173,7 @@ def predict(
     )
 
     values = [str(v).strip() for v in frame[column]]
-    loader = _Loader(config, store, bucket)
+    loader = _Loader(config, store, bucket, s3_roots)
     with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
         loaded = list(pool.map(loader, values))
     probs = np.full((len(values), len(labels)), np.nan, dtype=np.float32)
@@ -116,7 +185,11 @@ def predict(
         probs[chunk] = np.asarray(model.predict(x), dtype=np.float32)
 
     result = pd.DataFrame(
-        {"input": values, "status": [s for _, s, _ in loaded], "error": [e for _, _, e in loaded]}
+        {
+            "input": [redact_url(v) for v in values],
+            "status": [s for _, s, _ in loaded],
+            "error": [e for _, _, e in loaded],
+        }
     )
     has = ~np.isnan(probs[:, 0])
     best = probs.argmax(axis=1)
@@ -139,18 +212,18 @@ def predict(
 
 
 def _write(frame: pd.DataFrame, out: str, store: ObjectStore) -> None:
-    parquet = out.endswith(".parquet")
+    buffer = io.BytesIO()
+    if out.lower().endswith(".parquet"):
+        frame.to_parquet(buffer, index=False)
+    else:
+        buffer.write(neutralize_formulas(frame).to_csv(index=False).encode())
     if out.startswith("s3://"):
-        buffer = io.BytesIO()
-        if parquet:
-            frame.to_parquet(buffer, index=False)
-        else:
-            buffer.write(frame.to_csv(index=False).encode())
         store.put_bytes(S3Uri.parse(out), buffer.getvalue())
         return
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if parquet:
-        frame.to_parquet(path, index=False)
-    else:
-        frame.to_csv(path, index=False)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(buffer.getvalue())
+        partial.replace(path)
+    except OSError as exc:
+        raise PipelineError(f"cannot write --out {out}: {exc.strerror or exc}") from None

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections import Counter
 from types import TracebackType
 from typing import Any
 
-log = logging.getLogger(__name__)
+from ml.redact import get_logger
+
+log = get_logger(__name__)
 
 
 class Progress:
@@ -51,19 +52,13 @@ class Progress:
             self._task = self._bar.add_task(self.description, total=self.total, counts="")
         return self
 
-    def advance(self, status: str) -> None:
-        self.counts[status] += 1
+    def advance(self, status: str, count: int = 1) -> None:
+        self.counts[status] += count
         if self._bar is not None:
-            self._bar.update(self._task, advance=1, counts=self._summary())
+            self._bar.update(self._task, advance=count, counts=self._summary())
         elif time.monotonic() - self._last_log >= self._log_every:
             self._last_log = time.monotonic()
-            log.info(
-                "%s: %d/%d done (%s)",
-                self.description,
-                self.counts.total(),
-                self.total,
-                self._summary(),
-            )
+            log.info("%s: %s done (%s)", self.description, self._done(), self._summary())
 
     def _summary(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.counts.most_common())
@@ -74,9 +69,10 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
         log.info(
-            "%s: %d/%d done (%s)",
-            self.description,
-            self.counts.total(),
-            self.total,
-            self._summary() or "nothing to do",
+            "%s: %s done (%s)", self.description, self._done(), self._summary() or "nothing to do"
         )
+
+    def _done(self) -> str:
+        """``n/total``, or ``n`` when the total is not known up front (``total=0``)."""
+        done = self.counts.total()
+        return f"{done}/{self.total}" if self.total else str(done)

@@ -11,18 +11,22 @@ Usage: ``register_model(run_id, name="image-sentiment", margin=0.01)``.
 from __future__ import annotations
 
 import json
-import logging
 import os
+import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+from ml.containment import check_name
 from ml.errors import PipelineError
+from ml.redact import get_logger, redact_text, redact_url
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_MODEL_NAME = "image-sentiment"
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 DESCRIPTION = (
     "Image sentiment classifier: ResNet fine-tuned to 5 classes (Highly negative, Negative, "
     "Neutral, Positive, Highly positive). Input: float32 RGB in [0, 1], shape (N, 3, H, W); "
@@ -65,6 +69,97 @@ def _missing(exc: Exception) -> bool:
     )
 
 
+def _exists(exc: Exception) -> bool:
+    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or (
+        "already exists" in str(exc).lower()
+    )
+
+
+def tracking_uri() -> str:
+    """Where MLflow sends requests, with any credentials in it redacted (for messages)."""
+    import mlflow
+
+    return redact_url(str(mlflow.get_tracking_uri()))
+
+
+def check_tracking_server(timeout: float = 20.0) -> None:
+    """Fail within about ``timeout`` seconds, with one clear message, when the MLflow tracking
+    server does not answer (MLflow's own client retries for minutes, then blames the request).
+
+    Any HTTP answer counts as reachable; local stores (``file:``, ``sqlite:``) are not probed.
+    """
+    import mlflow
+    import urllib3
+
+    uri = str(mlflow.get_tracking_uri())
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    probe = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout
+    reason = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            urllib3.request(
+                "GET",
+                probe,
+                timeout=urllib3.Timeout(connect=min(5.0, max(left, 0.1)), read=min(10.0, left)),
+                retries=False,
+                redirect=False,
+            )
+            return
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            reason = type(exc).__name__
+        if time.monotonic() + 1.0 >= deadline:
+            break
+        time.sleep(1.0)
+    raise PipelineError(
+        f"cannot reach the MLflow tracking server at {tracking_uri()} ({reason} for "
+        f"{timeout:g}s); start it, or set MLFLOW_TRACKING_URI to where it runs"
+    )
+
+
+def _run_versions(client: Any, name: str, run_id: str) -> list[int]:
+    return sorted(
+        int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    )
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _missing(exc):
+            raise
+        try:
+            client.create_registered_model(name, description=DESCRIPTION.format(name=name))
+        except MlflowException as again:
+            if not _exists(again):  # created by a registration running at the same time
+                raise
+
+
+def _version_for_run(client: Any, name: str, run_id: str, model_uri: str) -> tuple[str, bool]:
+    """The one version of ``name`` for ``run_id``: (version, whether this call created it).
+
+    Two registrations of the same run at the same time may both create a version; each then
+    looks again, the lowest version wins, and a call whose version lost deletes it.
+    """
+    import mlflow
+
+    existing = _run_versions(client, name, run_id)
+    if existing:
+        return str(existing[0]), False
+    mine = int(mlflow.register_model(model_uri, name).version)
+    winner = _run_versions(client, name, run_id)[0]
+    if winner != mine:
+        log.info("run %s was registered at the same time as version %d; keeping it", run_id, winner)
+        client.delete_model_version(name, str(mine))
+        return str(winner), False
+    return str(mine), True
+
+
 def register_model(
     run_id: str,
     *,
@@ -76,12 +171,22 @@ def register_model(
     """Create (or find) the version for ``run_id``; set challenger; maybe promote to champion."""
     from mlflow.exceptions import MlflowException
 
-    client = client or _client()
+    check_name(name, "--name")
+    if not _RUN_ID.fullmatch(run_id or ""):
+        raise PipelineError(f"--run-id must be an MLflow run id (32 hex digits), got {run_id!r}")
+    if client is None:
+        check_tracking_server()
+        client = _client()
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
+        if not _missing(exc):
+            raise PipelineError(
+                f"the MLflow tracking server at {tracking_uri()} failed to answer for run "
+                f"{run_id}: {redact_text(str(exc).splitlines()[0][:200])}"
+            ) from None
         raise PipelineError(
-            f"no MLflow run {run_id!r} at {_tracking_uri()}: {str(exc).splitlines()[0][:200]}"
+            f"no MLflow run {run_id!r} at {tracking_uri()}; pass the run_id that train printed"
         ) from None
     model_uri = run.data.tags.get("model_uri")
     score = run.data.metrics.get("test_macro_f1")
@@ -90,23 +195,11 @@ def register_model(
             f"run {run_id} has no logged model or test metrics; did training "
             "finish? (rerun the train stage: it resumes)"
         )
-    try:
-        client.get_registered_model(name)
-    except MlflowException as exc:
-        if not _missing(exc):
-            raise
-        client.create_registered_model(name, description=DESCRIPTION.format(name=name))
-
-    existing = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
-    if existing:
-        version = str(min(int(v.version) for v in existing))
-        created = False
-        log.info("run %s is already version %s of %s", run_id, version, name)
+    _ensure_registered_model(client, name)
+    version, created = _version_for_run(client, name, run_id, model_uri)
+    if not created:
+        log.info("run %s is version %s of %s", run_id, version, name)
     else:
-        import mlflow
-
-        version = str(mlflow.register_model(model_uri, name).version)
-        created = True
         tags = {
             "dataset": run.data.tags.get("dataset", ""),
             "split": run.data.tags.get("split", ""),
@@ -180,9 +273,3 @@ def _split_counts(client: Any, run_id: str) -> str:
         return json.dumps({k: sum(v.values()) for k, v in counts.items()})
     except Exception:  # an older run without the artifact is still registrable
         return ""
-
-
-def _tracking_uri() -> str:
-    import mlflow
-
-    return str(mlflow.get_tracking_uri())

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ml.errors import PipelineError
+from ml.containment import check_input, check_name, input_roots
+from ml.errors import ParameterError, PipelineError
 from ml.netpolicy import parse_networks
 
 ENUMS = {
@@ -45,9 +47,9 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-class ParameterError(PipelineError):
-    """A run parameter or a deployment setting is wrong: retrying cannot help, so the run fails
-    at once."""
+__all__ = ["ParameterError", "PipelineSettings", "allowed_networks"]
+#: Weights given by name (resolved by ml.model), as opposed to a file or an s3:// URI.
+_WEIGHT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,23 @@ class PipelineSettings:
         networks = allowed_networks(env)
         settings = cls(store=store.rstrip("/"), allow_networks=networks, **values)
         settings._check()
+        settings._contain(env)
         return settings
+
+    def _contain(self, env: Mapping[str, str]) -> None:
+        """Keep what the form names inside the pipeline (see ml.containment)."""
+        roots = input_roots(env, self.store)
+        default_csv = env.get("ML_CSV") or f"{self.store}/input/images.csv"
+        check_input(self.csv, roots=roots, parameter="csv", trusted=(default_csv,))
+        if not _WEIGHT_NAME.fullmatch(self.weights):
+            check_input(
+                self.weights,
+                roots=roots,
+                parameter="weights",
+                trusted=tuple(filter(None, (env.get("ML_WEIGHTS"),))),
+                urls=False,
+            )
+        check_name(self.model_name)
 
     def _check(self) -> None:
         if not self.csv:

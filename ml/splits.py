@@ -12,20 +12,21 @@ Usage: ``make_splits(dataset_uri, ratios=(0.8, 0.15, 0.05), seed=0)``.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 
+from ml.download import MANIFEST_COLUMNS, collect_manifest
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS
 from ml.layout import DatasetLayout
 from ml.progress import Progress
+from ml.redact import get_logger
 from ml.storage import ObjectStore
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SPLITS = ("train", "valid", "test")
 SPLIT_COLUMNS = (
@@ -99,6 +100,26 @@ def assign_splits(images: pd.DataFrame, ratios: Sequence[float], seed: int) -> p
     return images.merge(groups[["sha256", "split"]], on="sha256", how="left")
 
 
+def _read_manifest(dataset: str, layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
+    """The download manifest; rebuilt from its parts when it is damaged or not ours."""
+    if not store.exists(layout.download_manifest):
+        raise PipelineError(
+            f"{layout.download_manifest} does not exist; run the download stage first"
+        )
+    try:
+        manifest = store.read_parquet(layout.download_manifest)
+        if set(MANIFEST_COLUMNS) <= set(manifest.columns):
+            return manifest
+        problem = "lacks the manifest's columns"
+    except PipelineError:
+        problem = "is not readable Parquet"
+    log.warning("%s %s; rebuilding it from the manifest parts", layout.download_manifest, problem)
+    collect_manifest(dataset, store=store)
+    return store.read_parquet(
+        layout.download_manifest, hint="run the download stage again to rebuild it"
+    )
+
+
 def make_splits(
     dataset: str,
     *,
@@ -110,7 +131,7 @@ def make_splits(
     fractions = parse_ratios(ratios)
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
-    manifest = store.read_parquet(layout.download_manifest)
+    manifest = _read_manifest(dataset, layout, store)
     images = manifest.loc[manifest["status"] == "ok"].copy()
     if images.empty:
         raise PipelineError(

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 import pandas as pd
@@ -30,9 +30,10 @@ from botocore.exceptions import (
 )
 
 from ml.errors import PipelineError
+from ml.redact import get_logger, redact_text, redact_url
 from ml.uri import S3Uri
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 __all__ = ["ObjectStore", "S3Uri", "make_s3_client", "store_errors"]
 
@@ -53,11 +54,38 @@ def make_s3_client(max_pool_connections: int = 64) -> Any:
         response_checksum_validation="when_required",
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return boto3.session.Session().client("s3", region_name=region, config=config)
+    endpoint = _endpoint_setting()
+    if endpoint is not None:
+        try:
+            parts = urlsplit(endpoint)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # raises on a bad port
+        except ValueError:
+            valid = False
+        if not valid:
+            raise PipelineError(
+                f"AWS_ENDPOINT_URL is {redact_url(endpoint)!r}, not an http(s) URL; set it to "
+                "the S3 endpoint, for example http://localhost:9000, or unset it for AWS S3"
+            )
+    try:
+        return boto3.session.Session().client("s3", region_name=region, config=config)
+    except (ValueError, BotoCoreError) as exc:
+        raise PipelineError(
+            f"cannot set up the S3 client: {redact_text(str(exc))}; check AWS_ENDPOINT_URL, "
+            "AWS_REGION and the AWS_* credentials"
+        ) from None
+
+
+def _endpoint_setting() -> str | None:
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(name):
+            return os.environ[name]
+    return None
 
 
 def _endpoint() -> str:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+    endpoint = _endpoint_setting()
+    return redact_url(endpoint) if endpoint else "AWS S3"
 
 
 def _code(exc: ClientError) -> str:
@@ -83,7 +111,7 @@ def store_errors(action: str, uri: S3Uri) -> Iterator[None]:
             ) from exc
         if code in _MISSING_CODES:
             raise PipelineError(f"{uri} does not exist; did an earlier stage run?") from exc
-        raise PipelineError(f"could not {action} {uri}: {code or exc}") from exc
+        raise PipelineError(f"could not {action} {uri}: {code or redact_text(str(exc))}") from exc
     except NoCredentialsError as exc:
         raise PipelineError(
             "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
@@ -94,7 +122,7 @@ def store_errors(action: str, uri: S3Uri) -> Iterator[None]:
             "start it or set AWS_ENDPOINT_URL to where it runs"
         ) from exc
     except BotoCoreError as exc:
-        raise PipelineError(f"could not {action} {uri}: {exc}") from exc
+        raise PipelineError(f"could not {action} {uri}: {redact_text(str(exc))}") from exc
 
 
 class ObjectStore:
@@ -124,9 +152,14 @@ class ObjectStore:
             except ClientError:
                 self.client.create_bucket(Bucket=bucket)
 
-    def get_bytes(self, uri: S3Uri) -> bytes:
+    def get_bytes(self, uri: S3Uri, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with ``max_bytes``, refuse a larger object before reading it."""
         with store_errors("read", uri):
-            body: bytes = self.client.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+            response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            if max_bytes is not None and int(response.get("ContentLength", 0)) > max_bytes:
+                response["Body"].close()
+                raise PipelineError(f"{uri} is larger than the {max_bytes} bytes allowed for it")
+            body: bytes = response["Body"].read()
             return body
 
     def exists(self, uri: S3Uri) -> bool:
@@ -172,28 +205,49 @@ class ObjectStore:
                 self.client.put_object(**kwargs)
             return True
 
-    def list_keys(self, prefix: S3Uri) -> list[str]:
-        """Every key under ``prefix`` (paginated), sorted."""
-        keys: list[str] = []
+    def list_objects(self, prefix: S3Uri) -> list[tuple[str, int]]:
+        """Every (key, size) under ``prefix`` (paginated), sorted by key."""
+        found: list[tuple[str, int]] = []
         with store_errors("list", prefix):
             pages = self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=prefix.bucket, Prefix=prefix.key.rstrip("/") + "/" if prefix.key else ""
             )
             for page in pages:
-                keys.extend(item["Key"] for item in page.get("Contents", []))
-        return sorted(keys)
+                found.extend((item["Key"], int(item["Size"])) for item in page.get("Contents", []))
+        return sorted(found)
+
+    def list_keys(self, prefix: S3Uri) -> list[str]:
+        """Every key under ``prefix`` (paginated), sorted."""
+        return [key for key, _ in self.list_objects(prefix)]
 
     def write_parquet(self, uri: S3Uri, frame: pd.DataFrame) -> None:
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)
         self.put_bytes(uri, buf.getvalue(), content_type="application/vnd.apache.parquet")
 
-    def read_parquet(self, uri: S3Uri) -> pd.DataFrame:
-        return pd.read_parquet(io.BytesIO(self.get_bytes(uri)))
+    def read_parquet(self, uri: S3Uri, *, hint: str = "") -> pd.DataFrame:
+        """A Parquet object as a frame; one clear error when it is truncated or not Parquet."""
+        data = self.get_bytes(uri)
+        try:
+            return pd.read_parquet(io.BytesIO(data))
+        except Exception as exc:  # pyarrow raises several types for a damaged file
+            reason = "it is empty" if not data else f"{type(exc).__name__}"
+            raise PipelineError(
+                f"{uri} is not a readable Parquet file ({reason}: truncated, or not written "
+                f"by this pipeline); {hint or 'rerun the stage that writes it'}"
+            ) from None
 
     def write_json(self, uri: S3Uri, payload: Any) -> None:
         data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
         self.put_bytes(uri, data, content_type="application/json")
 
-    def read_json(self, uri: S3Uri) -> Any:
-        return json.loads(self.get_bytes(uri))
+    def read_json(self, uri: S3Uri, *, hint: str = "") -> Any:
+        """A JSON object; one clear error when it is damaged."""
+        data = self.get_bytes(uri)
+        try:
+            return json.loads(data)
+        except ValueError:
+            raise PipelineError(
+                f"{uri} is not readable JSON (truncated, or not written by this pipeline); "
+                f"{hint or 'rerun the stage that writes it'}"
+            ) from None

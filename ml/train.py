@@ -21,9 +21,9 @@ process only); model selection and early stopping use validation macro-F1, never
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
-import logging
 import math
 import os
 import random
@@ -48,11 +48,12 @@ from ml.evaluate import compute_metrics, plot_confusion, plot_curves
 from ml.labels import LABELS
 from ml.model import WeightsInfo, build_model
 from ml.progress import Progress
+from ml.redact import get_logger, redact_text
 from ml.storage import ObjectStore, S3Uri
-from ml.train_config import TrainConfig
+from ml.train_config import TrainConfig, identity_changes
 from ml.transforms import eval_transform, to_model_input, train_transform
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -117,15 +118,32 @@ class Loaders:
     class_weights: torch.Tensor | None = None
 
 
-def load_split(uri: str, store: ObjectStore) -> pd.DataFrame:
-    """The split manifest; a clear error when it is missing or has an empty split."""
-    table = store.read_parquet(S3Uri.parse(uri))
+SPLIT_REQUIRED = ("split", "label_index", "object_key", "sha256", "label")
+
+
+def load_split(uri: str, store: ObjectStore) -> tuple[pd.DataFrame, str]:
+    """The split manifest and the SHA-256 of its bytes; a clear error when it is missing, is
+    not a split manifest, or has an empty split."""
+    data = store.get_bytes(S3Uri.parse(uri))
+    try:
+        table = pd.read_parquet(io.BytesIO(data))
+    except Exception:  # pyarrow raises several types for a damaged file
+        raise PipelineError(
+            f"{uri} is not a readable Parquet file; pass the 'split' URI that the split stage "
+            "printed (.../splits/<name>/splits.parquet), or rerun the split stage"
+        ) from None
+    missing = [c for c in SPLIT_REQUIRED if c not in table.columns]
+    if missing:
+        raise PipelineError(
+            f"{uri} is not a split manifest (no {', '.join(missing)} column); pass the 'split' "
+            "URI that the split stage printed (.../splits/<name>/splits.parquet)"
+        )
     for name in ("train", "valid", "test"):
         if not (table["split"] == name).any():
             raise PipelineError(
                 f"the {name} split of {uri} is empty; use more images or other --ratios"
             )
-    return table
+    return table, hashlib.sha256(data).hexdigest()
 
 
 def make_loaders(
@@ -298,10 +316,34 @@ def _load(store: ObjectStore, uri: S3Uri) -> dict[str, Any] | None:
     if not store.exists(uri):
         return None
     # weights_only: a checkpoint is tensors and plain values; never unpickle arbitrary objects.
-    state: dict[str, Any] = torch.load(
-        io.BytesIO(store.get_bytes(uri)), map_location="cpu", weights_only=True
-    )
+    try:
+        state: dict[str, Any] = torch.load(
+            io.BytesIO(store.get_bytes(uri)), map_location="cpu", weights_only=True
+        )
+    except Exception as exc:  # truncated, foreign or unpicklable: all mean "not ours"
+        raise PipelineError(
+            f"checkpoint {uri} cannot be read ({type(exc).__name__}); delete it (or its "
+            "folder) to start this training over"
+        ) from None
+    if not isinstance(state, dict):
+        raise PipelineError(f"checkpoint {uri} is not a checkpoint of this pipeline; delete it")
     return state
+
+
+def _check_identity(saved: Any, identity: dict[str, Any], where: S3Uri, cfg: TrainConfig) -> None:
+    """Refuse to resume (or return) a training whose settings or data differ from ``cfg``."""
+    changes = identity_changes(saved, identity)
+    if not changes:
+        return
+    shown = ", ".join(("split content" if c == "split_sha256" else c) for c in changes[:8])
+    raise PipelineError(
+        f"{where} holds a training with other settings or data (differs in: {shown}); "
+        + (
+            "give another --checkpoint folder, or delete this one to start over"
+            if cfg.checkpoint
+            else "delete it to start over"
+        )
+    )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -357,11 +399,12 @@ def _mlflow_run(cfg: TrainConfig, run_id: str | None, rt: Runtime) -> Iterator[A
         mlflow.set_experiment(cfg.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=cfg.run_name or None)
     except Exception as exc:
-        uri = mlflow.get_tracking_uri()
+        from ml.registry import tracking_uri
+
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise PipelineError(
-            f"cannot reach the MLflow tracking server at {uri}: "
-            f"{str(exc).splitlines()[0][:200]}; start it or set "
-            "MLFLOW_TRACKING_URI"
+            f"the MLflow tracking server at {tracking_uri()} refused to start the run: "
+            f"{redact_text(first)}; check the server and MLFLOW_TRACKING_URI"
         ) from None
     with run:
         yield run
@@ -372,15 +415,21 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
     cfg.validate()
     rt = setup_runtime(cfg.device)
     store = store or ObjectStore()
+    if rt.main:
+        from ml.registry import check_tracking_server
+
+        check_tracking_server()  # before any expensive work
     seed_everything(cfg.seed + rt.rank)
-    folder = cfg.checkpoint_dir()
+    table, split_sha256 = load_split(cfg.split, store)
+    identity = cfg.identity(split_sha256)
+    folder = cfg.checkpoint_dir(split_sha256)
     done_uri, last_uri, best_uri = (folder.child(n) for n in ("result.json", "last.pt", "best.pt"))
     if store.exists(done_uri):
-        log.info("this training already finished (%s); returning its result", done_uri)
         result: dict[str, Any] = store.read_json(done_uri)
+        _check_identity(result.pop("identity", None), identity, folder, cfg)
+        log.info("this training already finished (%s); returning its result", done_uri)
         return result
 
-    table = load_split(cfg.split, store)
     model, weights = build_model(
         cfg.weights,
         arch=cfg.arch,
@@ -408,6 +457,7 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
     state = _load(store, last_uri)
     start, best_f1, best_epoch, history, run_id, stale = 0, -1.0, -1, [], None, 0
     if state is not None:
+        _check_identity(state.get("identity"), identity, folder, cfg)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["lr_scheduler"])
@@ -432,7 +482,7 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
 
     with _mlflow_run(cfg, run_id, rt) as run:
         if run is not None and state is None:
-            _log_start(cfg, weights, loaders, rt)
+            _log_start(cfg, weights, loaders, rt, folder, split_sha256)
         for epoch in range(start, cfg.epochs):
             if isinstance(loaders.train_sampler, DistributedSampler):
                 loaders.train_sampler.set_epoch(epoch)
@@ -488,6 +538,7 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
                         "scaler": scaler.state_dict(),
                         "epoch": epoch,
                         "config": dataclasses.asdict(cfg),
+                        "identity": identity,
                         "best_metric": best_f1,
                         "best_epoch": best_epoch,
                         "history": history,
@@ -520,35 +571,42 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
         final = _unwrap(trained)
         final.load_state_dict(best["model"])
         test, _ = evaluate(final, loaders.test, plain_loss, cfg, rt, preset)
-        result = _log_end(cfg, final, test, history, best_epoch, loaders, preset, run)
-        store.write_json(done_uri, result)
+        result = _log_end(cfg, final, test, history, best_epoch, loaders, preset, run, folder)
+        store.write_json(done_uri, {**result, "identity": identity})
     if rt.world > 1:
         dist.barrier()
     return result
 
 
-def _log_start(cfg: TrainConfig, weights: WeightsInfo, loaders: Loaders, rt: Runtime) -> None:
+def _log_start(
+    cfg: TrainConfig,
+    weights: WeightsInfo,
+    loaders: Loaders,
+    rt: Runtime,
+    folder: S3Uri,
+    split_sha256: str,
+) -> None:
     import mlflow
 
-    mlflow.log_params(dataclasses.asdict(cfg))
-    mlflow.set_tags(
-        {
-            "weights": weights.source,
-            "pretrained": str(weights.pretrained).lower(),
-            "weights_sha256": weights.sha256,
-            "split": cfg.split,
-            "dataset": cfg.split.split("/splits/")[0],
-            "device": str(rt.device),
-            "world_size": str(rt.world),
-            "checkpoint": str(cfg.checkpoint_dir()),
-            **({"orchestrator_run_id": cfg.orchestrator_run_id} if cfg.orchestrator_run_id else {}),
-            **(
-                {"warning": "trained from random weights (--weights none)"}
-                if not weights.pretrained
-                else {}
-            ),
-        }
-    )
+    params = {k: redact_text(str(v)) for k, v in dataclasses.asdict(cfg).items()}
+    mlflow.log_params({**params, "split_sha256": split_sha256})
+    tags = {
+        "weights": weights.source,
+        "pretrained": str(weights.pretrained).lower(),
+        "weights_sha256": weights.sha256,
+        "split": cfg.split,
+        "dataset": cfg.split.split("/splits/")[0],
+        "device": str(rt.device),
+        "world_size": str(rt.world),
+        "checkpoint": str(folder),
+        **({"orchestrator_run_id": cfg.orchestrator_run_id} if cfg.orchestrator_run_id else {}),
+        **(
+            {"warning": "trained from random weights (--weights none)"}
+            if not weights.pretrained
+            else {}
+        ),
+    }
+    mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()})
     mlflow.log_dict(loaders.counts, "data/split_counts.json")
     mlflow.log_dict({str(i): name for i, name in enumerate(LABELS)}, "data/label_map.json")
 
@@ -562,6 +620,7 @@ def _log_end(
     loaders: Loaders,
     preset: dict[str, Any],
     run: Any,
+    folder: S3Uri,
 ) -> dict[str, Any]:
     import mlflow
     from mlflow.models import infer_signature
@@ -623,7 +682,7 @@ def _log_end(
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "test": {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"]},
-        "checkpoint": str(cfg.checkpoint_dir()),
+        "checkpoint": str(folder),
         "split_counts": loaders.counts,
     }
 

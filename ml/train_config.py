@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from ml.errors import PipelineError
 from ml.uri import S3Uri
@@ -84,14 +85,30 @@ class TrainConfig:
             if not ok:
                 raise PipelineError(message)
 
-    def key(self) -> str:
-        """Identifies what is trained: same key, same checkpoint to resume from."""
+    def identity(self, split_sha256: str = "") -> dict[str, Any]:
+        """What is trained: every setting that changes the result, and the split's content
+        (not only its URI: a split rewritten under the same name is other data)."""
         payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        payload["split_sha256"] = split_sha256
+        return payload
 
-    def checkpoint_dir(self) -> S3Uri:
+    def key(self, split_sha256: str = "") -> str:
+        """Identifies what is trained: same key, same checkpoint to resume from."""
+        text = json.dumps(self.identity(split_sha256), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def checkpoint_dir(self, split_sha256: str = "") -> S3Uri:
+        """``--checkpoint`` when given, else a folder named by :meth:`key` beside the dataset."""
         if self.checkpoint:
             return S3Uri.parse(self.checkpoint)
         split = S3Uri.parse(self.split)
         dataset_root = split.key.split("/splits/")[0]
-        return S3Uri(split.bucket, f"{dataset_root}/training/{self.key()}")
+        return S3Uri(split.bucket, f"{dataset_root}/training/{self.key(split_sha256)}")
+
+
+def identity_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """The settings in which a saved training differs from the current one (sorted)."""
+    if not isinstance(saved, dict):
+        return ["(no record of its settings)"]
+    names = set(saved) | set(current)
+    return sorted(n for n in names if saved.get(n) != current.get(n))

@@ -1,6 +1,8 @@
 """The whole pipeline on this machine, no Docker: a local S3 endpoint (moto), an MLflow server
 (SQLite registry, artifacts in S3), the image server standing in for Flickr (synthetic images)
-and Airflow standalone (SQLite, LocalExecutor), each in its own process group.
+and Airflow (SQLite, LocalExecutor: API server, scheduler, DAG processor, triggerer, as
+`airflow standalone` would run them), each in its own process group. Every service listens on
+127.0.0.1 only.
 
     python scripts/stack.py demo [--sample N] [--epochs N]   # up, one DAG run, summary
     python scripts/stack.py up | status | down
@@ -82,7 +84,11 @@ def environment(marker: str) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(PORTS["airflow"]),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://localhost:{PORTS['airflow']}"
         "/execution/",
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(PORTS["worker_logs"]),
@@ -142,7 +148,8 @@ def up() -> dict[str, Any]:
     env = environment(marker)
     state = {"marker": marker, "services": {}, "ports": PORTS}
     python = str(VENV_BIN / "python")
-    services = [
+    airflow = str(VENV_BIN / "airflow")
+    services: list[tuple[str, list[str], str | None, float]] = [
         ("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORTS["s3"])],
          url("s3", "/"), 60),
         ("images", [python, "-m", "ml", "-q", "imageserver", "--port", str(PORTS["images"])],
@@ -151,11 +158,21 @@ def up() -> dict[str, Any]:
                     f"sqlite:///{STATE / 'mlflow.db'}", "--artifacts-destination",
                     f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port",
                     str(PORTS["mlflow"]), "--workers", "1"], url("mlflow", "/health"), 120),
-        ("airflow", [str(VENV_BIN / "airflow"), "standalone"],
-         url("airflow", "/api/v2/monitor/health"), 180),
+        # Airflow's components one by one (what `airflow standalone` runs), so that each can be
+        # told to listen on loopback only: the scheduler's and triggerer's log servers would
+        # bind every interface, and task logs are local files here anyway.
+        ("airflow", [airflow, "api-server"], url("airflow", "/api/v2/monitor/health"), 180),
+        ("airflow-scheduler", [airflow, "scheduler", "--skip-serve-logs"], None, 0),
+        ("airflow-dag-processor", [airflow, "dag-processor"], None, 0),
+        ("airflow-triggerer", [airflow, "triggerer", "--skip-serve-logs"], None, 0),
     ]
     try:
         for name, command, health, timeout in services:
+            if name == "airflow":
+                say("migrating the Airflow database ...")
+                with (STATE / "logs" / "airflow-db.log").open("ab") as log:
+                    subprocess.run([airflow, "db", "migrate"], env=env, cwd=REPO, stdout=log,
+                                   stderr=subprocess.STDOUT, check=True)
             say(f"starting {name} ...")
             log = (STATE / "logs" / f"{name}.log").open("ab")
             process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
@@ -164,7 +181,8 @@ def up() -> dict[str, Any]:
             (STATE / "state.json").write_text(json.dumps(state, indent=2))
             if name == "mlflow":
                 _create_bucket(env)
-            wait_http(health, name, timeout, process)
+            if health:
+                wait_http(health, name, timeout, process)
         _wait_airflow_ready()
         api("POST", "/pools", {"name": "gpu", "slots": 1,
                                "description": "one training job at a time"})
@@ -397,13 +415,46 @@ def down(quiet: bool = False) -> int:
     return 0
 
 
+def listeners(marker: str) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket of the stack's processes."""
+    sockets: dict[str, tuple[str, int]] = {}
+    for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] != "0A":  # LISTEN
+                    continue
+                host, port = fields[1].split(":")
+                sockets[fields[9]] = (_proc_address(host, family), int(port, 16))
+    found = []
+    for pid in _marked(marker):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                inode = target[len("socket:["):-1] if target.startswith("socket:[") else ""
+                if inode in sockets:
+                    found.append((pid, *sockets[inode]))
+    return sorted(set(found))
+
+
+def _proc_address(hexed: str, family: int) -> str:
+    """An address as /proc/net/tcp* writes it (little-endian 32-bit words) in text."""
+    import ipaddress
+
+    raw = bytes.fromhex(hexed)
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return str(ipaddress.IPv4Address(words) if family == 4 else ipaddress.IPv6Address(words))
+
+
 def status() -> int:
     state = load_state()
     if not state:
         say("the stack is not running")
         return 1
     for name, service in state["services"].items():
-        say(f"{name:8s} pid {service['pid']:7d} {'up' if _alive(service['pid']) else 'DOWN'}")
+        say(f"{name:22s} pid {service['pid']:7d} {'up' if _alive(service['pid']) else 'DOWN'}")
+    for pid, address, port in listeners(state["marker"]):
+        say(f"listening: pid {pid} on {address}:{port}")
     return 0
 
 

@@ -21,7 +21,8 @@ IMAGE = COMPOSE["x-airflow-common"]["image"]
 #: Variables that third-party programs read (not our code), allowed in the environment.
 THIRD_PARTY = re.compile(r"^(AIRFLOW__|POSTGRES_|MINIO_|MLFLOW_S3_ENDPOINT_URL$|"
                          r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION$|DUMB_INIT_SETSID$|AWS_DEFAULT_REGION$"
-                         r"|ML_BUCKET$|AIRFLOW_ADMIN_)")
+                         r"|ML_BUCKET$|AIRFLOW_ADMIN_|MLFLOW_TRACKING_(USERNAME|PASSWORD)$|"
+                         r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MC_HOST_)")
 
 
 def _code_reads() -> set[str]:
@@ -120,8 +121,9 @@ def test_mlflow_server_is_reachable_by_name_and_proxies_artifacts() -> None:
     hosts = command[command.index("--allowed-hosts") + 1]
     assert "mlflow" in hosts.split(",") and "localhost" in hosts.split(",")
     assert command[command.index("--artifacts-destination") + 1].startswith("s3://")
-    assert command[command.index("--backend-store-uri") + 1].startswith("postgresql")
-    assert SERVICES["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    env = SERVICES["mlflow"]["environment"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
+    assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert "mc mb" in " ".join(SERVICES["minio-init"]["command"])
 
 
@@ -129,3 +131,94 @@ def test_mlflow_server_is_reachable_by_name_and_proxies_artifacts() -> None:
 def test_image_carries_the_code_and_the_lock(path: str) -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert path in dockerfile
+
+
+def _command_lines(service: dict[str, Any]) -> list[str]:
+    """Everything a service runs as argv: command, entrypoint and health check."""
+    found = []
+    for key in ("command", "entrypoint"):
+        value = service.get(key)
+        found.append(" ".join(value) if isinstance(value, list) else str(value or ""))
+    test = (service.get("healthcheck") or {}).get("test") or []
+    found.append(" ".join(test) if isinstance(test, list) else str(test))
+    return found
+
+
+def test_no_password_on_any_command_line() -> None:
+    """Secrets go through the environment or files; argv is visible to every local user.
+
+    A command may not interpolate a secret (``${X}`` at compose time, or ``$$X`` passed to a
+    program at run time) nor carry ``user:password@`` in a URL; a shell test of whether a
+    secret is set (``[[ -z ... ]]``, a builtin) passes nothing to another process.
+    """
+    name_re = r"[A-Z_]*(PASSWORD|SECRET|FERNET_KEY|SECRET_KEY)[A-Z_]*"
+    interpolated = re.compile(r"\$\$?\{?" + name_re)
+    userinfo = re.compile(r"://[^/\s:@$]+:[^@\s]+@")
+    for name, service in SERVICES.items():
+        for text in _command_lines(service):
+            for line in text.splitlines():
+                if line.strip().startswith(("if [[ -z", "#", "echo")):
+                    continue
+                assert not interpolated.search(line), f"{name} puts a secret in argv: {line}"
+                assert not userinfo.search(line), f"{name} puts credentials in argv: {line}"
+
+
+def test_mlflow_is_not_published_without_authentication() -> None:
+    mlflow = SERVICES["mlflow"]
+    command = mlflow["command"]
+    published = bool(mlflow.get("ports"))
+    if published:
+        assert command[command.index("--app-name") + 1] == "basic-auth"
+        path = mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+        assert path.startswith("/opt/airflow/deploy/")
+        config = (REPO / "deploy" / path.rsplit("/", 1)[1]).read_text()
+        assert re.search(r"^default_permission\s*=\s*NO_PERMISSIONS", config, re.M)
+        assert "admin_password" not in config.replace("# ", "")
+        assert "${MLFLOW_ADMIN_PASSWORD" in str(mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    common = COMPOSE["x-airflow-common"]["environment"]
+    assert "${MLFLOW_ADMIN_PASSWORD" in str(common["MLFLOW_TRACKING_PASSWORD"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_deployments_mlflow_auth_config_refuses_anonymous_requests(tmp_path: Any) -> None:
+    """The basic-auth app with deploy/mlflow-auth.ini, run for real: 401 without a user."""
+    import base64
+    import contextlib
+    import signal
+    import urllib.error
+    import urllib.request
+
+    from ml.demo import free_port
+    from tests.servers import wait_http
+
+    config = (REPO / "deploy" / "mlflow-auth.ini").read_text().replace(
+        "sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}")
+    (tmp_path / "auth.ini").write_text(config)
+    port = free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "pw-for-test-1",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/health", timeout=120, process=server)
+        search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(search, timeout=10)
+        assert anonymous.value.code == 401
+        token = base64.b64encode(b"admin:pw-for-test-1").decode()
+        request = urllib.request.Request(search, headers={"Authorization": f"Basic {token}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()

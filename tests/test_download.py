@@ -204,7 +204,7 @@ def test_killed_run_resumes_without_losing_rows(store_uri: str, store: ObjectSto
         child.send_signal(signal.SIGKILL)
         child.wait()
         parts_before = store.list_keys(layout.download_parts)
-        done_before = set(read_parts(layout, store).query("status == 'ok'")["url"])
+        done_before = set(read_parts(layout, store).rows.query("status == 'ok'")["url"])
         objects_before = len(_images(store, dataset))
         assert 8 <= len(done_before) < 60
         hits_before = dict(server.hits)

@@ -7,8 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from urllib3.util import connection as urllib3_connection
-
+import ml.fetch
 from ml.fetch import FetchConfig, Fetcher, FetchError, parse_retry_after
 from ml.imageserver import ImageServer
 from ml.netpolicy import AddressPolicy
@@ -28,13 +27,13 @@ def fetcher() -> Iterator[Fetcher]:
 def connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     """Every address the fetcher opened a socket to."""
     opened: list[tuple[str, int]] = []
-    real = urllib3_connection.create_connection
+    real = ml.fetch.open_connection
 
-    def record(address: tuple[str, int], *args: object, **kwargs: object) -> socket.socket:
-        opened.append(address)
-        return real(address, *args, **kwargs)  # type: ignore[arg-type]
+    def record(address: str, port: int, *args: object) -> socket.socket:
+        opened.append((address, port))
+        return real(address, port, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(urllib3_connection, "create_connection", record)
+    monkeypatch.setattr(ml.fetch, "open_connection", record)
     return opened
 
 
@@ -187,3 +186,162 @@ def test_per_host_cap_bounds_connections() -> None:
         urls = [server.url(f"cap/{i}.jpg", delay="0.1") for i in range(16)]
         assert all(r.http_status == 200 for r in pool.map(fetcher.fetch, urls))
         assert server.peak == 2
+
+
+# --- one deadline for everything a fetch does -------------------------------------------------
+
+SLOW = FetchConfig(connect_timeout=1.0, read_timeout=10.0, deadline=2.0, retries=2,
+                   backoff_base=0.05, per_host=1)
+
+
+@pytest.mark.parametrize("fault", ["slow-headers", "stall", "slow"])
+def test_trickled_status_line_headers_or_body_end_at_the_deadline(
+    image_server: ImageServer, fault: str
+) -> None:
+    fetcher = Fetcher(SLOW, AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    started = time.monotonic()
+    error = _error(fetcher, image_server.url(f"deadline/{fault}.jpg", fault=fault,
+                                             interval="0.3"))
+    elapsed = time.monotonic() - started
+    assert error.status == "timeout" and "deadline" in str(error)
+    assert SLOW.deadline - 0.2 <= elapsed < SLOW.deadline + 1.0
+
+
+def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> None:
+    """per_host=1: the good URL waits for the slot, and gets it when the deadline frees it."""
+    import threading
+
+    fetcher = Fetcher(SLOW, AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    results: dict[str, object] = {}
+
+    def run(name: str, url: str) -> None:
+        try:
+            results[name] = fetcher.fetch(url).http_status
+        except FetchError as exc:
+            results[name] = exc.status
+
+    stuck = threading.Thread(target=run, args=("stuck", image_server.url(
+        "slot/stuck.jpg", fault="slow-headers", interval="0.5")))
+    stuck.start()
+    time.sleep(0.3)
+    good = threading.Thread(target=run, args=("good", image_server.url("slot/good.jpg")))
+    good.start()
+    stuck.join(5)
+    good.join(5)
+    assert results == {"stuck": "timeout", "good": 200}
+    # The dead connection is not reused: the next fetch on the host works at once.
+    started = time.monotonic()
+    assert fetcher.fetch(image_server.url("slot/after.jpg")).http_status == 200
+    assert time.monotonic() - started < 1.0
+
+
+def test_waiting_for_a_pool_slot_is_bounded(image_server: ImageServer) -> None:
+    import threading
+
+    fetcher = Fetcher(FetchConfig(deadline=1.0, per_host=1, retries=0),
+                      AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    hog = threading.Thread(target=lambda: pytest.raises(FetchError, fetcher.fetch,
+                                                        image_server.url("pool/hog.jpg",
+                                                                         fault="stall"),
+                                                        deadline=3.0))
+    hog.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    error = _error(fetcher, image_server.url("pool/waiting.jpg"))
+    assert error.status == "timeout" and "no free connection" in str(error)
+    assert time.monotonic() - started < 1.5
+    hog.join(5)
+
+
+def test_a_trickled_tls_handshake_ends_at_the_deadline() -> None:
+    """A server that answers the ClientHello one byte at a time."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"\x16\x03\x03\x10\x00")  # a handshake record of 4 KiB ...
+            while not stop.wait(0.3):  # ... sent a byte at a time
+                try:
+                    conn.sendall(b"\x02")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    fetcher = Fetcher(FetchConfig(connect_timeout=5.0, read_timeout=10.0, deadline=1.5,
+                                  retries=0), AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    started = time.monotonic()
+    try:
+        error = _error(fetcher, f"https://127.0.0.1:{listener.getsockname()[1]}/x.jpg")
+    finally:
+        stop.set()
+        listener.close()
+    assert error.status == "timeout" and time.monotonic() - started < 2.5
+
+
+def test_a_hung_dns_lookup_ends_at_the_deadline() -> None:
+    def resolver(host: str, port: int) -> list[str]:
+        time.sleep(10)
+        return ["93.184.215.14"]
+
+    fetcher = Fetcher(FetchConfig(deadline=1.0, retries=3), AddressPolicy(resolver=resolver))
+    started = time.monotonic()
+    error = _error(fetcher, "http://slow-dns.test/x.jpg")
+    assert error.status == "timeout" and time.monotonic() - started < 2.0
+
+
+def test_tls_certificates_are_verified(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A self-signed server is refused (the deadline-aware TLS context still verifies)."""
+    import ssl
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    cert, key = _self_signed(tmp_path)
+    server = HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    fetcher = Fetcher(CONFIG, AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    try:
+        error = _error(fetcher, f"https://127.0.0.1:{server.server_address[1]}/x.jpg")
+    finally:
+        server.server_close()
+    assert error.status == "connection_error" and "TLS" in str(error)
+
+
+def _self_signed(folder):  # type: ignore[no-untyped-def]
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_messages_never_carry_url_credentials(image_server: ImageServer) -> None:
+    fetcher = Fetcher(CONFIG, AddressPolicy())  # loopback refused: the error names the host
+    url = image_server.url("secret.jpg", token="s3cr3t").replace("http://", "http://me:pw@")
+    error = _error(fetcher, url)
+    assert "s3cr3t" not in str(error) and "pw" not in str(error)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ml.csvsource import SourceLimits
 from ml.errors import PipelineError
 from ml.ingest import (
     dataset_id,
@@ -239,10 +240,14 @@ def test_csv_from_an_http_url(store_uri: str, store: ObjectStore, tmp_path: Path
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        result = ingest(f"{base}/images.csv", store_uri, store=store)
+        loopback = SourceLimits(allow_networks=("127.0.0.0/8",))
+        result = ingest(f"{base}/images.csv", store_uri, store=store, limits=loopback)
         assert result.rows == 2 and result.labels["Neutral"] == 1
         with pytest.raises(PipelineError, match="HTTP 404"):
-            ingest(f"{base}/missing.csv", store_uri, store=store)
+            ingest(f"{base}/missing.csv", store_uri, store=store, limits=loopback)
+        # The CSV's address obeys the address policy like every image does.
+        with pytest.raises(PipelineError, match="blocked"):
+            ingest(f"{base}/images.csv", store_uri, store=store)
     finally:
         server.shutdown()
         server.server_close()
