@@ -18,6 +18,7 @@ several URLs can share one picture). Query parameters change the answer:
 ``fault=html``             an HTML page sent as ``Content-Type: image/jpeg``
 ``fault=oversized``        ``size`` bytes (default 11 MiB); ``chunked=1`` omits Content-Length
 ``fault=huge``             a tiny PNG whose header claims 60000x60000 pixels
+``fault=scans``            a progressive JPEG with thousands of repeated scans (CPU bomb)
 ``fault=redirect&hops=2``  redirect ``hops`` times, then the image
 ``fault=redirect-loop``    redirect to itself forever
 ``fault=redirect-blocked`` redirect to ``to`` (default the cloud metadata address)
@@ -108,6 +109,31 @@ def png_bomb(width: int = 60000, height: int = 60000) -> bytes:
     )
 
 
+def scan_bomb(repeats: int = 5000, side: int = 4000) -> bytes:
+    """A small progressive JPEG whose smallest scan is repeated ``repeats`` times: every scan
+    makes a decoder pass over the whole image again (a CPU bomb in a few hundred KB)."""
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 60, 200)).save(out, "JPEG", progressive=True)
+    data = out.getvalue()
+    scans = []
+    pos = data.find(b"\xff\xda")
+    while pos != -1:
+        end = data.find(b"\xff", pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big"))
+        while end != -1 and data[end + 1] in (0x00, *range(0xD0, 0xD8)):
+            end = data.find(b"\xff", end + 2)
+        scans.append(data[pos:end])
+        pos = data.find(b"\xff\xda", end)
+    smallest = min(scans, key=len)
+    return data[:-2] + smallest * repeats + b"\xff\xd9"
+
+
+def memory_png(side: int = 6300) -> bytes:
+    """A PNG of about 170 KB that decodes to ``side``² RGBA pixels (160 MB at 6300)."""
+    out = io.BytesIO()
+    Image.new("RGBA", (side, side), (10, 200, 30, 128)).save(out, "PNG", optimize=True)
+    return out.getvalue()
+
+
 def with_comment(jpeg: bytes, text: str) -> bytes:
     """The same JPEG with a COM segment after SOI: unique bytes without re-encoding."""
     payload = text.encode()[:60000]
@@ -193,6 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._oversized(int(query.get("size", 11 * 1024 * 1024)), query.get("chunked") == "1")
         elif fault == "huge":
             self._send(200, png_bomb(), "image/png")
+        elif fault == "scans":
+            self._send(200, scan_bomb(int(query.get("repeats", 2000))))
         elif fault == "redirect" and int(query.get("hops", 1)) > 0:
             hops = int(query.get("hops", 1)) - 1
             rest = {k: v for k, v in query.items() if k not in ("hops",)}

@@ -46,6 +46,7 @@ SECRET_NAMES = frozenset(
         "security_token",
         "awsaccesskeyid",
         "policy",
+        "key_pair_id",
         "code",
     }
 )

@@ -22,7 +22,7 @@ IMAGE = COMPOSE["x-airflow-common"]["image"]
 THIRD_PARTY = re.compile(r"^(AIRFLOW__|POSTGRES_|MINIO_|MLFLOW_S3_ENDPOINT_URL$|"
                          r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION$|DUMB_INIT_SETSID$|AWS_DEFAULT_REGION$"
                          r"|ML_BUCKET$|AIRFLOW_ADMIN_|MLFLOW_TRACKING_(USERNAME|PASSWORD)$|"
-                         r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MC_HOST_)")
+                         r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MLFLOW_FLASK_SERVER_SECRET_KEY$|MC_HOST_)")
 
 
 def _code_reads() -> set[str]:

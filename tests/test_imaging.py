@@ -1,13 +1,25 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from ml.imageserver import encode, png_bomb, render_image
-from ml.imaging import ImageConfig, ImageRejected, normalize_image, sniff_format
+from ml.imageserver import encode, memory_png, png_bomb, render_image, scan_bomb
+from ml.imaging import (
+    DecodeBudget,
+    ImageConfig,
+    ImageRejected,
+    count_jpeg_scans,
+    normalize_image,
+    sniff_format,
+)
+from tests.conftest import REPO
 
 
 def _open(data: bytes) -> Image.Image:
@@ -69,3 +81,76 @@ def test_output_is_deterministic() -> None:
     data = encode(render_image("same"))
     first, second = normalize_image(data, ImageConfig()), normalize_image(data, ImageConfig())
     assert first.sha256 == second.sha256
+
+
+def test_not_image_message_quotes_none_of_the_bytes() -> None:
+    with pytest.raises(ImageRejected) as info:
+        normalize_image(b"SECRET-CONTENT-FROM-AN-INTERNAL-PAGE", ImageConfig())
+    assert "SECRET" not in str(info.value)
+
+
+def test_scans_are_counted_without_decoding() -> None:
+    baseline = encode(render_image("scan", width=64, height=64))
+    out = io.BytesIO()
+    render_image("scan", width=64, height=64).save(out, "JPEG", progressive=True)
+    assert count_jpeg_scans(baseline) == 1
+    assert 2 <= count_jpeg_scans(out.getvalue()) <= 12
+    bomb = scan_bomb(repeats=3000, side=512)
+    started = time.process_time()
+    assert count_jpeg_scans(bomb) > 3000
+    assert count_jpeg_scans(bomb, stop_after=100) == 101
+    assert time.process_time() - started < 0.5
+
+
+def test_repeated_scan_cpu_bomb_is_refused_before_decoding() -> None:
+    bomb = scan_bomb(repeats=20000, side=4000)
+    assert len(bomb) < 1024 * 1024  # small enough to pass the byte cap
+    started = time.process_time()
+    with pytest.raises(ImageRejected) as info:
+        normalize_image(bomb, ImageConfig())
+    assert info.value.status == "too_complex" and "scans" in str(info.value)
+    assert time.process_time() - started < 0.5  # decoding it would take minutes
+
+
+def test_an_image_that_alone_exceeds_the_decode_budget_is_refused() -> None:
+    data = memory_png(3000)  # 9 Mpx RGBA: about 100 MB with working copies
+    with pytest.raises(ImageRejected) as info:
+        normalize_image(data, ImageConfig(), DecodeBudget(50 * 1024 * 1024))
+    assert info.value.status == "too_many_pixels" and "decode budget" in str(info.value)
+    assert normalize_image(data, ImageConfig(), DecodeBudget(200 * 1024 * 1024)).width == 256
+
+
+def test_concurrent_decodes_share_one_budget() -> None:
+    """Eight threads, images of ~100 MB each, a 250 MB budget: at most two decode at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = memory_png(3000)
+    budget = DecodeBudget(250 * 1024 * 1024)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: normalize_image(data, ImageConfig(), budget), range(8)))
+    assert all(r.width == 256 for r in results)
+    assert 0 < budget.peak <= budget.limit and budget.in_use == 0
+
+
+@pytest.mark.slow
+def test_decode_memory_stays_within_the_budget_across_threads(tmp_path: Path) -> None:
+    """Eight threads each given a 170 KB PNG of 40 Mpx (about 440 MB to decode alone): with the
+    default 512 MiB budget the process peaks far below the 3.5 GB they would take at once."""
+    script = tmp_path / "decode.py"
+    script.write_text(
+        "import resource, sys\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from ml.imageserver import memory_png\n"
+        "from ml.imaging import ImageConfig, normalize_image\n"
+        "data = memory_png(6300)\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "with ThreadPoolExecutor(8) as pool:\n"
+        "    done = list(pool.map(lambda _: normalize_image(data, ImageConfig()), range(8)))\n"
+        "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(len(done), base // 1024, peak // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    count, base_mb, peak_mb = (int(v) for v in out.stdout.split())
+    assert count == 8
+    assert peak_mb - base_mb < 512, (base_mb, peak_mb)

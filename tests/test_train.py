@@ -32,7 +32,7 @@ from ml.predict import predict
 from ml.registry import register_model
 from ml.splits import make_splits
 from ml.storage import ObjectStore
-from ml.train import Classifier, fine_tune, lr_factor
+from ml.train import Classifier, fine_tune, load_split, lr_factor
 from ml.train_config import TrainConfig
 from tests.helpers import labelled_urls, plain_csv
 
@@ -74,6 +74,8 @@ def test_checkpoint_key_ignores_runtime_settings() -> None:
     c = TrainConfig(split=a.split, lr=0.5)
     assert a.key() == b.key() != c.key()
     assert str(a.checkpoint_dir()).startswith("s3://b/p/datasets/ds-1/training/")
+    # The split's content is part of what is trained, not only its URI.
+    assert a.key("aaaa") != a.key("bbbb") and a.checkpoint_dir("a") != a.checkpoint_dir("b")
 
 
 def test_class_weights_favour_rare_classes() -> None:
@@ -227,7 +229,8 @@ def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_serv
                                                    caplog: pytest.LogCaptureFixture) -> None:
     config = _config(learn_split, tmp_path, epochs=2, seed=7)
     store = ObjectStore()
-    last = config.checkpoint_dir().child("last.pt")
+    folder = config.checkpoint_dir(load_split(learn_split, store)[1])
+    last = folder.child("last.pt")
     args = [sys.executable, "-m", "ml", "-q", "train", "--split", learn_split, "--weights",
             "none", "--epochs", "2", "--batch-size", "12", "--optimizer", "sgd", "--lr", "0.03",
             "--warmup-epochs", "0.5", "--image-size", "64", "--workers", "0", "--patience", "0",
@@ -241,7 +244,7 @@ def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_serv
         time.sleep(0.2)
     child.send_signal(signal.SIGKILL)
     child.wait()
-    assert not store.exists(config.checkpoint_dir().child("result.json"))
+    assert not store.exists(folder.child("result.json"))
 
     with caplog.at_level(logging.INFO, logger="ml.train"):
         result = fine_tune(config)
