@@ -18,6 +18,10 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
+# The form's own check; ml.containment enforces the same rules again on the worker.
+MODEL_URI_PATTERN = (r"^models:/[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
+                     r"(@[A-Za-z][A-Za-z0-9_\-]{0,63}|/[1-9][0-9]{0,9})$")
+OUTPUT_PATTERN = r"^$|^[^\x00-\x1f]*\.(csv|parquet)$"
 STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
 MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL_NAME}")
 
@@ -35,24 +39,32 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
         "csv": Param(os.environ.get("ML_INFERENCE_CSV", ""), type="string", title="CSV",
                      description="Images to score: column url (http(s) or s3:// URIs). Empty: "
                      "nothing to do."),
-        "output": Param("", type="string", title="Output", description="Where predictions go "
-                        "(.csv or .parquet, s3:// or local); empty: under the store, per run."),
-        "model_uri": Param(f"models:/{MODEL_NAME}@champion", type="string", title="Model",
-                           description="Any MLflow model URI."),
+        "output": Param("", type="string", pattern=OUTPUT_PATTERN, title="Output",
+                        description="Where predictions go: a .csv or .parquet inside the store "
+                        "(or inside ML_OUTPUT_DIR on the workers); empty: under the store, per "
+                        "run."),
+        "model_uri": Param(f"models:/{MODEL_NAME}@champion", type="string",
+                           pattern=MODEL_URI_PATTERN, title="Model",
+                           description="A registered model: models:/<name>@<alias> or "
+                           "models:/<name>/<version>."),
     },
 )
 def image_sentiment_batch_inference() -> None:
     @task
     def predict(*, params: dict[str, Any], run_id: str) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowSkipException
+        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+        from ml.errors import ParameterError
         from ml.pipeline import predict_step, run_partition
 
         if not params["csv"]:
             raise AirflowSkipException("no CSV to score: set the csv parameter or "
                                        "ML_INFERENCE_CSV")
         output = params["output"] or f"{run_partition(STORE, run_id)}/predictions.parquet"
-        return predict_step(params["csv"], output, params["model_uri"])
+        try:
+            return predict_step(params["csv"], output, params["model_uri"])
+        except ParameterError as error:  # a wrong parameter: retrying cannot help
+            raise AirflowFailException(str(error)) from None
 
     predict()
 

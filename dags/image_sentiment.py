@@ -90,7 +90,8 @@ PARAMS = {
     "max_steps_per_epoch": Param(0, type="integer", minimum=0, title="Steps per epoch cap",
                                  description="0 for all (a cap is for smoke tests)."),
     "workers": Param(4, type="integer", minimum=0, maximum=64, title="Data loader workers"),
-    "model_name": Param(MODEL_NAME, type="string", minLength=1, title="Registered model"),
+    "model_name": Param(MODEL_NAME, type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
+                        title="Registered model"),
     "promotion_margin": Param(0.0, type="number", minimum=0, maximum=1,
                               title="Promotion margin", description="Test macro-F1 a new version "
                               "must gain over the champion to become champion."),

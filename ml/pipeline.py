@@ -36,7 +36,7 @@ def run_partition(store: str, run_id: str) -> str:
     different run ids never share a folder, whatever characters they differ in.
     """
     run_id = run_id or "manual"
-    slug = re.sub(r"[^A-Za-z0-9._=-]+", "_", run_id).strip("_.")[:80] or "run"
+    slug = re.sub(r"[^A-Za-z0-9_=-]+", "_", run_id).strip("_")[:80] or "run"
     digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
     return f"{store}/runs/{slug}-{digest}"
 

@@ -415,7 +415,19 @@ def down(quiet: bool = False) -> int:
     return 0
 
 
-def listeners(marker: str) -> list[tuple[int, str, int]]:
+def _group_members(groups: list[int]) -> list[int]:
+    """Processes in any of the process groups (setproctitle can hide a process's marker)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) in groups:  # field 5 of stat: the process group
+                    members.append(int(entry.name))
+    return members
+
+
+def listeners(state: dict[str, Any]) -> list[tuple[int, str, int]]:
     """(pid, address, port) of every listening TCP socket of the stack's processes."""
     sockets: dict[str, tuple[str, int]] = {}
     for table, family in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 6)):
@@ -427,7 +439,8 @@ def listeners(marker: str) -> list[tuple[int, str, int]]:
                 host, port = fields[1].split(":")
                 sockets[fields[9]] = (_proc_address(host, family), int(port, 16))
     found = []
-    for pid in _marked(marker):
+    groups = [service["pid"] for service in state.get("services", {}).values()]
+    for pid in set(_marked(state["marker"])) | set(_group_members(groups)):
         with contextlib.suppress(OSError):
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 target = os.readlink(fd)
@@ -453,7 +466,7 @@ def status() -> int:
         return 1
     for name, service in state["services"].items():
         say(f"{name:22s} pid {service['pid']:7d} {'up' if _alive(service['pid']) else 'DOWN'}")
-    for pid, address, port in listeners(state["marker"]):
+    for pid, address, port in listeners(state):
         say(f"listening: pid {pid} on {address}:{port}")
     return 0
 

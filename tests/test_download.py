@@ -46,6 +46,8 @@ FAULTS = {
     "too_large": {"fault": "oversized", "size": str(3 * 1024 * 1024)},
     "not_image": {"fault": "html"},
     "too_many_pixels": {"fault": "huge"},
+    "too_complex": {"fault": "scans", "repeats": "500"},
+    "timeout ": {"fault": "slow-headers", "interval": "0.3"},
     "undecodable": {"fault": "truncated"},
     "too_many_redirects": {"fault": "redirect-loop"},
     "blocked": {"fault": "redirect-blocked"},
@@ -72,8 +74,8 @@ def _images(store: ObjectStore, dataset: str) -> list[str]:
 def test_each_fault_gets_its_status(store_uri: str, store: ObjectStore, tmp_path: Path,
                                     image_server: ImageServer) -> None:
     good = labelled_urls(image_server, {"Positive": 3, "Negative": 2}, prefix="faults-ok")
-    bad = [(image_server.url(f"faults/{status}.jpg", **query), "Neutral")
-           for status, query in FAULTS.items()]
+    bad = [(image_server.url(f"faults/{i}-{status.strip()}.jpg", **query), "Neutral")
+           for i, (status, query) in enumerate(FAULTS.items())]
     dataset = _ingest(store_uri, store, tmp_path, good + bad)
     summary = download(dataset, CONFIG, store=store)
 
@@ -84,7 +86,7 @@ def test_each_fault_gets_its_status(store_uri: str, store: ObjectStore, tmp_path
     for url, _ in good:
         assert by_url[url] == "ok"
     for (url, _), status in zip(bad, FAULTS, strict=True):
-        assert by_url[url] == status, (url, manifest.set_index("url").loc[url, "error"])
+        assert by_url[url] == status.strip(), (url, manifest.set_index("url").loc[url, "error"])
     assert summary["statuses"]["ok"] == 5 and summary["downloaded"] == 5
     assert summary["manifest"] == str(DatasetLayout.parse(dataset).download_manifest)
 
@@ -246,3 +248,79 @@ def test_without_allow_network_loopback_is_blocked(store_uri: str, store: Object
     result = download(dataset, DownloadConfig(concurrency=2, fetch=FAST), store=store)
     assert result["statuses"] == {"blocked": 2}
     assert sum(image_server.hits.values()) == hits
+
+
+# ------------------------------------------------- objects this project did not write
+
+def test_foreign_objects_among_the_parts_never_crash_a_stage(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    rows = labelled_urls(image_server, {"Positive": 6, "Neutral": 6}, prefix="foreign")
+    dataset = _ingest(store_uri, store, tmp_path, rows)
+    layout = DatasetLayout.parse(dataset)
+    parts = layout.download_parts
+    download(dataset, CONFIG, store=store)
+    junk = {
+        parts.child("00000000-00000012") .key + "/": b"",  # an S3 console folder marker
+        parts.child("00000000-00000012", "empty.parquet").key: b"",
+        parts.child("00000000-00000012", "junk.parquet").key: b"PAR1 not really parquet",
+        parts.child("00000000-00000012", "notes.txt").key: b"hello",
+        parts.child("00000000-00000012", "other.parquet").key: _parquet({"a": [1, 2]}),
+    }
+    good = store.list_keys(parts)
+    cut = store.get_bytes(S3Uri(layout.store.bucket, good[0]))
+    junk[parts.child("00000000-00000012", "truncated.parquet").key] = cut[: len(cut) // 2]
+    for key, data in junk.items():
+        store.client.put_object(Bucket=layout.store.bucket, Key=key, Body=data)
+
+    with caplog.at_level("WARNING", logger="ml.download"):
+        batches = plan_batches(dataset, batch_size=5, store=store)
+        summary = collect_manifest(dataset, store=store)
+    assert batches == []  # every URL is still known to be ok
+    assert summary["statuses"] == {"ok": 12}
+    assert sorted(summary["unreadable_parts"]) == sorted(k for k in junk if not k.endswith("/"))
+    assert "skipped 5 manifest part(s)" in caplog.text and "junk.parquet" in caplog.text
+    again = download(dataset, CONFIG, store=store)
+    assert again["skipped_existing"] == 12 and again["statuses"] == {"ok": 12}
+
+
+def test_a_damaged_manifest_is_rebuilt_from_its_parts(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
+    from ml.splits import make_splits
+
+    rows = labelled_urls(image_server, {"Positive": 6, "Neutral": 6}, prefix="damaged")
+    dataset = _ingest(store_uri, store, tmp_path, rows)
+    download(dataset, CONFIG, store=store)
+    layout = DatasetLayout.parse(dataset)
+    whole = store.get_bytes(layout.download_manifest)
+    for damage in (whole[: len(whole) // 3], b"", _parquet({"x": [1]})):
+        store.put_bytes(layout.download_manifest, damage)
+        assert make_splits(dataset, ratios="0.5,0.25,0.25", store=store)["images"] == 12
+        assert _manifest(store, dataset)["status"].eq("ok").sum() == 12
+
+
+def test_a_damaged_records_file_is_one_clear_error(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
+    dataset = _ingest(store_uri, store, tmp_path, labelled_urls(image_server, {"Neutral": 2}))
+    layout = DatasetLayout.parse(dataset)
+    records = store.get_bytes(layout.records)
+    store.put_bytes(layout.records, records[:100])
+    with pytest.raises(PipelineError, match=r"records\.parquet is not a readable Parquet file.*"
+                       r"run ingest again"):
+        plan_batches(dataset, store=store)
+    done = subprocess.run([sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: ") and "records.parquet" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def _parquet(columns: dict[str, list[object]]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    pd.DataFrame(columns).to_parquet(buffer)
+    return buffer.getvalue()

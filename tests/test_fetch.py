@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 import ml.fetch
 from ml.fetch import FetchConfig, Fetcher, FetchError, parse_retry_after
 from ml.imageserver import ImageServer
@@ -240,10 +241,11 @@ def test_waiting_for_a_pool_slot_is_bounded(image_server: ImageServer) -> None:
 
     fetcher = Fetcher(FetchConfig(deadline=1.0, per_host=1, retries=0),
                       AddressPolicy.from_cidrs(["127.0.0.0/8"]))
-    hog = threading.Thread(target=lambda: pytest.raises(FetchError, fetcher.fetch,
-                                                        image_server.url("pool/hog.jpg",
-                                                                         fault="stall"),
-                                                        deadline=3.0))
+    def hog_slot() -> None:
+        with pytest.raises(FetchError):
+            fetcher.fetch(image_server.url("pool/hog.jpg", fault="stall"), deadline=3.0)
+
+    hog = threading.Thread(target=hog_slot)
     hog.start()
     time.sleep(0.2)
     started = time.monotonic()

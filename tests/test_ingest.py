@@ -219,13 +219,6 @@ def test_cli_refuses_bad_parameters() -> None:
     assert done.returncode == 2 and "--concurrency: must be at least 1" in done.stderr
 
 
-@pytest.mark.parametrize("stage", ["ingest", "download", "split", "imageserver", "demo"])
-def test_every_stage_has_help(stage: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "ml", stage, "--help"], capture_output=True,
-                          text=True, check=False)
-    assert done.returncode == 0 and "usage: python -m ml " + stage in done.stdout
-
-
 @pytest.mark.integration
 def test_csv_from_an_http_url(store_uri: str, store: ObjectStore, tmp_path: Path) -> None:
     import functools

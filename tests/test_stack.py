@@ -41,6 +41,18 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         # The new model version is an asset event: the batch-inference DAG ran on it.
         assert summary["inference"]["predicted"] >= 15, summary["inference"]
         marker = json.loads((tmp_path / "stack" / "state.json").read_text())["marker"]
+        # Nothing listens wider than it must: every socket of every service is on loopback.
+        status = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "scripts/stack.py",
+                                 "status"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=60, check=True)
+        listening = [line.split(" on ", 1)[1] for line in status.stdout.splitlines()
+                     if line.startswith("listening:")]
+        assert len(listening) >= 4, status.stdout
+        for address in listening:
+            host = address.rsplit(":", 1)[0]
+            assert host in ("127.0.0.1", "::1"), f"a stack service listens on {address}"
+        for port in (ports["AIRFLOW"], ports["MLFLOW"], ports["S3"], ports["IMAGES"]):
+            assert f"127.0.0.1:{port}" in listening
     finally:
         stop = subprocess.run(["bash", "scripts/stop"], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=300, check=False)

@@ -31,7 +31,7 @@ from ml.model import build_model, sha256_of, stage_weights
 from ml.predict import predict
 from ml.registry import register_model
 from ml.splits import make_splits
-from ml.storage import ObjectStore
+from ml.storage import ObjectStore, S3Uri
 from ml.train import Classifier, fine_tune, load_split, lr_factor
 from ml.train_config import TrainConfig
 from tests.helpers import labelled_urls, plain_csv
@@ -328,3 +328,62 @@ def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: 
 
     runs = mlflow.search_runs(experiment_names=[experiment])
     assert len(runs) == 1 and runs.iloc[0]["tags.world_size"] == "2"
+
+
+# ------------------------------------------------- a rerun never returns a stale result
+
+def _tiny(split: str, cache: Path, **changes: Any) -> TrainConfig:
+    return _config(split, cache, arch="resnet18", epochs=1, max_steps_per_epoch=1, **changes)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_forced_folder_with_other_settings_fails_clearly(learn_split: str, mlflow_server: str,
+                                                            tmp_path: Path) -> None:
+    folder = learn_split.rsplit("/splits/", 1)[0] + f"/forced/{uuid.uuid4().hex[:8]}"
+    first = fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder))
+    assert first["checkpoint"] == folder
+    with pytest.raises(PipelineError, match=r"differs in: lr.*another --checkpoint folder"):
+        fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder, lr=0.5))
+    # Runtime settings are not part of what is trained: the same result comes back.
+    again = fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder, workers=1))
+    assert again["run_id"] == first["run_id"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_rewritten_split_starts_a_fresh_training(learn_split: str, mlflow_server: str,
+                                                   tmp_path: Path) -> None:
+    store = ObjectStore()
+    source = store.read_parquet(S3Uri.parse(learn_split))
+    copy = S3Uri.parse(learn_split.replace("/splits/", f"/splits-{uuid.uuid4().hex[:6]}/"))
+    store.write_parquet(copy, source)
+    first = fine_tune(_tiny(str(copy), tmp_path))
+    store.write_parquet(copy, source.drop(index=source.index[source["split"] == "train"][0]))
+    second = fine_tune(_tiny(str(copy), tmp_path))
+    assert second["checkpoint"] != first["checkpoint"]
+    assert second["run_id"] != first["run_id"]
+    from mlflow import MlflowClient
+
+    params = MlflowClient().get_run(second["run_id"]).data.params
+    assert params["split_sha256"] != MlflowClient().get_run(first["run_id"]).data.params[
+        "split_sha256"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_registering_one_run_twice_at_once_gives_one_version(trained: dict[str, Any]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    run_id = trained["result"]["run_id"]
+    for _ in range(3):
+        name = f"race-{uuid.uuid4().hex[:6]}"
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda n: register_model(run_id, name=n), [name, name]))
+        versions = MlflowClient().search_model_versions(f"name='{name}'")
+        assert len(versions) == 1, [v.version for v in versions]
+        assert {r["version"] for r in results} == {int(versions[0].version)}
+        assert sum(r["created"] for r in results) == 1
+        assert "champion" in MlflowClient().get_model_version(name, versions[0].version).aliases
