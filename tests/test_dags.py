@@ -161,6 +161,7 @@ def pipeline_env(store: ObjectStore, mlflow_server: str, monkeypatch: pytest.Mon
     store.put_bytes(csv, plain_csv(rows + faults))
     monkeypatch.setenv("ML_STORE", f"s3://{bucket}/pipeline")
     monkeypatch.setenv("ML_ALLOW_NETWORKS", "127.0.0.0/8")
+    monkeypatch.setenv("ML_INPUT_ROOTS", f"s3://{bucket}/input")  # where the form may read
     monkeypatch.setenv("ML_SCHEDULE", "none")
     monkeypatch.setenv("HOME", str(tmp_path))  # image cache of this run only
     yield {"bucket": bucket, "csv": str(csv), "rows": len(rows), "faults": len(faults)}
