@@ -1,26 +1,66 @@
-"""Training data: a torch Dataset over the split manifest, reading images from the store through
-a local cache; the transforms themselves are in :mod:`ml.transforms`. Stored images are already
-small (shorter side 256 by default), so decoding is cheap.
+"""Training data: the split manifest, a torch Dataset over it reading the store through a local
+cache, and the three loaders; the transforms themselves are in :mod:`ml.transforms`. Stored
+images are already small (shorter side 256 by default), so decoding is cheap.
 
 Usage::
 
-    train = SplitImages(rows, bucket, cache_dir, train_transform(224))
-    x, y = next(iter(DataLoader(train, batch_size=64)))
-    x = to_model_input(x, device, mean, std)
+    table, digest = load_split(split_uri, store)
+    loaders = make_loaders(table, bucket, cfg, rt, preprocessing)
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, WeightedRandomSampler
 
+from ml.errors import PipelineError
+from ml.labels import LABELS
+from ml.progress import Progress
+from ml.redact import get_logger
+from ml.runtime import Runtime, seed_worker
 from ml.storage import ObjectStore, S3Uri
-from ml.transforms import Transform, decode
+from ml.train_config import TrainConfig
+from ml.transforms import Preprocessing, Transform, decode
+
+log = get_logger(__name__)
+
+SPLIT_REQUIRED = ("split", "label_index", "object_key", "sha256", "label")
+SPLITS = ("train", "valid", "test")
+
+
+def load_split(uri: str, store: ObjectStore) -> tuple[pd.DataFrame, str]:
+    """The split manifest and the SHA-256 of its bytes; a clear error when it is missing, is
+    not a split manifest, or has an empty split."""
+    data = store.get_bytes(S3Uri.parse(uri))
+    try:
+        table = pd.read_parquet(io.BytesIO(data))
+    except Exception:  # pyarrow raises several types for a damaged file
+        raise PipelineError(
+            f"{uri} is not a readable Parquet file; pass the 'split' URI that the split stage "
+            "printed (.../splits/<name>/splits.parquet), or rerun the split stage"
+        ) from None
+    missing = [c for c in SPLIT_REQUIRED if c not in table.columns]
+    if missing:
+        raise PipelineError(
+            f"{uri} is not a split manifest (no {', '.join(missing)} column); pass the 'split' "
+            "URI that the split stage printed (.../splits/<name>/splits.parquet)"
+        )
+    for name in SPLITS:
+        if not (table["split"] == name).any():
+            raise PipelineError(
+                f"the {name} split of {uri} is empty; use more images or other --ratios"
+            )
+    return table, hashlib.sha256(data).hexdigest()
 
 
 class SplitImages(Dataset[tuple[torch.Tensor, int]]):
@@ -41,8 +81,11 @@ class SplitImages(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _read(self, index: int) -> bytes:
-        cached = self.cache_dir / f"{self.hashes[index]}.jpg" if self.cache_dir else None
+    def cached(self, index: int) -> Path | None:
+        return self.cache_dir / f"{self.hashes[index]}.jpg" if self.cache_dir else None
+
+    def read(self, index: int) -> bytes:
+        cached = self.cached(index)
         if cached is not None and cached.is_file():
             return cached.read_bytes()
         if self._store is None or self._pid != os.getpid():
@@ -51,13 +94,30 @@ class SplitImages(Dataset[tuple[torch.Tensor, int]]):
         data = self._store.get_bytes(S3Uri(self.bucket, self.keys[index]))
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(f".{os.getpid()}.partial")
+            partial = cached.with_suffix(f".{os.getpid()}.{id(data)}.partial")
             partial.write_bytes(data)
             partial.replace(cached)
         return data
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(decode(self._read(index))), self.targets[index]
+        return self.transform(decode(self.read(index))), self.targets[index]
+
+
+def prefetch(datasets: Sequence[SplitImages], threads: int = 32) -> int:
+    """Fill the local cache from the store with many parallel reads before training starts,
+    so the first epoch does not wait on one S3 request per image; returns the images fetched."""
+    todo = [
+        (dataset, i)
+        for dataset in datasets
+        for i in range(len(dataset))
+        if (path := dataset.cached(i)) is not None and not path.is_file()
+    ]
+    if not todo:
+        return 0
+    with Progress(len(todo), "prefetch images") as bar, ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(lambda job: job[0].read(job[1]), todo):
+            bar.advance("ok")
+    return len(todo)
 
 
 def class_counts(targets: Sequence[int], num_classes: int) -> list[int]:
@@ -72,3 +132,84 @@ def balanced_class_weights(targets: Sequence[int], num_classes: int) -> torch.Te
     counts = class_counts(targets, num_classes)
     n = len(targets)
     return torch.tensor([n / (num_classes * c) if c else 1.0 for c in counts], dtype=torch.float32)
+
+
+@dataclass
+class Loaders:
+    train: DataLoader[Any]
+    valid: DataLoader[Any]
+    test: DataLoader[Any]
+    train_sampler: Sampler[int] | None
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    class_weights: torch.Tensor | None = None
+    #: Random streams the loaders draw from (saved in checkpoints for an exact resume).
+    generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+
+def make_loaders(
+    table: pd.DataFrame,
+    bucket: str,
+    cfg: TrainConfig,
+    rt: Runtime,
+    preprocessing: Preprocessing,
+) -> Loaders:
+    """Train (shuffled or sampled, full batches only), valid and test loaders over the split."""
+    cache = Path(cfg.cache_dir or Path.home() / ".cache" / "image-sentiment" / "images")
+    parts = {name: table[table["split"] == name].reset_index(drop=True) for name in SPLITS}
+    train_set = SplitImages(parts["train"], bucket, cache, preprocessing.train_transform())
+    evaluation = preprocessing.eval_transform()
+    valid_set = SplitImages(parts["valid"], bucket, cache, evaluation)
+    test_set = SplitImages(parts["test"], bucket, cache, evaluation)
+    if rt.local_rank == 0:
+        prefetch([train_set, valid_set, test_set])
+    if rt.world > 1:
+        torch.distributed.barrier()  # the other ranks read the cache the first rank filled
+    # Each rank draws its own stream; the sampler's seed is shared so shards never overlap.
+    shuffle = torch.Generator().manual_seed(cfg.seed + rt.rank)
+    generators = {"shuffle": shuffle}
+    sampler: Sampler[int] | None = None
+    if rt.world > 1:
+        if cfg.imbalance == "sampler":
+            raise PipelineError(
+                "--imbalance sampler runs in one process only; use class_weights with torchrun"
+            )
+        sampler = DistributedSampler(train_set, rt.world, rt.rank, shuffle=True, seed=cfg.seed)
+    elif cfg.imbalance == "sampler":
+        per_class = class_counts(train_set.targets, len(LABELS))
+        draw = [1.0 / per_class[t] for t in train_set.targets]
+        generators["sampler"] = torch.Generator().manual_seed(cfg.seed + 1)
+        sampler = WeightedRandomSampler(
+            draw, len(draw), replacement=True, generator=generators["sampler"]
+        )
+    cuda = rt.device.type == "cuda"
+    common: dict[str, Any] = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.workers,
+        "pin_memory": cuda,
+        "worker_init_fn": seed_worker,
+    }
+    if cfg.workers > 0:
+        common.update(persistent_workers=cuda, prefetch_factor=4 if cuda else 2)
+    # Full batches only: fixed shapes for cuDNN and torch.compile, no tiny last step (unless
+    # the split is smaller than one batch per process, where that would leave nothing).
+    full = len(train_set) >= cfg.batch_size * rt.world
+    train = DataLoader(
+        train_set,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=full,
+        generator=shuffle,
+        **common,
+    )
+    valid = DataLoader(valid_set, shuffle=False, **common)
+    test = DataLoader(test_set, shuffle=False, **common)
+    counts = {
+        name: {label: int((part["label"] == label).sum()) for label in LABELS}
+        for name, part in parts.items()
+    }
+    weights = (
+        balanced_class_weights(train_set.targets, len(LABELS))
+        if cfg.imbalance == "class_weights"
+        else None
+    )
+    return Loaders(train, valid, test, sampler, counts, weights, generators)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,17 +45,34 @@ class WeightsInfo:
     transforms: dict[str, Any] = field(default_factory=dict)
 
 
-def eval_preset(arch: str = "resnet152") -> dict[str, Any]:
-    """Evaluation preprocessing from the ImageNet weights' own transforms (resize, crop, stats)."""
+def eval_preset(arch: str = "resnet152", weights: Any = None) -> dict[str, Any]:
+    """Evaluation preprocessing from the weights' own transforms (resize, crop, stats):
+    ``IMAGENET1K_V1`` resizes to 256 for a 224 crop, ``IMAGENET1K_V2`` to 232. ``weights`` is a
+    torchvision weights enum member; None means the architecture's default."""
     from torchvision.models import get_model_weights
 
-    preset = get_model_weights(arch).DEFAULT.transforms()
+    preset = (weights or get_model_weights(arch).DEFAULT).transforms()
     return {
         "crop_size": int(preset.crop_size[0]),
         "resize_size": int(preset.resize_size[0]),
         "mean": [float(x) for x in preset.mean],
         "std": [float(x) for x in preset.std],
     }
+
+
+def known_weights(arch: str, path: Path) -> Any:
+    """The torchvision weights a file holds, told by the hash in its name (``-f82ba261.pth``),
+    or None for a file torchvision does not publish."""
+    from torchvision.models import get_model_weights
+
+    match = _HASH_IN_NAME.search(path.name)
+    if not match:
+        return None
+    for member in get_model_weights(arch):
+        published = _HASH_IN_NAME.search(Path(member.url).name)
+        if published and published.group(1).startswith(match.group(1)[:8]):
+            return member
+    return None
 
 
 def weights_cache_dir() -> Path:
@@ -121,7 +139,7 @@ def resolve_weights(
     """The local file holding ``weights`` (None for random init) and what it is."""
     if weights.lower() in ("none", ""):
         log.warning("training %s from random weights (--weights none): tests and demos only", arch)
-        return None, WeightsInfo("none", pretrained=False)
+        return None, WeightsInfo("none", pretrained=False, transforms=eval_preset(arch))
     cache = weights_cache_dir()
     if weights.startswith("s3://"):
         uri = S3Uri.parse(weights)
@@ -131,12 +149,14 @@ def resolve_weights(
             partial = target.with_suffix(".partial")
             partial.write_bytes((store or ObjectStore()).get_bytes(uri))
             partial.replace(target)
-        return target, WeightsInfo(weights, True, _check_hash(target, sha256))
+        digest = _check_hash(target, sha256)
+        return target, WeightsInfo(weights, True, digest, _preset(arch, target))
     if weights.endswith((".pth", ".pt")) or os.sep in weights:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise PipelineError(f"weights file not found: {path}")
-        return path, WeightsInfo(str(path), True, _check_hash(path, sha256))
+        digest = _check_hash(path, sha256)
+        return path, WeightsInfo(str(path), True, digest, _preset(arch, path))
     named = _named_weights(arch, weights)
     filename = Path(named.url).name
     target = cache / filename
@@ -144,7 +164,19 @@ def resolve_weights(
         if not download:
             raise PipelineError(_missing_message(arch, filename, cache))
         torch.hub.load_state_dict_from_url(named.url, progress=False, check_hash=True)
-    return target, WeightsInfo(f"{arch}:{named.name}", True, _check_hash(target, sha256))
+    digest = _check_hash(target, sha256)
+    return target, WeightsInfo(f"{arch}:{named.name}", True, digest, eval_preset(arch, named))
+
+
+def _preset(arch: str, path: Path) -> dict[str, Any]:
+    member = known_weights(arch, path)
+    if member is None:
+        log.info(
+            "%s is not a published torchvision file: evaluating with %s's default preset",
+            path.name,
+            arch,
+        )
+    return eval_preset(arch, member)
 
 
 def build_model(
@@ -176,11 +208,47 @@ def build_model(
                 f"{path} does not hold {arch} ImageNet weights ({type(exc).__name__}: {first}); "
                 "stage the right file (python -m ml stage-weights) or use --weights none"
             ) from None
+    _new_head(model, num_classes)
+    return model, info
+
+
+def architecture(arch: str, num_classes: int = len(LABELS)) -> nn.Module:
+    """The network alone, with a ``num_classes`` head and no weights (serving loads its own)."""
+    from torchvision.models import get_model
+
+    if arch not in ARCHS:
+        raise PipelineError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)}")
+    model: nn.Module = get_model(arch, weights=None)
+    _new_head(model, num_classes)
+    return model
+
+
+def _new_head(model: Any, num_classes: int) -> None:
     head = nn.Linear(model.fc.in_features, num_classes)
     nn.init.normal_(head.weight, std=0.01)
     nn.init.zeros_(head.bias)
     model.fc = head
-    return model, WeightsInfo(info.source, info.pretrained, info.sha256, eval_preset(arch))
+
+
+class Classifier(nn.Module):
+    """A network with its normalization inside: float RGB in [0, 1] -> class probabilities."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(list(mean)).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std)).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model((x - self.mean) / self.std), dim=1)
+
+
+def is_head(name: str) -> bool:
+    """Whether a parameter name belongs to the new classification head."""
+    return name.startswith("fc.")
 
 
 def stage_weights(

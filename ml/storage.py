@@ -205,6 +205,11 @@ class ObjectStore:
                 self.client.put_object(**kwargs)
             return True
 
+    def delete(self, uri: S3Uri) -> None:
+        """Remove an object (no error when it is already gone)."""
+        with store_errors("delete", uri):
+            self.client.delete_object(Bucket=uri.bucket, Key=uri.key)
+
     def list_objects(self, prefix: S3Uri) -> list[tuple[str, int]]:
         """Every (key, size) under ``prefix`` (paginated), sorted by key."""
         found: list[tuple[str, int]] = []

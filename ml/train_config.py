@@ -26,12 +26,20 @@ RUNTIME_FIELDS = (
     "experiment",
     "checkpoint",
     "download_weights",
+    "checkpoint_every",
+    "ddp_timeout_minutes",
 )
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; logged once as MLflow params."""
+    """Everything a training run depends on; logged once as MLflow params.
+
+    **Learning rate and several GPUs**: ``lr`` is the peak rate for the *global* batch, which
+    is ``batch_size`` (images per process) times the number of processes. It is not rescaled
+    when the number of GPUs changes; with N times the global batch, the usual starting point
+    is N times the rate (the linear scaling rule, with the warmup kept).
+    """
 
     split: str = ""
     arch: str = "resnet152"
@@ -58,6 +66,10 @@ class TrainConfig:
     seed: int = 0
     workers: int = 4
     max_steps_per_epoch: int = 0
+    #: Write the resumable checkpoint every N epochs (and always after the last one).
+    checkpoint_every: int = 1
+    #: Collective timeout under torchrun: rank 0 alone evaluates, uploads and exports meanwhile.
+    ddp_timeout_minutes: float = 60.0
     experiment: str = "image-sentiment"
     run_name: str = ""
     checkpoint: str = ""
@@ -73,6 +85,9 @@ class TrainConfig:
             (self.image_size >= 32, "--image-size must be at least 32"),
             (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
             (0 <= self.head_epochs < self.epochs, "--head-epochs must be below --epochs"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
+            (self.ddp_timeout_minutes > 0, "--ddp-timeout-minutes must be positive"),
+            (self.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
             (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
             (self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}"),

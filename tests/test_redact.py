@@ -157,8 +157,10 @@ def test_mlflow_params_and_tags_are_redacted(mlflow_server: str) -> None:
     import mlflow
     import torch
 
+    from ml.data import Loaders
     from ml.model import WeightsInfo
-    from ml.train import Loaders, Runtime, _log_start
+    from ml.runtime import Runtime
+    from ml.tracking import log_start
     from ml.train_config import TrainConfig
     from ml.uri import S3Uri
 
@@ -169,7 +171,7 @@ def test_mlflow_params_and_tags_are_redacted(mlflow_server: str) -> None:
     rt = Runtime(0, 1, 0, torch.device("cpu"))
     mlflow.set_experiment("redact")
     with mlflow.start_run() as run:
-        _log_start(cfg, WeightsInfo("s3://b/w.pth", True), loaders, rt, S3Uri("b", "c"), "d")
+        log_start(cfg, WeightsInfo("s3://b/w.pth", True), loaders, rt, S3Uri("b", "c"), "d")
     data = mlflow.get_run(run.info.run_id).data
     assert "hunter2" not in json.dumps(data.params) + json.dumps(data.tags)
     assert data.params["split_sha256"] == "d"

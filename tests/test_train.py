@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ml.data import balanced_class_weights
+from ml.data import balanced_class_weights, load_split
 from ml.demo import free_port
 from ml.download import DownloadConfig, download
 from ml.errors import PipelineError
@@ -27,12 +27,12 @@ from ml.evaluate import compute_metrics
 from ml.imageserver import ImageServer
 from ml.ingest import ingest
 from ml.labels import LABELS
-from ml.model import build_model, sha256_of, stage_weights
+from ml.model import Classifier, build_model, sha256_of, stage_weights
 from ml.predict import predict
 from ml.registry import register_model
 from ml.splits import make_splits
 from ml.storage import ObjectStore, S3Uri
-from ml.train import Classifier, fine_tune, load_split, lr_factor
+from ml.train import fine_tune, lr_factor
 from ml.train_config import TrainConfig
 from tests.helpers import labelled_urls, plain_csv
 

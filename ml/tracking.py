@@ -1,0 +1,255 @@
+"""Everything a training tells MLflow: params and tags at the start, metrics per epoch, and at
+the end the test metrics, the evaluation artifacts, a model card written from the data the run
+used, and the served model (:mod:`ml.serving`). Only rank 0 calls these.
+
+Usage::
+
+    with start_run(cfg, run_id) as run:
+        log_start(cfg, weights, loaders, rt, folder, split_sha256)
+        log_epoch(row)
+        result = log_end(cfg, classifier, test, history, best_epoch, loaders, preprocessing, run)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ml.data import Loaders
+from ml.errors import PipelineError
+from ml.evaluate import plot_confusion, plot_curves
+from ml.labels import LABELS
+from ml.model import Classifier, WeightsInfo
+from ml.redact import get_logger, redact_text
+from ml.runtime import Runtime
+from ml.serving import ENTRY, PACKAGE, export
+from ml.train_config import TrainConfig
+from ml.transforms import Preprocessing
+
+log = get_logger(__name__)
+
+
+@contextmanager
+def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
+    """The training's MLflow run: a new one, or the one a resumed checkpoint names."""
+    import mlflow
+
+    try:
+        mlflow.set_experiment(cfg.experiment)
+        run = mlflow.start_run(run_id=run_id, run_name=cfg.run_name or None)
+    except Exception as exc:
+        from ml.registry import tracking_uri
+
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"the MLflow tracking server at {tracking_uri()} refused to start the run: "
+            f"{redact_text(first)}; check the server and MLFLOW_TRACKING_URI"
+        ) from None
+    with run:
+        yield run
+
+
+def log_start(
+    cfg: TrainConfig,
+    weights: WeightsInfo,
+    loaders: Loaders,
+    rt: Runtime,
+    folder: Any,
+    split_sha256: str,
+) -> None:
+    """Params (the configuration, redacted), tags and the data's counts."""
+    import mlflow
+
+    params = {k: redact_text(str(v)) for k, v in dataclasses.asdict(cfg).items()}
+    mlflow.log_params({**params, "split_sha256": split_sha256})
+    tags = {
+        "weights": weights.source,
+        "pretrained": str(weights.pretrained).lower(),
+        "weights_sha256": weights.sha256,
+        "split": cfg.split,
+        "dataset": cfg.split.split("/splits/")[0],
+        "device": str(rt.device),
+        "world_size": str(rt.world),
+        "checkpoint": str(folder),
+        **({"orchestrator_run_id": cfg.orchestrator_run_id} if cfg.orchestrator_run_id else {}),
+        **(
+            {"warning": "trained from random weights (--weights none)"}
+            if not weights.pretrained
+            else {}
+        ),
+    }
+    mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()})
+    mlflow.log_dict(loaders.counts, "data/split_counts.json")
+    mlflow.log_dict({str(i): name for i, name in enumerate(LABELS)}, "data/label_map.json")
+
+
+def log_epoch(row: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics(
+        {k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])
+    )
+
+
+def test_metrics(test: dict[str, Any], best_epoch: int) -> dict[str, float]:
+    metrics = {
+        "test_accuracy": test["accuracy"],
+        "test_macro_f1": test["macro_f1"],
+        "test_loss": test["loss"],
+        "best_epoch": float(best_epoch),
+    }
+    for name, values in test["per_class"].items():
+        key = name.lower().replace(" ", "_")
+        metrics.update(
+            {
+                f"test_f1_{key}": values["f1"],
+                f"test_precision_{key}": values["precision"],
+                f"test_recall_{key}": values["recall"],
+            }
+        )
+    return metrics
+
+
+def log_end(
+    cfg: TrainConfig,
+    classifier: Classifier,
+    test: dict[str, Any],
+    history: list[dict[str, Any]],
+    best_epoch: int,
+    loaders: Loaders,
+    preprocessing: Preprocessing,
+    weights: WeightsInfo,
+    run: Any,
+) -> str:
+    """Test metrics, evaluation artifacts, model card and the served model; its URI."""
+    import mlflow
+
+    mlflow.log_metrics(test_metrics(test, best_epoch))
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        plot_confusion(test, tmp / "confusion_matrix.png")
+        plot_curves(history, tmp / "training_curves.png")
+        (tmp / "test_report.json").write_text(json.dumps(test, indent=2))
+        card = model_card(cfg, test, loaders.counts, preprocessing, weights, best_epoch)
+        (tmp / "MODEL_CARD.md").write_text(card)
+        mlflow.log_artifacts(str(tmp), "evaluation")
+    model_uri = log_model(cfg, classifier, preprocessing)
+    mlflow.set_tag("model_uri", model_uri)
+    return model_uri
+
+
+def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preprocessing) -> str:
+    """Log the served model (models from code, plain weights, the ``ml`` package as code)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    classifier = classifier.to("cpu").float().eval()
+    size = preprocessing.crop_size
+    example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
+    with torch.no_grad():
+        output = classifier(torch.from_numpy(example)).numpy()
+    config = {
+        "arch": cfg.arch,
+        "labels": list(LABELS),
+        "preprocessing": preprocessing.to_dict(),
+    }
+    with tempfile.TemporaryDirectory() as name:
+        artifacts = export(classifier, Path(name), config)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(ENTRY),
+            artifacts=artifacts,
+            code_paths=[str(PACKAGE)],
+            signature=infer_signature(example, output),
+            input_example=example,
+            pip_requirements=[
+                f"torch=={_version('torch')}",
+                f"torchvision=={_version('torchvision')}",
+                f"numpy=={np.__version__}",
+                f"pillow=={_version('pillow')}",
+            ],
+            metadata={
+                "labels": list(LABELS),
+                "image_size": size,
+                "resize_size": preprocessing.resize_size,
+                "input": "float32 RGB in [0, 1], shape (N, 3, H, W); output: probabilities",
+            },
+        )
+    return str(info.model_uri)
+
+
+def _version(package: str) -> str:
+    return version(package).split("+")[0]
+
+
+def model_card(
+    cfg: TrainConfig,
+    test: dict[str, Any],
+    counts: dict[str, dict[str, int]],
+    preprocessing: Preprocessing,
+    weights: WeightsInfo,
+    best_epoch: int,
+) -> str:
+    """The model card, written from the data this run used (not from the reference dataset)."""
+    totals = {label: sum(split[label] for split in counts.values()) for label in LABELS}
+    images = sum(totals.values()) or 1
+    share_rows = "\n".join(
+        f"| {label} | {totals[label]} | {totals[label] / images:.1%} | "
+        + " | ".join(str(counts[s][label]) for s in ("train", "valid", "test"))
+        + " |"
+        for label in LABELS
+    )
+    rows = "\n".join(
+        f"| {name} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+        for name, v in test["per_class"].items()
+    )
+    rarest = min(LABELS, key=lambda label: totals[label])
+    smallest_test = min(LABELS, key=lambda label: counts["test"][label])
+    origin = (
+        f"`{weights.source}` (SHA-256 {weights.sha256[:12]}...)"
+        if weights.pretrained
+        else "random weights (`--weights none`: a test or demo, not a usable model)"
+    )
+    return f"""# Image sentiment classifier
+
+{cfg.arch} fine-tuned from {origin} to 5 sentiment classes: {", ".join(LABELS)}.
+
+- Data: `{cfg.split}`: {images} images (train {sum(counts["train"].values())}, valid
+  {sum(counts["valid"].values())}, test {sum(counts["test"].values())})
+- Best epoch (validation macro-F1): {best_epoch}; trained {cfg.epochs} epochs at most
+- Test accuracy {test["accuracy"]:.4f}, test macro-F1 {test["macro_f1"]:.4f}
+
+## Classes in this run's data
+
+| class | images | share | train | valid | test |
+|---|---|---|---|---|---|
+{share_rows}
+
+## Test results
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{rows}
+
+## Input
+RGB images: resize the shorter side to {preprocessing.resize_size} px, centre-crop
+{preprocessing.crop_size} px, scale to float32 in [0, 1], shape (N, 3, {preprocessing.crop_size},
+{preprocessing.crop_size}). The model normalizes internally and returns class probabilities in
+the order above. `python -m ml predict` does all of this from image URLs or object keys.
+
+## Known limits
+- The classes are imbalanced in this data ("{rarest}" is {totals[rarest] / images:.1%} of it):
+  read macro-F1 and the per-class rows, not accuracy alone.
+- The test split holds {counts["test"][smallest_test]} "{smallest_test}" images: that class's
+  test figures move by several points with one or two predictions.
+- Labels are crowd judgments of perceived sentiment, not ground truth.
+"""
