@@ -15,6 +15,7 @@ Usage: ``mlflow.pyfunc.load_model("models:/image-sentiment@champion").predict(x)
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ from ml.runtime import choose_device
 #: The models-from-code script MLflow runs to build the model (it calls ``set_model``).
 ENTRY = Path(__file__).with_name("_served_model.py")
 PACKAGE = Path(__file__).parent
+
+
+# MLflow asks for type hints on predict to build a schema; the logged signature is the schema.
+warnings.filterwarnings(
+    "ignore", message=".*Add type hints to the `predict` method", category=UserWarning
+)
 
 
 class SentimentModel(PythonModel):
@@ -54,7 +61,6 @@ class SentimentModel(PythonModel):
         classifier.load_state_dict(state)
         self.model = classifier.to(self.device).eval()
 
-    # No type hints here: MLflow reads them as a schema; the logged signature is the schema.
     def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         if self.model is None:
             raise RuntimeError("the model was not loaded (load_context was not called)")

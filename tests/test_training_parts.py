@@ -1,0 +1,332 @@
+"""Training's parts on the CPU: device choice, head-only warm-up, schedule, checkpoints, seeds.
+
+What breaks only on a GPU is checked here through injectable decisions; the GPU script
+(benchmarks/train_throughput.py --part gpu) runs the rest where a GPU is at hand.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ml.checkpoint import Checkpoints, TrainingState, cpu_copy
+from ml.errors import PipelineError
+from ml.model import architecture, eval_preset, known_weights
+from ml.runtime import Runtime, choose_device, restore_rng, rng_state, seed_worker
+from ml.serving import SentimentModel
+from ml.train import (
+    Step,
+    _train_mode,
+    make_optimizer,
+    make_scheduler,
+    param_groups,
+    set_backbone_frozen,
+    train_one_epoch,
+)
+from ml.train_config import TrainConfig
+from ml.transforms import Normalizer, Preprocessing
+from ml.uri import S3Uri
+
+CPU = Runtime(0, 1, 0, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------- device choice
+
+@pytest.mark.parametrize(
+    ("preference", "cuda", "expected"),
+    [("auto", True, "cuda:0"), ("auto", False, "cpu"), ("cpu", True, "cpu"),
+     ("cuda", True, "cuda:0"), ("cuda:3", True, "cuda:3"), ("CUDA", True, "cuda:0")],
+)
+def test_the_device_is_chosen_at_load_time(preference: str, cuda: bool, expected: str) -> None:
+    assert str(choose_device(preference, cuda_available=lambda: cuda)) == expected
+
+
+def test_asking_for_cuda_without_a_gpu_is_an_error_not_a_fallback() -> None:
+    for preference in ("cuda", "cuda:1"):
+        with pytest.raises(PipelineError, match="no GPU is visible"):
+            choose_device(preference, cuda_available=lambda: False)
+    with pytest.raises(PipelineError, match="auto, cpu, cuda"):
+        choose_device("tpu", cuda_available=lambda: True)
+
+
+def test_each_rank_gets_its_own_gpu() -> None:
+    assert str(choose_device("auto", local_rank=5, cuda_available=lambda: True)) == "cuda:5"
+
+
+def _served(tmp_path: Path, decide: Any, device: str = "auto") -> SentimentModel:
+    from ml.model import Classifier
+    from ml.serving import export
+
+    preprocessing = Preprocessing(crop_size=32, resize_size=36)
+    classifier = Classifier(architecture("resnet18"), preprocessing.mean, preprocessing.std)
+    artifacts = export(classifier, tmp_path, {"arch": "resnet18",
+                                              "labels": ["a", "b", "c", "d", "e"],
+                                              "preprocessing": preprocessing.to_dict()})
+
+    class Context:
+        model_config = {"device": device}
+
+    Context.artifacts = artifacts  # type: ignore[attr-defined]
+    model = SentimentModel(decide)
+    model.load_context(Context())
+    return model
+
+
+def test_the_logged_model_moves_its_weights_to_the_chosen_device(tmp_path: Path) -> None:
+    """A GPU machine is simulated by the decision: the weights go where it says (meta here)."""
+    asked: list[str] = []
+
+    def decide(preference: str) -> torch.device:
+        asked.append(preference)
+        return torch.device("meta")
+
+    model = _served(tmp_path, decide, device="cuda")
+    assert asked == ["cuda"]
+    assert model.model is not None
+    assert {p.device.type for p in model.model.parameters()} == {"meta"}
+    cpu = _served(tmp_path, lambda p: choose_device(p, cuda_available=lambda: False))
+    probs = cpu.predict(None, np.random.rand(2, 3, 32, 32).astype(np.float32))
+    assert probs.shape == (2, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    with pytest.raises(PipelineError, match="no GPU"):
+        _served(tmp_path, lambda p: choose_device(p, cuda_available=lambda: False), "cuda")
+
+
+# ------------------------------------------------------------------ head-only warm-up
+
+def _batches(n: int = 16, size: int = 32) -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return DataLoader(TensorDataset(images, torch.arange(n) % 5), batch_size=8)
+
+
+def _step(model: nn.Module, cfg: TrainConfig, steps: int) -> Step:
+    optimizer = make_optimizer(model, cfg)
+    return Step(optimizer, make_scheduler(optimizer, cfg, steps), torch.amp.GradScaler(
+        "cuda", enabled=False), nn.CrossEntropyLoss(), Normalizer(
+        [0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=False))
+
+
+def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
+    torch.manual_seed(0)
+    model = architecture("resnet18")
+    cfg = TrainConfig(split="s3://b/x", epochs=4, head_epochs=1, warmup_epochs=2.0, lr=0.1)
+    step = _step(model, cfg, steps=2)
+    assert {g["role"]: g["lr"] for g in step.optimizer.param_groups}["backbone"] == 0.0
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_backbone_frozen(model, step.optimizer, True)
+    _train_mode(model, frozen_backbone=True)
+    train_one_epoch(model, _batches(), step, cfg, CPU)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith("fc.") for k in moved)  # BN statistics included
+    backbone = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
+    assert all(p not in step.optimizer.state for p in backbone)  # no momentum built up
+    # Thawing: the backbone's state starts clean and its learning rate warms up from ~0.
+    for p in backbone:
+        step.optimizer.state[p] = {"momentum_buffer": torch.ones_like(p)}
+    set_backbone_frozen(model, step.optimizer, False)
+    assert all(p not in step.optimizer.state for p in backbone)
+    assert all(p.requires_grad for p in model.parameters())
+    rates = {g["role"]: g["lr"] for g in step.optimizer.param_groups}
+    # The thawed backbone's first step: a quarter of the peak (warmup of 4 steps), where the
+    # old schedule jumped to the head's rate (here already at half of its own warmup).
+    assert rates["backbone"] == pytest.approx(cfg.lr / 4)
+    assert rates["head"] == pytest.approx(cfg.lr * 3 / 4)
+
+
+def test_schedule_gives_the_backbone_its_own_warmup() -> None:
+    model = architecture("resnet18")
+    cfg = TrainConfig(split="s3://b/x", epochs=10, head_epochs=2, warmup_epochs=1.0, lr=1.0)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
+    backbone, head = [], []
+    for _ in range(40):
+        rates = {g["role"]: g["lr"] for g in optimizer.param_groups}
+        backbone.append(rates["backbone"])
+        head.append(rates["head"])
+        optimizer.step()
+        scheduler.step()
+    assert backbone[:20] == [0.0] * 20
+    assert backbone[20] == pytest.approx(0.1) and backbone[29] == pytest.approx(1.0)
+    assert head[0] == pytest.approx(0.1) and head[9] == pytest.approx(1.0)
+
+
+def test_no_weight_decay_on_batchnorm_and_biases() -> None:
+    groups = param_groups(architecture("resnet18"), weight_decay=1e-4)
+    for group in groups:
+        shapes = {p.ndim for p in group["params"]}
+        assert group["weight_decay"] == (1e-4 if shapes == {2, 4} or shapes <= {2, 4} and
+                                         1 not in shapes else 0.0)
+        assert (1 in shapes) == (group["weight_decay"] == 0.0)
+    assert {g["role"] for g in groups} == {"backbone", "head"}
+
+
+# ----------------------------------------------------------- evaluation preprocessing
+
+def test_evaluation_resize_follows_the_chosen_weights(tmp_path: Path) -> None:
+    from torchvision.models import ResNet152_Weights
+
+    v1 = eval_preset("resnet152", ResNet152_Weights.IMAGENET1K_V1)
+    v2 = eval_preset("resnet152", ResNet152_Weights.IMAGENET1K_V2)
+    assert (v1["resize_size"], v2["resize_size"]) == (256, 232)
+    assert Preprocessing.from_preset(v1, 224).resize_size == 256
+    assert Preprocessing.from_preset(v2, 64).resize_size == 66
+    assert known_weights("resnet152", tmp_path / "resnet152-394f9c45.pth") == (
+        ResNet152_Weights.IMAGENET1K_V1)
+    assert known_weights("resnet152", tmp_path / "resnet152-f82ba261.pth") == (
+        ResNet152_Weights.IMAGENET1K_V2)
+    assert known_weights("resnet152", tmp_path / "mine.pth") is None
+
+
+def test_normalizer_matches_the_reference_formula() -> None:
+    batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    reference = (batch.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
+        std).view(1, 3, 1, 1)
+    out = Normalizer(mean, std, torch.device("cpu"))(batch)
+    assert torch.allclose(out, reference, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+class _SlowStore:
+    """An in-memory store whose writes take a while (to see them leave the loop's path)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.objects: dict[str, bytes] = {}
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def put_bytes(self, uri: S3Uri, data: bytes, **_: object) -> bool:
+        time.sleep(self.delay)
+        with self.lock:
+            self.objects[uri.key] = data
+        return True
+
+    def get_bytes(self, uri: S3Uri) -> bytes:
+        return self.objects[uri.key]
+
+    def exists(self, uri: S3Uri) -> bool:
+        return uri.key in self.objects
+
+    def list_keys(self, prefix: S3Uri) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix.key + "/"))
+
+    def delete(self, uri: S3Uri) -> None:
+        self.objects.pop(uri.key, None)
+
+    def write_json(self, uri: S3Uri, payload: Any) -> None:
+        import json
+
+        self.objects[uri.key] = json.dumps(payload).encode()
+
+    def read_json(self, uri: S3Uri) -> Any:
+        import json
+
+        return json.loads(self.objects[uri.key])
+
+
+def _payload(epoch: int, best_epoch: int) -> dict[str, Any]:
+    state = TrainingState(epoch=epoch, best_epoch=best_epoch, best_metric=0.5)
+    return {"model": {"w": torch.full((2,), float(epoch))}, "state": state.to_dict()}
+
+
+def test_uploads_run_off_the_training_loop() -> None:
+    store = _SlowStore(delay=0.5)
+    checkpoints = Checkpoints(store, S3Uri("b", "ck"), {"a": 1})  # type: ignore[arg-type]
+    started = time.monotonic()
+    checkpoints.save(_payload(0, 0), (0, {"w": torch.zeros(2)}))
+    assert time.monotonic() - started < 0.3  # queued, not written
+    checkpoints.wait()
+    assert {"ck/last.pt", "ck/best-e0.pt"} <= set(store.objects)
+
+
+def test_last_and_best_can_never_disagree_after_a_kill() -> None:
+    store = _SlowStore()
+    folder = S3Uri("b", "ck")
+    checkpoints = Checkpoints(store, folder, {"a": 1}, background=False)  # type: ignore[arg-type]
+    checkpoints.save(_payload(0, 0), (0, {"w": torch.zeros(2)}))
+    checkpoints.save(_payload(1, 1), (1, {"w": torch.ones(2)}))
+    assert set(store.objects) == {"ck/last.pt", "ck/best-e1.pt"}  # the older best is gone
+    # Killed after the next best was written but before the last.pt that names it:
+    from ml.checkpoint import serialize
+
+    store.objects["ck/best-e2.pt"] = serialize({"model": {"w": torch.full((2,), 2.0)},
+                                                "epoch": 2})
+    resumed = Checkpoints(store, folder, {"a": 1})  # type: ignore[arg-type]
+    saved = resumed.load()
+    assert saved is not None and saved["state"]["best_epoch"] == 1
+    assert torch.equal(resumed.best_weights(saved)["w"], torch.ones(2))
+
+
+def test_a_checkpoint_of_another_world_size_or_identity_is_refused() -> None:
+    store = _SlowStore()
+    folder = S3Uri("b", "ck")
+    Checkpoints(store, folder, {"lr": 0.1}, world=2, background=False).save(  # type: ignore[arg-type]
+        _payload(0, 0), (0, {"w": torch.zeros(2)}))
+    with pytest.raises(PipelineError, match="2 process"):
+        Checkpoints(store, folder, {"lr": 0.1}, world=1).load()  # type: ignore[arg-type]
+    with pytest.raises(PipelineError, match="differs in: lr"):
+        Checkpoints(store, folder, {"lr": 0.2}, world=2).load()  # type: ignore[arg-type]
+
+
+def test_cpu_copy_is_detached_from_training() -> None:
+    weights = {"w": torch.zeros(3)}
+    copy = cpu_copy(weights)
+    weights["w"] += 1
+    assert torch.equal(copy["w"], torch.zeros(3))
+
+
+# ------------------------------------------------------------------------ random streams
+
+def test_every_random_stream_is_saved_and_restored() -> None:
+    generators = {"shuffle": torch.Generator().manual_seed(3)}
+    saved = rng_state(generators)
+    first = (random.random(), np.random.rand(), torch.rand(1).item(),
+             torch.rand(1, generator=generators["shuffle"]).item())
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)  # it must survive a weights_only load
+    buffer.seek(0)
+    restore_rng(torch.load(buffer, weights_only=True), generators)
+    again = (random.random(), np.random.rand(), torch.rand(1).item(),
+             torch.rand(1, generator=generators["shuffle"]).item())
+    assert first == again
+
+
+class _Draw(torch.utils.data.Dataset[float]):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> float:
+        return float(np.random.rand())
+
+
+def test_loader_workers_draw_their_own_numpy_streams() -> None:
+    loader = DataLoader(_Draw(), batch_size=1, num_workers=2, worker_init_fn=seed_worker,
+                        generator=torch.Generator().manual_seed(0))
+    values = [float(v) for v in loader]
+    assert len(set(values)) == len(values)
+
+
+def test_the_collective_timeout_is_set_deliberately(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ml.runtime
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ml.runtime.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(ml.runtime.dist, "init_process_group",
+                        lambda backend, **kw: seen.update(backend=backend, **kw))
+    ml.runtime.setup_runtime("cpu", timeout_minutes=45)
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 45 * 60
