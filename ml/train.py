@@ -111,12 +111,15 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
 
 
-def set_backbone_frozen(model: nn.Module, optimizer: torch.optim.Optimizer, frozen: bool) -> None:
-    """Freeze (no gradients) or thaw the backbone; thawing starts its optimizer state clean."""
+def set_backbone_frozen(
+    model: nn.Module, optimizer: torch.optim.Optimizer, frozen: bool, *, thaw: bool = False
+) -> None:
+    """Freeze (no gradients) or unfreeze the backbone; ``thaw`` (the step from frozen to
+    trained) also starts the backbone's optimizer state clean."""
     for name, param in model.named_parameters():
         if not is_head(name):
             param.requires_grad_(not frozen)
-            if not frozen:
+            if thaw:
                 optimizer.state.pop(param, None)
 
 
@@ -338,7 +341,7 @@ def _run_epochs(session: Session) -> None:
     for epoch in range(state.epoch + 1, cfg.epochs):
         if frozen and epoch >= cfg.head_epochs:
             frozen = False
-            set_backbone_frozen(raw, session.step.optimizer, False)
+            set_backbone_frozen(raw, session.step.optimizer, False, thaw=True)
             session.model = _wrap(raw, cfg, rt)
             log.info("epoch %d: the backbone thaws (its own warmup starts now)", epoch + 1)
         sampler = session.loaders.train_sampler

@@ -252,8 +252,18 @@ def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_serv
     assert "epoch 1/2" not in caplog.text and "epoch 2/2" in caplog.text
     from mlflow import MlflowClient
 
-    steps = [m.step for m in MlflowClient().get_metric_history(result["run_id"], "train_loss")]
+    client = MlflowClient()
+    steps = [m.step for m in client.get_metric_history(result["run_id"], "train_loss")]
     assert steps == [0, 1]  # one run, both epochs, nothing repeated
+
+    # Exact resume: an uninterrupted twin (same settings, its own folder) ends identically.
+    twin_folder = str(folder).replace("/training/", "/training-twin/")
+    twin = fine_tune(_config(learn_split, tmp_path, epochs=2, seed=7, checkpoint=twin_folder))
+    for metric in ("train_loss", "valid_loss", "valid_macro_f1"):
+        resumed = [m.value for m in client.get_metric_history(result["run_id"], metric)]
+        straight = [m.value for m in client.get_metric_history(twin["run_id"], metric)]
+        assert resumed == pytest.approx(straight, rel=1e-5, abs=1e-6), metric
+    assert result["test"] == pytest.approx(twin["test"], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.integration
@@ -387,3 +397,25 @@ def test_registering_one_run_twice_at_once_gives_one_version(trained: dict[str, 
         assert {r["version"] for r in results} == {int(versions[0].version)}
         assert sum(r["created"] for r in results) == 1
         assert "champion" in MlflowClient().get_model_version(name, versions[0].version).aliases
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_finished_training_killed_before_its_result_does_not_train_again(
+    learn_split: str, mlflow_server: str, tmp_path: Path
+) -> None:
+    """Early-stopped (or at its last epoch), then killed during the test or the export."""
+    from mlflow import MlflowClient
+
+    folder = learn_split.rsplit("/splits/", 1)[0] + f"/finished/{uuid.uuid4().hex[:8]}"
+    config = _config(learn_split, tmp_path, arch="resnet18", epochs=6, max_steps_per_epoch=1,
+                     patience=1, lr=1e-6, checkpoint=folder)
+    first = fine_tune(config)
+    assert first["epochs_run"] < 6  # early stopped
+    store = ObjectStore()
+    store.delete(S3Uri.parse(folder).child("result.json"))
+    again = fine_tune(config)
+    client = MlflowClient()
+    history = client.get_metric_history(again["run_id"], "train_loss")
+    assert again["run_id"] == first["run_id"] and len(history) == first["epochs_run"]
+    assert again["best_epoch"] == first["best_epoch"] and again["test"] == first["test"]

@@ -133,7 +133,9 @@ def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
     # Thawing: the backbone's state starts clean and its learning rate warms up from ~0.
     for p in backbone:
         step.optimizer.state[p] = {"momentum_buffer": torch.ones_like(p)}
-    set_backbone_frozen(model, step.optimizer, False)
+    set_backbone_frozen(model, step.optimizer, False)  # setting up (a resume): state stays
+    assert all(p in step.optimizer.state for p in backbone)
+    set_backbone_frozen(model, step.optimizer, False, thaw=True)
     assert all(p not in step.optimizer.state for p in backbone)
     assert all(p.requires_grad for p in model.parameters())
     rates = {g["role"]: g["lr"] for g in step.optimizer.param_groups}
