@@ -73,9 +73,10 @@ def _served(tmp_path: Path, decide: Any, device: str = "auto") -> SentimentModel
                                               "preprocessing": preprocessing.to_dict()})
 
     class Context:
-        model_config = {"device": device}
+        def __init__(self) -> None:
+            self.model_config = {"device": device}
+            self.artifacts = artifacts
 
-    Context.artifacts = artifacts  # type: ignore[attr-defined]
     model = SentimentModel(decide)
     model.load_context(Context())
     return model
@@ -166,9 +167,9 @@ def test_no_weight_decay_on_batchnorm_and_biases() -> None:
     groups = param_groups(architecture("resnet18"), weight_decay=1e-4)
     for group in groups:
         shapes = {p.ndim for p in group["params"]}
-        assert group["weight_decay"] == (1e-4 if shapes == {2, 4} or shapes <= {2, 4} and
-                                         1 not in shapes else 0.0)
-        assert (1 in shapes) == (group["weight_decay"] == 0.0)
+        # Matrices and kernels decay; BatchNorm weights and all biases (1-D) do not.
+        assert group["weight_decay"] == (0.0 if shapes == {1} else 1e-4)
+        assert shapes == {1} or 1 not in shapes
     assert {g["role"] for g in groups} == {"backbone", "head"}
 
 
