@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,7 +26,10 @@ from torch import nn
 from ml.errors import PipelineError
 from ml.labels import LABELS
 from ml.redact import get_logger
-from ml.storage import ObjectStore, S3Uri
+from ml.uri import S3Uri
+
+if TYPE_CHECKING:
+    from ml.storage import ObjectStore
 
 log = get_logger(__name__)
 
@@ -142,6 +145,8 @@ def resolve_weights(
         return None, WeightsInfo("none", pretrained=False, transforms=eval_preset(arch))
     cache = weights_cache_dir()
     if weights.startswith("s3://"):
+        from ml.storage import ObjectStore
+
         uri = S3Uri.parse(weights)
         target = cache / Path(uri.key).name
         if not target.is_file():
@@ -246,11 +251,6 @@ class Classifier(nn.Module):
         return torch.softmax(self.model((x - self.mean) / self.std), dim=1)
 
 
-def is_head(name: str) -> bool:
-    """Whether a parameter name belongs to the new classification head."""
-    return name.startswith("fc.")
-
-
 def stage_weights(
     path: str, destination: str, *, store: ObjectStore | None = None
 ) -> dict[str, Any]:
@@ -259,6 +259,8 @@ def stage_weights(
     if not source.is_file():
         raise PipelineError(f"weights file not found: {source}")
     digest = _check_hash(source, None)
+    from ml.storage import ObjectStore
+
     target = S3Uri.parse(destination)
     if not target.key.endswith((".pth", ".pt")):
         target = target.child(source.name)

@@ -8,8 +8,9 @@ Several GPUs on one machine (DDP, a DistributedSampler; only rank 0 logs and sav
 
     torchrun --nproc-per-node 8 -m ml train --split s3://.../splits.parquet
 
-The shape follows torchvision's classification reference: ``train_one_epoch``, ``evaluate`` and
-``fine_tune``, with the other concerns beside the loop: data and loaders in :mod:`ml.data`,
+The shape follows torchvision's classification reference: ``train_one_epoch`` and ``evaluate``
+(in :mod:`ml.loop`, torch only) and ``fine_tune`` here, with the other concerns beside the
+loop: data and loaders in :mod:`ml.data`,
 checkpoints in :mod:`ml.checkpoint`, MLflow in :mod:`ml.tracking`, the served model in
 :mod:`ml.serving`, ranks, devices and seeds in :mod:`ml.runtime`.
 
@@ -24,222 +25,38 @@ No weight decay on BatchNorm parameters and biases. Losses are logged on the sam
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn import functional
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from ml.checkpoint import Checkpoints, TrainingState, cpu_copy
 from ml.data import Loaders, load_split, make_loaders
-from ml.evaluate import compute_metrics
-from ml.labels import LABELS
-from ml.model import Classifier, WeightsInfo, build_model, is_head
+from ml.loop import (
+    Step,
+    evaluate,
+    lr_factor,
+    make_optimizer,
+    make_scheduler,
+    set_backbone_frozen,
+    train_mode,
+    train_one_epoch,
+)
+from ml.model import Classifier, WeightsInfo, build_model
 from ml.progress import Progress
 from ml.redact import get_logger
 from ml.runtime import Runtime, restore_rng, rng_state, seed_everything, setup_runtime
 from ml.storage import ObjectStore, S3Uri
 from ml.train_config import TrainConfig
-from ml.transforms import Normalizer, Preprocessing
+from ml.transforms import Preprocessing
 
 log = get_logger(__name__)
 
 __all__ = ["Classifier", "evaluate", "fine_tune", "lr_factor", "train_one_epoch"]
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ------------------------------------------------------------------ optimizer and schedule
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Backbone and head, each split into decayed weights and undecayed BatchNorm parameters
-    and biases (decaying those only pulls the normalization towards zero)."""
-    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
-        role = "head" if is_head(name) else "backbone"
-        groups.setdefault((role, param.ndim > 1), []).append(param)
-    return [
-        {
-            "params": params,
-            "role": role,
-            "weight_decay": weight_decay if decayed else 0.0,
-        }
-        for (role, decayed), params in sorted(groups.items())
-    ]
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
-
-
-def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warmup then cosine for the head from the first step; for the backbone, zero during the
-    head-only epochs, then its own warmup from the step it thaws, then cosine to the end."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    thaw = cfg.head_epochs * steps_per_epoch
-
-    def head(step: int) -> float:
-        return lr_factor(step, total, warmup)
-
-    def backbone(step: int) -> float:
-        return 0.0 if step < thaw else lr_factor(step - thaw, total - thaw, warmup)
-
-    factors: list[Callable[[int], float]] = [
-        head if group["role"] == "head" else backbone for group in optimizer.param_groups
-    ]
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
-
-
-def set_backbone_frozen(
-    model: nn.Module, optimizer: torch.optim.Optimizer, frozen: bool, *, thaw: bool = False
-) -> None:
-    """Freeze (no gradients) or unfreeze the backbone; ``thaw`` (the step from frozen to
-    trained) also starts the backbone's optimizer state clean."""
-    for name, param in model.named_parameters():
-        if not is_head(name):
-            param.requires_grad_(not frozen)
-            if thaw:
-                optimizer.state.pop(param, None)
-
-
-def _train_mode(model: nn.Module, frozen_backbone: bool) -> None:
-    """Train mode; a frozen backbone's BatchNorm layers keep their running statistics."""
-    model.train()
-    if frozen_backbone:
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not is_head(name):
-                module.eval()
-
-
-def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
-    if device.type != "cuda" or cfg.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-# ------------------------------------------------------------------------- one epoch
-
-
-@dataclass
-class Step:
-    """What one optimization step needs besides the batch."""
-
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    objective: nn.Module
-    normalizer: Normalizer
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader[Any],
-    step: Step,
-    cfg: TrainConfig,
-    rt: Runtime,
-    on_step: Callable[[str], None] | None = None,
-) -> dict[str, float]:
-    """One pass over the training loader. Sums stay on the device (no per-step host sync)."""
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, objective, right, n
-    started = time.perf_counter()
-    for index, (images, targets) in enumerate(loader):
-        if cfg.max_steps_per_epoch and index >= cfg.max_steps_per_epoch:
-            break
-        x = step.normalizer(images)
-        y = targets.to(rt.device, non_blocking=True)
-        with _autocast(cfg, rt.device):
-            logits = model(x)
-        logits = logits.float()
-        loss = step.objective(logits, y)
-        step.optimizer.zero_grad(set_to_none=True)
-        step.scaler.scale(loss).backward()
-        if cfg.clip_grad > 0:
-            step.scaler.unscale_(step.optimizer)
-            nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], cfg.clip_grad
-            )
-        step.scaler.step(step.optimizer)
-        step.scaler.update()
-        step.scheduler.step()
-        with torch.no_grad():
-            n = y.numel()
-            sums[:3] += torch.stack(
-                [
-                    functional.cross_entropy(logits, y, reduction="sum").double(),
-                    loss.detach().double() * n,
-                    (logits.argmax(1) == y).sum().double(),
-                ]
-            )
-            sums[3] += n
-        if on_step is not None:
-            on_step("step")
-    if rt.world > 1:
-        dist.all_reduce(sums)
-    loss_sum, objective_sum, right, seen = sums.tolist()  # the one host sync of the epoch
-    elapsed = time.perf_counter() - started
-    n = max(1.0, seen)
-    return {
-        "train_loss": loss_sum / n,
-        "train_objective": objective_sum / n,
-        "train_accuracy": right / n,
-        "train_images_per_s": seen / elapsed,
-        "epoch_seconds": elapsed,
-    }
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader[Any],
-    cfg: TrainConfig,
-    rt: Runtime,
-    normalizer: Normalizer,
-) -> tuple[dict[str, Any], np.ndarray]:
-    """Metrics over the whole loader (plain cross-entropy) and the class probabilities."""
-    model.eval()
-    probs: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    for images, labels in loader:
-        with _autocast(cfg, rt.device):
-            logits = model(normalizer(images))
-        logits = logits.float()
-        y = labels.to(rt.device, non_blocking=True)
-        loss_sum += functional.cross_entropy(logits, y, reduction="sum").double()
-        probs.append(torch.softmax(logits, 1))
-        targets.append(y)
-    if not probs:
-        return compute_metrics([], []) | {"loss": 0.0}, np.zeros((0, len(LABELS)), np.float32)
-    p = torch.cat(probs).cpu().numpy()
-    truth = torch.cat(targets).cpu().tolist()
-    metrics = compute_metrics(truth, p.argmax(1).tolist())
-    metrics["loss"] = float(loss_sum) / max(1, len(truth))
-    return metrics, p
-
-
-# -------------------------------------------------------------------------- training
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -347,7 +164,7 @@ def _run_epochs(session: Session) -> None:
         sampler = session.loaders.train_sampler
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
-        _train_mode(session.model, frozen)
+        train_mode(session.model, frozen)
         bar = (
             Progress(session.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
             if rt.main

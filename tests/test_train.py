@@ -27,12 +27,13 @@ from ml.evaluate import compute_metrics
 from ml.imageserver import ImageServer
 from ml.ingest import ingest
 from ml.labels import LABELS
+from ml.loop import lr_factor
 from ml.model import Classifier, build_model, sha256_of, stage_weights
 from ml.predict import predict
 from ml.registry import register_model
 from ml.splits import make_splits
 from ml.storage import ObjectStore, S3Uri
-from ml.train import fine_tune, lr_factor
+from ml.train import fine_tune
 from ml.train_config import TrainConfig
 from tests.helpers import labelled_urls, plain_csv
 

@@ -20,18 +20,18 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ml.checkpoint import Checkpoints, TrainingState, cpu_copy
 from ml.errors import PipelineError
-from ml.model import architecture, eval_preset, known_weights
-from ml.runtime import Runtime, choose_device, restore_rng, rng_state, seed_worker
-from ml.serving import SentimentModel
-from ml.train import (
+from ml.loop import (
     Step,
-    _train_mode,
     make_optimizer,
     make_scheduler,
     param_groups,
     set_backbone_frozen,
+    train_mode,
     train_one_epoch,
 )
+from ml.model import architecture, eval_preset, known_weights
+from ml.runtime import Runtime, choose_device, restore_rng, rng_state, seed_worker
+from ml.serving import SentimentModel
 from ml.train_config import TrainConfig
 from ml.transforms import Normalizer, Preprocessing
 from ml.uri import S3Uri
@@ -124,7 +124,7 @@ def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
     assert {g["role"]: g["lr"] for g in step.optimizer.param_groups}["backbone"] == 0.0
     before = {k: v.clone() for k, v in model.state_dict().items()}
     set_backbone_frozen(model, step.optimizer, True)
-    _train_mode(model, frozen_backbone=True)
+    train_mode(model, frozen_backbone=True)
     train_one_epoch(model, _batches(), step, cfg, CPU)
     after = model.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -333,3 +333,16 @@ def test_the_collective_timeout_is_set_deliberately(monkeypatch: pytest.MonkeyPa
                         lambda backend, **kw: seen.update(backend=backend, **kw))
     ml.runtime.setup_runtime("cpu", timeout_minutes=45)
     assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 45 * 60
+
+
+def test_the_gpu_benchmarks_trainer_row_runs(tmp_path: Path) -> None:
+    """A small CPU run of the benchmark's trainer-defaults row (the GPU runs the full one)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.train_throughput import bench_trainer_defaults, make_images
+
+    make_images(tmp_path, 20)
+    row = bench_trainer_defaults(tmp_path, 2, device="cpu", arch="resnet18", image_size=32,
+                                 batch_size=4, workers=0)
+    assert row["images_per_s"] > 0 and row["batch"] == 4
