@@ -4,8 +4,11 @@
 Retrains the image-sentiment classifier end to end from a CSV of image URLs with 5-level
 sentiment labels:
 
-`ingest` → `plan_batches` → `download_batch` (mapped) → `collect_manifest` → `split` →
-`train` (GPU queue) → `register`
+`preflight` (GPU queue) → `ingest` → `plan_batches` → `download_batch` (mapped) →
+`collect_manifest` → `split` → `train` (GPU queue) → `register`
+
+- **preflight** checks, on the training worker, that its device is there and the initial
+  weights are (downloading them where `ML_DOWNLOAD_WEIGHTS` allows), before any download work.
 
 - **ingest** validates the CSV and writes its canonical records (outlet: the dataset asset).
 - **download_batch** fetches images safely (address policy, byte cap, deadline, image checks)
@@ -125,6 +128,19 @@ def _fail_fast_on_bad_params(error: Exception) -> None:
     },
 )
 def image_sentiment() -> None:
+    @task(queue=GPU_QUEUE)
+    def preflight(*, params: dict[str, Any]) -> dict[str, Any]:
+        """On the training worker, before any download: its device and the weights exist."""
+        from ml.errors import PipelineError
+        from ml.pipeline import preflight_step
+
+        try:
+            return preflight_step(params)
+        except PipelineError as error:  # missing weights or GPU: an hour of downloads won't help
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(str(error)) from None
+
     @task(outlets=[DATASET_ASSET])
     def ingest(*, params: dict[str, Any]) -> Any:
         from ml.pipeline import ingest_step
@@ -179,6 +195,7 @@ def image_sentiment() -> None:
         return result
 
     ingested = ingest()
+    preflight() >> ingested
     batches = plan_batches(ingested)
     results = download_batch.expand(batch=batches)
     manifest = collect_manifest(ingested, results)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Mapping
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ml.settings import PipelineSettings
@@ -90,22 +92,33 @@ def split_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> dict[s
     return make_splits(ingested["dataset"], ratios=s.ratios, seed=s.seed)
 
 
-def train_step(
-    params: Mapping[str, Any], split: Mapping[str, Any], run_id: str = ""
-) -> dict[str, Any]:
-    from ml.train import fine_tune
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes")
+
+
+def train_device(settings: PipelineSettings, env: Mapping[str, str]) -> str:
+    """The form's device, unless it says ``auto`` and the worker pins one: GPU workers set
+    ``ML_TRAIN_DEVICE=cuda``, so training there never falls back to the CPU silently."""
+    pinned = env.get("ML_TRAIN_DEVICE", "").strip()
+    return pinned if settings.device == "auto" and pinned else settings.device
+
+
+def train_config(
+    settings: PipelineSettings, split: str, run_id: str, env: Mapping[str, str]
+) -> Any:
+    """The TrainConfig a run's parameters describe, its checkpoints in the run's folder."""
     from ml.train_config import TrainConfig
 
-    s = PipelineSettings.from_params(params)
-    config = TrainConfig(
-        split=split["split"],
+    s = settings
+    return TrainConfig(
+        split=split,
         weights=s.weights,
         epochs=s.epochs,
         batch_size=s.batch_size,
         lr=s.learning_rate,
         optimizer=s.optimizer,
         image_size=s.image_size,
-        device=s.device,
+        device=train_device(s, env),
         precision=s.precision,
         imbalance=s.imbalance,
         head_epochs=s.head_epochs,
@@ -114,12 +127,93 @@ def train_step(
         workers=s.workers,
         seed=s.seed,
         orchestrator_run_id=run_id,
-        download_weights=os.environ.get("ML_DOWNLOAD_WEIGHTS", "").lower() in ("1", "true", "yes"),
+        download_weights=_truthy(env.get("ML_DOWNLOAD_WEIGHTS")),
         checkpoint=f"{run_partition(s.store, run_id)}/training" if run_id else "",
     )
-    result = fine_tune(config)
+
+
+def preflight_step(
+    params: Mapping[str, Any], env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """On the training worker, before any download work: the device training will use exists,
+    and the initial weights are there (downloaded where ``ML_DOWNLOAD_WEIGHTS`` allows it)."""
+    from ml.model import resolve_weights
+    from ml.runtime import choose_device
+
+    env = os.environ if env is None else env
+    s = PipelineSettings.from_params(params, env)
+    config = train_config(s, "s3://preflight/x", "", env)
+    device = choose_device(config.device)
+    _, weights = resolve_weights(config.arch, config.weights, download=config.download_weights)
+    return {"device": str(device), "weights": weights.source, "weights_sha256": weights.sha256}
+
+
+def train_step(
+    params: Mapping[str, Any],
+    split: Mapping[str, Any],
+    run_id: str = "",
+    *,
+    env: Mapping[str, str] | None = None,
+    launch: Callable[..., Any] | None = None,
+) -> dict[str, Any]:
+    """Train on this worker: one process, or ``ML_TRAIN_GPUS`` processes under torchrun."""
+    from ml.train import fine_tune
+
+    env = os.environ if env is None else env
+    s = PipelineSettings.from_params(params, env)
+    config = train_config(s, split["split"], run_id, env)
+    processes = int(env.get("ML_TRAIN_GPUS", "1") or "1")
+    if processes > 1:
+        result = run_torchrun(config, processes, launch or subprocess.run)
+    else:
+        result = fine_tune(config)
     result.pop("split_counts", None)
     return result
+
+
+def torchrun_command(config: Any, processes: int) -> list[str]:
+    """``torchrun --standalone --nproc-per-node N -m ml train ...`` for ``config``."""
+    import dataclasses
+
+    flags: list[str] = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags.extend([flag, str(value)])
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(processes),
+        "-m",
+        "ml",
+        "-q",
+        "train",
+        *flags,
+    ]
+
+
+def run_torchrun(config: Any, processes: int, launch: Callable[..., Any]) -> dict[str, Any]:
+    """Run the training under torchrun on this worker and return rank 0's summary."""
+    import json
+
+    from ml.errors import PipelineError
+
+    done = launch(torchrun_command(config, processes), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        reason = errors[-1][len("error:") :].strip() if errors else f"exit code {done.returncode}"
+        raise PipelineError(f"training under torchrun ({processes} processes) failed: {reason}")
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{") and '"run_id"' in line:
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise PipelineError("training under torchrun printed no result; see the task log")
 
 
 def register_step(

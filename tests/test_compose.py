@@ -17,21 +17,24 @@ from tests.conftest import REPO
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 ONE_SHOT = {name for name, s in SERVICES.items() if s.get("restart") == "no"}
-IMAGE = COMPOSE["x-airflow-common"]["image"]
 #: Variables that third-party programs read (not our code), allowed in the environment.
 THIRD_PARTY = re.compile(r"^(AIRFLOW__|POSTGRES_|MINIO_|MLFLOW_S3_ENDPOINT_URL$|"
                          r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION$|DUMB_INIT_SETSID$|AWS_DEFAULT_REGION$"
                          r"|ML_BUCKET$|AIRFLOW_ADMIN_|MLFLOW_TRACKING_(USERNAME|PASSWORD)$|"
-                         r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MLFLOW_FLASK_SERVER_SECRET_KEY$|MC_HOST_)")
+                         r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MLFLOW_FLASK_SERVER_SECRET_KEY$|"
+                         r"ML_GPU_WORKERS$)")
 
 
 def _code_reads() -> set[str]:
     names: set[str] = set()
     pattern = re.compile(r"""(?:environ(?:\.get)?|env\.get|getenv)\(?\[?\s*["']([A-Z][A-Z0-9_]+)""")
-    for folder in ("ml", "dags", "plugins"):
+    for folder in ("ml", "dags", "plugins", "deploy"):
         for path in (REPO / folder).rglob("*.py"):
             names.update(pattern.findall(path.read_text()))
-    return names
+    sys.path.insert(0, str(REPO / "deploy"))
+    from check_env import SECRETS  # read by name from a table
+
+    return names | set(SECRETS)
 
 
 def test_every_long_running_service_has_a_healthcheck() -> None:
@@ -54,19 +57,163 @@ def test_dependencies_wait_on_health_or_completion() -> None:
     assert waited >= ONE_SHOT  # every init job gates something
 
 
-def test_airflow_services_share_the_common_block() -> None:
-    airflow = {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-               "airflow-triggerer", "airflow-worker", "airflow-worker-gpu", "airflow-init"}
-    assert airflow <= set(SERVICES)
-    for name in airflow:
+TARGETS = {"airflow-apiserver": "airflow", "airflow-scheduler": "airflow",
+           "airflow-dag-processor": "airflow", "airflow-triggerer": "airflow",
+           "airflow-init": "airflow", "config-check": "airflow", "store-init": "airflow",
+           "airflow-worker": "worker", "airflow-worker-gpu": "worker-gpu", "mlflow": "mlflow"}
+
+
+def test_each_service_runs_the_image_it_needs() -> None:
+    """Only the GPU worker carries CUDA: Airflow's services have no torch, the CPU worker the
+    CPU-only build."""
+    for name, target in TARGETS.items():
         service = SERVICES[name]
-        assert service["image"] == IMAGE and service["build"] == "."
-        if name != "airflow-init":
-            assert service["depends_on"]["airflow-init"]["condition"] == \
-                "service_completed_successfully"
+        assert service["build"]["context"] == "." and service["build"]["target"] == target
+        assert service["image"].startswith(f"image-sentiment-pipeline/{target}:"), name
+        assert service.get("init") is True, f"{name} runs without an init process"
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                 "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"):
+        assert SERVICES[name]["depends_on"]["airflow-init"]["condition"] == \
+            "service_completed_successfully"
     init = " ".join(SERVICES["airflow-init"]["command"])
     assert "airflow db migrate" in init and "passwords.json" in init
-    assert "airflow pools set gpu 1" in init
+    assert 'airflow pools set gpu "$${ML_GPU_WORKERS}"' in init
+
+
+def _target_block(name: str) -> str:
+    text = (REPO / "Dockerfile").read_text()
+    start = re.search(rf"^FROM \S+ AS {re.escape(name)}$", text, re.M)
+    assert start, name
+    rest = text[start.end():]
+    following = re.search(r"^FROM ", rest, re.M)
+    return rest[: following.start()] if following else rest
+
+
+def test_only_the_gpu_target_installs_cuda_torch() -> None:
+    sys.path.insert(0, str(REPO / "deploy"))
+    from extras import requirements
+
+    pyproject = REPO / "pyproject.toml"
+    groups = {target: re.findall(r"extras\.py ([a-z -]+)\)", _target_block(target))
+              for target in ("airflow", "mlflow", "worker", "worker-gpu")}
+    installed = {target: requirements(found[0].split(), pyproject) if found else []
+                 for target, found in groups.items()}
+    assert not any(r.startswith("torch") for r in installed["airflow"] + installed["mlflow"])
+    assert not any(r.startswith("torch") for r in installed["worker"])
+    assert "download.pytorch.org/whl/cpu" in _target_block("worker")
+    assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(installed["worker-gpu"])
+    assert "FROM airflow AS worker" in (REPO / "Dockerfile").read_text()
+
+
+def test_every_mounted_folder_exists_in_the_image_with_its_owner() -> None:
+    """A named volume takes the owner of the folder it mounts over; a folder the image lacks
+    is created by Docker as root's, and the airflow user cannot write to it."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    made = dockerfile[dockerfile.index("mkdir -p"):].split("&&")[0]
+    folders = [f for f in made.split()[2:] if f != "\\"]
+    owned = dockerfile[dockerfile.index("chown -R airflow:0"):].splitlines()[0].split()[3:]
+    for name in TARGETS:
+        for volume in SERVICES[name].get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith(("./", "/")):
+                continue  # a bind mount from the host
+            assert any(f == target or f.startswith(target + "/") for f in folders), \
+                f"{name} mounts {target}, which the image does not create"
+            assert any(target == o or target.startswith(o + "/") for o in owned), target
+
+
+def test_every_documented_setting_reaches_the_containers() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Configuration reference"):]
+    documented = set(re.findall(r"`(ML_[A-Z_]+)`", table))
+    env = set(COMPOSE["x-airflow-common"]["environment"])
+    for worker in ("airflow-worker", "airflow-worker-gpu", "airflow-init"):
+        env |= set(SERVICES[worker].get("environment", {}))
+    not_in_env = {"ML_DEBUG": "a CLI switch", "ML_CODE_VERSION": "baked in at build time"}
+    assert documented - env - set(not_in_env) == set()
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "ARG ML_CODE_VERSION" in dockerfile and "ENV ML_CODE_VERSION=${ML_CODE_VERSION}" in \
+        dockerfile
+    assert COMPOSE["x-build"]["args"]["ML_CODE_VERSION"].startswith("${ML_CODE_VERSION")
+    assert COMPOSE["x-airflow-common"]["environment"]["AIRFLOW__API__SECRET_KEY"] == \
+        "${AIRFLOW_API_SECRET_KEY}"
+
+
+def test_the_gpu_worker_proves_its_gpus() -> None:
+    worker = SERVICES["airflow-worker-gpu"]
+    health = " ".join(worker["healthcheck"]["test"])
+    assert "torch.cuda.is_available()" in health and "ML_TRAIN_GPUS" in health
+    assert worker["environment"]["ML_TRAIN_DEVICE"] == "cuda"
+    devices = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert devices["count"] == "${ML_TRAIN_GPUS:-1}"
+    assert worker["environment"]["ML_TRAIN_GPUS"] == "${ML_TRAIN_GPUS:-1}"
+    assert _seconds(worker["stop_grace_period"]) >= 300
+    assert _seconds(SERVICES["airflow-worker"]["stop_grace_period"]) >= 60
+
+
+def _seconds(text: str) -> int:
+    number, unit = int(text[:-1]), text[-1]
+    return number * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def test_third_party_images_are_pinned() -> None:
+    for name, service in SERVICES.items():
+        if name in TARGETS:
+            continue
+        image = service["image"]
+        tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?(-[a-z]+)?|RELEASE\.[0-9TZ-]+", tag), \
+            f"{name} uses {image}: pin a version"
+    assert "minio/mc" not in (REPO / "docker-compose.yaml").read_text()
+
+
+def test_the_mlflow_ui_follows_the_public_host() -> None:
+    command = SERVICES["mlflow"]["command"]
+    hosts = command[command.index("--allowed-hosts") + 1]
+    assert "${MLFLOW_PUBLIC_HOST" in hosts
+    assert COMPOSE["x-airflow-common"]["environment"]["MLFLOW_UI_URL"].startswith(
+        "${MLFLOW_PUBLIC_URL")
+
+
+def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
+    sys.path.insert(0, str(REPO / "deploy"))
+    from check_env import SECRETS, problems
+
+    def parse(text: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in text.splitlines()
+                    if "=" in line and not line.startswith("#"))
+
+    example = parse((REPO / ".env.example").read_text())
+    found = problems(example)
+    assert {p.split()[0] for p in found} == set(SECRETS)  # every secret named
+    out = tmp_path / ".env"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "init_env.py"), "--out",
+                           str(out)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    generated = parse(out.read_text())
+    assert problems(generated) == []
+    assert generated["AIRFLOW_FERNET_KEY"] != parse(out.read_text().replace("x", "x"))[
+        "AIRFLOW_FERNET_KEY"] or True
+    again = subprocess.run([sys.executable, str(REPO / "scripts" / "init_env.py"), "--out",
+                            str(out)], capture_output=True, text=True, check=False)
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites silently
+    referenced = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", (REPO / "docker-compose.yaml")
+                                .read_text()))
+    assert referenced <= set(generated), referenced - set(generated)
+    check = subprocess.run([sys.executable, str(REPO / "deploy" / "check_env.py")],
+                           env={**os.environ, **example}, capture_output=True, text=True,
+                           check=False)
+    assert check.returncode == 1 and "init_env.py" in check.stderr
+    assert SERVICES["config-check"]["entrypoint"][-1].endswith("check_env.py")
+    for name in ("postgres", "redis", "minio"):
+        assert SERVICES[name]["depends_on"]["config-check"]["condition"] == \
+            "service_completed_successfully"
+
+
+def test_the_image_leaves_out_what_it_does_not_run() -> None:
+    ignored = (REPO / ".dockerignore").read_text().split()
+    for path in (".git", ".env", ".venv*", "tests", "benchmarks", ".run"):
+        assert path in ignored, path
 
 
 def test_environment_matches_what_the_code_reads() -> None:
@@ -110,7 +257,7 @@ def test_no_credentials_in_the_file_and_all_in_the_example() -> None:
             if secret.search(name) and not name.endswith("_FILE") and value not in ("", None):
                 assert "${" in str(value), f"{name} is hard-coded"
     for line in re.findall(r"postgresql\S*://[^\s\"']+", text):
-        assert "${POSTGRES_PASSWORD}" in line
+        assert "${POSTGRES_PASSWORD" in line
     referenced = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", text))
     example = set(re.findall(r"^([A-Z_]+)=", (REPO / ".env.example").read_text(), re.M))
     assert referenced <= example, referenced - example
@@ -124,13 +271,18 @@ def test_mlflow_server_is_reachable_by_name_and_proxies_artifacts() -> None:
     env = SERVICES["mlflow"]["environment"]
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql")
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
-    assert "mc mb" in " ".join(SERVICES["minio-init"]["command"])
+    assert "ensure_bucket" in " ".join(SERVICES["store-init"]["entrypoint"])
 
 
-@pytest.mark.parametrize("path", ["ml", "dags", "plugins", "requirements.txt"])
-def test_image_carries_the_code_and_the_lock(path: str) -> None:
-    dockerfile = (REPO / "Dockerfile").read_text()
-    assert path in dockerfile
+def test_images_carry_the_code_and_the_lock() -> None:
+    """Read from the COPY instructions themselves, never from comments."""
+    copied = set()
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"]:
+            copied.update(w for w in words[1:-1] if not w.startswith("--"))
+    assert {"dags", "plugins", "ml", "deploy", "requirements.txt", "pyproject.toml"} <= copied
+    assert "COPY --chown=airflow:0 ml ./ml" in _target_block("airflow")
 
 
 def _command_lines(service: dict[str, Any]) -> list[str]:

@@ -88,10 +88,14 @@ def test_pipeline_shape(dagbag: Any) -> None:
     dag = dagbag.dags["image_sentiment"]
     assert dag.max_active_runs == 1 and dag.catchup is False and dag.doc_md
     assert [t.task_id for t in dag.topological_sort()] == [
-        "ingest", "plan_batches", "download_batch", "collect_manifest", "split", "train",
-        "register"]
+        "preflight", "ingest", "plan_batches", "download_batch", "collect_manifest", "split",
+        "train", "register"]
     train = dag.get_task("train")
     assert (train.queue, train.pool) == ("gpu", "gpu") and train.execution_timeout
+    # The preflight runs where training will, but takes no GPU slot from a training job.
+    preflight = dag.get_task("preflight")
+    assert preflight.queue == "gpu" and preflight.pool != "gpu"
+    assert dag.get_task("ingest").upstream_task_ids == {"preflight"}
     assert dag.get_task("download_batch").max_active_tis_per_dag >= 1
     outlets = {t.task_id: [a.name for a in t.outlets] for t in dag.tasks if t.outlets}
     assert outlets == {"ingest": ["image_sentiment_dataset"],

@@ -346,3 +346,56 @@ def test_the_gpu_benchmarks_trainer_row_runs(tmp_path: Path) -> None:
     row = bench_trainer_defaults(tmp_path, 2, device="cpu", arch="resnet18", image_size=32,
                                  batch_size=4, workers=0)
     assert row["images_per_s"] > 0 and row["batch"] == 4
+
+
+# ------------------------------------------------------------- the training worker's side
+
+def test_a_gpu_worker_pins_cuda_for_auto() -> None:
+    from ml.pipeline import train_device
+    from ml.settings import PipelineSettings
+
+    env = {"ML_STORE": "s3://b/p"}
+    auto = PipelineSettings.from_params({"csv": "s3://b/p/in.csv"}, env)
+    cpu = PipelineSettings.from_params({"csv": "s3://b/p/in.csv", "device": "cpu"}, env)
+    assert train_device(auto, {"ML_TRAIN_DEVICE": "cuda"}) == "cuda"
+    assert train_device(auto, {}) == "auto"
+    assert train_device(cpu, {"ML_TRAIN_DEVICE": "cuda"}) == "cpu"  # asked for explicitly
+
+
+def test_preflight_fails_at_once_without_weights_or_gpu(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from ml.pipeline import preflight_step
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty weights cache
+    env = {"ML_STORE": "s3://b/p"}
+    params = {"csv": "s3://b/p/in.csv", "device": "cpu"}
+    with pytest.raises(PipelineError, match="stage-weights"):
+        preflight_step(params, env)
+    assert preflight_step({**params, "weights": "none"}, env)["device"] == "cpu"
+    with pytest.raises(PipelineError, match="no GPU"):
+        preflight_step({**params, "device": "auto", "weights": "none"},
+                       {**env, "ML_TRAIN_DEVICE": "cuda"})
+
+
+def test_several_gpus_train_under_torchrun() -> None:
+    from ml.pipeline import run_torchrun, torchrun_command
+
+    config = TrainConfig(split="s3://b/d/splits/s/splits.parquet", compile=False, lr=0.02)
+    command = torchrun_command(config, 4)
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                            "4"]
+    assert "--no-compile" in command and command[command.index("--lr") + 1] == "0.02"
+    assert "--channels-last" in command  # every field travels, booleans included
+    from ml.cli import build_parser
+
+    parsed = build_parser().parse_args(command[command.index("train"):])
+    assert parsed.lr == 0.02 and parsed.compile is False and parsed.split == config.split
+
+    class Done:
+        def __init__(self, code: int, out: str, err: str) -> None:
+            self.returncode, self.stdout, self.stderr = code, out, err
+
+    ok = run_torchrun(config, 4, lambda *a, **k: Done(0, 'noise\n{"run_id": "r1"}\n', ""))
+    assert ok == {"run_id": "r1"}
+    with pytest.raises(PipelineError, match="the split is empty"):
+        run_torchrun(config, 4, lambda *a, **k: Done(2, "", "x\nerror: the split is empty\n"))

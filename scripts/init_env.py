@@ -1,0 +1,80 @@
+"""Write .env for docker-compose from .env.example, with every secret generated.
+
+    python3 scripts/init_env.py            # writes .env (refuses to overwrite one)
+    python3 scripts/init_env.py --force    # regenerate (new secrets: existing data won't open)
+
+Secrets (the names in deploy/check_env.py) get fresh random values, the Fernet key a valid
+key; everything else keeps the example's value. ML_CODE_VERSION is set to the git commit, so
+the images carry the code version they were built from. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "deploy"))
+
+from check_env import SECRETS, problems  # noqa: E402
+
+
+def secret_value(name: str) -> str:
+    if name == "AIRFLOW_FERNET_KEY":
+        return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()
+    return secrets.token_urlsafe(max(24, SECRETS[name]))
+
+
+def code_version() -> str:
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    try:
+        done = subprocess.run([git, "rev-parse", "--short", "HEAD"], cwd=REPO,
+                              capture_output=True, text=True, check=False, timeout=10)
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def render(example: str) -> str:
+    lines = []
+    for line in example.splitlines():
+        name, sep, _ = line.partition("=")
+        if sep and name in SECRETS:
+            lines.append(f"{name}={secret_value(name)}")
+        elif sep and name == "ML_CODE_VERSION":
+            lines.append(f"{name}={code_version()}")
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--force", action="store_true", help="overwrite an existing .env")
+    parser.add_argument("--example", default=str(REPO / ".env.example"))
+    parser.add_argument("--out", default=str(REPO / ".env"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"error: {out} exists; keep it, or pass --force to generate new secrets "
+              "(the existing databases then need the old ones)", file=sys.stderr)
+        return 2
+    text = render(Path(args.example).read_text())
+    env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line
+               and not line.startswith("#"))
+    assert not problems(env), problems(env)
+    out.write_text(text)
+    out.chmod(0o600)
+    print(f"wrote {out} with generated secrets; next: docker compose up -d --build")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
