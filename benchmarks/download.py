@@ -95,7 +95,7 @@ def run_ours(store: ObjectStore, bucket: str, urls: list[str], args: argparse.Na
     csv.write_text("url,label\n" + "".join(f"{u},Positive\n" for u in urls))
     dataset = ingest(str(csv), f"s3://{bucket}/{tag}", store=store).dataset
     cmd = [sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset,
-           "--allow-network", "127.0.0.0/8", "--concurrency", str(args.concurrency),
+           "--allow-network", "127.0.0.0/8", "--download-concurrency", str(args.concurrency),
            "--per-host", str(args.concurrency)]
     result = measure(cmd, env)
     summary = json.loads(result["stdout"].strip().splitlines()[-1])
@@ -125,7 +125,7 @@ def main() -> int:
         subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                           str(s3_port)], env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "ml", "-q", "imageserver", "--port",
+        subprocess.Popen([sys.executable, "-m", "devkit", "-q", "imageserver", "--port",
                           str(img_port), "--latency-ms", str(args.latency_ms), "--pool", "64"],
                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]

@@ -1,7 +1,7 @@
 """Training throughput of ResNet-152, and our input pipeline against torchvision's ImageFolder.
 
 Depends only on torch, torchvision, Pillow and numpy (plus this repository's ``ml.transforms``
-and ``ml.imageserver``, which need nothing else), so it runs on a bare GPU machine.
+and ``devkit.imageserver``, which need nothing else), so it runs on a bare GPU machine.
 
     python benchmarks/train_throughput.py --part pipeline          # CPU: images/s per core
     python benchmarks/train_throughput.py --part gpu --batch 256   # GPU: fp32, bf16+cl, +compile
@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ml.imageserver import render_image
+from devkit.imageserver import render_image
 from ml.transforms import decode, to_model_input, train_transform
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -17,10 +17,10 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+# The form checks with the same rule the worker enforces (ml.containment: light, stdlib only).
+from ml.containment import MODEL_URI_PATTERN
+
 MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
-# The form's own check; ml.containment enforces the same rules again on the worker.
-MODEL_URI_PATTERN = (r"^models:/[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
-                     r"(@[A-Za-z][A-Za-z0-9_\-]{0,63}|/[1-9][0-9]{0,9})$")
 OUTPUT_PATTERN = r"^$|^[^\x00-\x1f]*\.(csv|parquet)$"
 STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
 MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL_NAME}")

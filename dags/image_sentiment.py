@@ -34,6 +34,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Metadata, Param, dag, task
 
+from ml.params import FORM
+
 DAG_ID = "image_sentiment"
 STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
 MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
@@ -45,60 +47,10 @@ TRAIN_TIMEOUT = timedelta(hours=float(os.environ.get("ML_TRAIN_TIMEOUT_HOURS", "
 GPU_QUEUE = os.environ.get("ML_GPU_QUEUE", "gpu")
 CSV = os.environ.get("ML_CSV") or f"{STORE}/input/images.csv"
 
-PARAMS = {
-    "csv": Param(CSV, type="string", minLength=1, title="CSV",
-                 description="CSV of image URLs and labels: a local path, http(s) URL or s3:// "
-                 "URI. The CrowdFlower export works as it is. Scheduled runs read the default, "
-                 "so keep the latest export there."),
-    "sample": Param(int(os.environ.get("ML_SAMPLE", "0")), type="integer", minimum=0,
-                    title="Sample size", description="Rows to keep, stratified by label; 0 keeps "
-                    "all."),
-    "min_confidence": Param(0.0, type="number", minimum=0, maximum=1, title="Minimum confidence",
-                            description="Drop rows whose label confidence is below this."),
-    "exclude_golden": Param(False, type="boolean", title="Exclude golden rows",
-                            description="Drop CrowdFlower's test-question rows."),
-    "ratios": Param("0.8,0.15,0.05", type="string", pattern=r"^\s*[0-9.]+\s*,\s*[0-9.]+\s*,\s*"
-                    r"[0-9.]+\s*$", title="Split ratios", description="train,valid,test; they "
-                    "must sum to 1."),
-    "seed": Param(0, type="integer", minimum=0, title="Seed",
-                  description="Seed for sampling, splitting and training."),
-    "download_concurrency": Param(32, type="integer", minimum=1, maximum=512,
-                                  title="Download threads per batch"),
-    "download_batch_size": Param(500, type="integer", minimum=1, title="URLs per download batch",
-                                 description="Raised automatically to stay within 1024 "
-                                 "batches."),
-    "max_side": Param(256, type="integer", minimum=0, maximum=4096, title="Stored image size",
-                      description="Shorter side of stored images at most (pixels); 0 keeps "
-                      "the original size."),
-    "weights": Param(os.environ.get("ML_WEIGHTS", "IMAGENET1K_V2"), type="string",
-                     title="Initial weights", description="IMAGENET1K_V2, IMAGENET1K_V1, a .pth "
-                     "path, an s3:// URI, or none (random; tests and demos only)."),
-    "epochs": Param(10, type="integer", minimum=1, maximum=1000, title="Epochs"),
-    "batch_size": Param(64, type="integer", minimum=1, maximum=4096, title="Batch size",
-                        description="Images per step and GPU."),
-    "learning_rate": Param(0.01, type="number", exclusiveMinimum=0, maximum=10,
-                           title="Learning rate"),
-    "optimizer": Param("sgd", type="string", enum=["sgd", "adamw"], title="Optimizer"),
-    "image_size": Param(224, type="integer", minimum=32, maximum=1024, title="Image size",
-                        description="Training crop in pixels."),
-    "device": Param("auto", type="string", enum=["auto", "cuda", "cpu"], title="Device"),
-    "precision": Param("bf16", type="string", enum=["bf16", "fp16", "fp32"],
-                       title="Precision", description="Mixed precision on CUDA."),
-    "imbalance": Param("class_weights", type="string", enum=["class_weights", "sampler", "none"],
-                       title="Imbalance remedy"),
-    "head_epochs": Param(0, type="integer", minimum=0, title="Head-only epochs",
-                         description="First epochs train the new head only."),
-    "patience": Param(3, type="integer", minimum=0, title="Early-stopping patience",
-                      description="Epochs without a better validation macro-F1; 0 disables."),
-    "max_steps_per_epoch": Param(0, type="integer", minimum=0, title="Steps per epoch cap",
-                                 description="0 for all (a cap is for smoke tests)."),
-    "workers": Param(4, type="integer", minimum=0, maximum=64, title="Data loader workers"),
-    "model_name": Param(MODEL_NAME, type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$",
-                        title="Registered model"),
-    "promotion_margin": Param(0.0, type="number", minimum=0, maximum=1,
-                              title="Promotion margin", description="Test macro-F1 a new version "
-                              "must gain over the champion to become champion."),
-}
+# The trigger form, derived from the one declaration of every run parameter (ml.params: a
+# light, standard-library module); the deployment's ML_* variables set some defaults.
+PARAMS = {p.name: Param(CSV if p.name == "csv" else p.default_for(os.environ), **p.json_schema())
+          for p in FORM}
 
 
 def _fail_fast_on_bad_params(error: Exception) -> None:

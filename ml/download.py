@@ -31,11 +31,10 @@ Statuses in the manifest (column ``status``):
 from __future__ import annotations
 
 import math
-import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -49,6 +48,7 @@ from ml.fetch import FetchConfig, Fetcher, FetchError
 from ml.imaging import ImageConfig, ImageRejected, normalize_image
 from ml.layout import DatasetLayout
 from ml.netpolicy import AddressPolicy, Resolver
+from ml.params import DOWNLOAD, PARAMETERS, check_all
 from ml.redact import get_logger, redact_text, redact_url
 from ml.storage import ObjectStore, S3Uri
 
@@ -100,27 +100,44 @@ _DTYPES = {
 MAX_BATCHES = 1024
 
 
-def default_concurrency() -> int:
-    """Threads for one machine: downloads wait on the network far more than on the CPU."""
-    return min(64, 16 * (os.cpu_count() or 2))
-
-
 @dataclass(frozen=True)
 class DownloadConfig:
-    concurrency: int = field(default_factory=default_concurrency)
+    """The download stage's limits; each field a parameter of :mod:`ml.params`."""
+
+    download_concurrency: int = PARAMETERS["download_concurrency"].default
     #: Networks the address policy opens (CIDR), e.g. ``127.0.0.0/8`` for a local server.
     allow_networks: tuple[str, ...] = ()
     fetch: FetchConfig = field(default_factory=FetchConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     #: A manifest part is written after this many results or seconds, whichever comes first.
-    flush_rows: int = 200
+    flush_rows: int = PARAMETERS["flush_rows"].default
     flush_seconds: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise PipelineError(f"--concurrency must be at least 1, got {self.concurrency}")
-        if self.fetch.max_bytes < 1:
-            raise PipelineError("--max-bytes must be positive")
+        PARAMETERS["download_concurrency"].check(self.download_concurrency)
+        PARAMETERS["max_bytes"].check(self.fetch.max_bytes)
+
+    @classmethod
+    def from_values(
+        cls, values: Mapping[str, Any], allow_networks: Sequence[str] = ()
+    ) -> DownloadConfig:
+        """The configuration the download parameters describe (defaults where absent)."""
+        v = check_all(values, DOWNLOAD)
+        fetch = FetchConfig(
+            connect_timeout=v["connect_timeout"],
+            read_timeout=v["read_timeout"],
+            deadline=v["deadline"],
+            retries=v["retries"],
+            max_bytes=v["max_bytes"],
+            per_host=v["per_host"],
+        )
+        return cls(
+            download_concurrency=v["download_concurrency"],
+            allow_networks=tuple(allow_networks),
+            fetch=fetch,
+            image=ImageConfig(max_side=v["max_side"], max_pixels=v["max_pixels"]),
+            flush_rows=v["flush_rows"],
+        )
 
 
 @dataclass(frozen=True)
@@ -385,7 +402,7 @@ def download_batch(
     """Download the URLs of one batch that have no ok row yet; append manifest parts."""
     config = config or DownloadConfig()
     layout = DatasetLayout.parse(spec.dataset)
-    store = store or ObjectStore(max_pool_connections=config.concurrency + 4)
+    store = store or ObjectStore(max_pool_connections=config.download_concurrency + 4)
     try:
         policy = AddressPolicy.from_cidrs(config.allow_networks, resolver)
     except ValueError as exc:
@@ -412,11 +429,13 @@ def download_batch(
         if on_result:
             on_result(row["status"])
 
-    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="download")
+    pool = ThreadPoolExecutor(
+        max_workers=config.download_concurrency, thread_name_prefix="download"
+    )
     inflight: set[Future[dict[str, Any]]] = set()
     try:
         for record in todo:
-            if len(inflight) >= 2 * config.concurrency:  # bounded queue: flat memory
+            if len(inflight) >= 2 * config.download_concurrency:  # bounded queue: flat memory
                 finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
                 for future in finished:
                     handle(future)
@@ -502,7 +521,7 @@ def download(
     """Download every image of ``dataset`` in this process; the CLI's ``download`` stage."""
     config = config or DownloadConfig()
     layout = DatasetLayout.parse(dataset)
-    store = store or ObjectStore(max_pool_connections=config.concurrency + 4)
+    store = store or ObjectStore(max_pool_connections=config.download_concurrency + 4)
     store.check_bucket(layout.store)
     total = len(read_records(layout, store))
     spec = BatchSpec(dataset, 0, 0, total, total)

@@ -20,15 +20,8 @@ from ml.settings import PipelineSettings
 
 def _download_config(settings: PipelineSettings) -> Any:
     from ml.download import DownloadConfig
-    from ml.fetch import FetchConfig
-    from ml.imaging import ImageConfig
 
-    return DownloadConfig(
-        concurrency=settings.download_concurrency,
-        allow_networks=settings.allow_networks,
-        fetch=FetchConfig(per_host=min(16, settings.download_concurrency)),
-        image=ImageConfig(max_side=settings.max_side),
-    )
+    return DownloadConfig.from_values(settings.values, settings.allow_networks)
 
 
 def run_partition(store: str, run_id: str) -> str:
@@ -106,30 +99,22 @@ def train_device(settings: PipelineSettings, env: Mapping[str, str]) -> str:
 def train_config(
     settings: PipelineSettings, split: str, run_id: str, env: Mapping[str, str]
 ) -> Any:
-    """The TrainConfig a run's parameters describe, its checkpoints in the run's folder."""
+    """The TrainConfig a run's parameters describe (the form's values for the fields they
+    share, by name), its checkpoints in the run's folder."""
+    from ml.params import fields_of
     from ml.train_config import TrainConfig
 
-    s = settings
-    return TrainConfig(
+    values = {
+        name: settings.values[name] for name in fields_of(TrainConfig) if name in settings.values
+    }
+    values.update(
         split=split,
-        weights=s.weights,
-        epochs=s.epochs,
-        batch_size=s.batch_size,
-        lr=s.learning_rate,
-        optimizer=s.optimizer,
-        image_size=s.image_size,
-        device=train_device(s, env),
-        precision=s.precision,
-        imbalance=s.imbalance,
-        head_epochs=s.head_epochs,
-        patience=s.patience,
-        max_steps_per_epoch=s.max_steps_per_epoch,
-        workers=s.workers,
-        seed=s.seed,
+        device=train_device(settings, env),
         orchestrator_run_id=run_id,
         download_weights=_truthy(env.get("ML_DOWNLOAD_WEIGHTS")),
-        checkpoint=f"{run_partition(s.store, run_id)}/training" if run_id else "",
+        checkpoint=f"{run_partition(settings.store, run_id)}/training" if run_id else "",
     )
+    return TrainConfig(**values)
 
 
 def preflight_step(

@@ -174,7 +174,7 @@ def predict(
 
     values = [str(v).strip() for v in frame[column]]
     loader = _Loader(config, store, bucket, s3_roots)
-    with ThreadPoolExecutor(max_workers=config.concurrency) as pool:
+    with ThreadPoolExecutor(max_workers=config.download_concurrency) as pool:
         loaded = list(pool.map(loader, values))
     probs = np.full((len(values), len(labels)), np.nan, dtype=np.float32)
     ready = [i for i, (data, _, _) in enumerate(loaded) if data is not None]

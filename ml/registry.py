@@ -171,7 +171,7 @@ def register_model(
     """Create (or find) the version for ``run_id``; set challenger; maybe promote to champion."""
     from mlflow.exceptions import MlflowException
 
-    check_name(name, "--name")
+    check_name(name, "model_name")
     if not _RUN_ID.fullmatch(run_id or ""):
         raise PipelineError(f"--run-id must be an MLflow run id (32 hex digits), got {run_id!r}")
     if client is None:

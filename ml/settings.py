@@ -1,51 +1,27 @@
-"""One typed settings object for a pipeline run, built from run parameters and the environment.
+"""One settings object for a pipeline run, built from run parameters and the environment.
 
 Deployment settings (where the store is, which networks downloads may reach, the MLflow server)
 come from the environment and are never run parameters: a person triggering a run from a form
 must not be able to open the address policy. Run parameters (what to train, how) come from the
-Airflow trigger form or the CLI, and are validated here with messages that name the parameter.
+Airflow trigger form or the CLI; which exist, their types, ranges and defaults are declared once
+in :mod:`ml.params`, and every value is checked here with messages that name the parameter.
 
-Usage: ``settings = PipelineSettings.from_params({"csv": "s3://b/in.csv", "epochs": 3})``.
+Usage: ``settings = PipelineSettings.from_params({"csv": "s3://b/in.csv", "epochs": 3})``;
+``settings.epochs`` is 3 (every form parameter is an attribute).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ml.containment import check_input, check_name, input_roots
 from ml.errors import ParameterError, PipelineError
 from ml.netpolicy import parse_networks
-
-ENUMS = {
-    "optimizer": ("sgd", "adamw"),
-    "device": ("auto", "cuda", "cpu"),
-    "precision": ("bf16", "fp16", "fp32"),
-    "imbalance": ("class_weights", "sampler", "none"),
-}
-#: (minimum, maximum) for numeric parameters; None leaves a side open.
-RANGES: dict[str, tuple[float | None, float | None]] = {
-    "sample": (0, None),
-    "min_confidence": (0.0, 1.0),
-    "seed": (0, None),
-    "download_concurrency": (1, 512),
-    "download_batch_size": (1, None),
-    "max_side": (0, 4096),
-    "epochs": (1, 1000),
-    "batch_size": (1, 4096),
-    "learning_rate": (1e-8, 10.0),
-    "image_size": (32, 1024),
-    "head_epochs": (0, 1000),
-    "patience": (0, 1000),
-    "max_steps_per_epoch": (0, None),
-    "promotion_margin": (0.0, 1.0),
-    "workers": (0, 64),
-}
-
+from ml.params import FORM
 
 __all__ = ["ParameterError", "PipelineSettings", "allowed_networks"]
 #: Weights given by name (resolved by ml.model), as opposed to a file or an s3:// URI.
@@ -54,66 +30,63 @@ _WEIGHT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Everything one run of the pipeline needs; see the DAG's trigger form for descriptions."""
+    """Everything one run of the pipeline needs: the deployment's ``store`` and
+    ``allow_networks``, and every form parameter (``settings.<name>``), checked."""
 
-    # deployment (environment)
     store: str = ""
     allow_networks: tuple[str, ...] = ()
-    # run parameters
-    csv: str = ""
-    sample: int = 0
-    min_confidence: float = 0.0
-    exclude_golden: bool = False
-    ratios: str = "0.8,0.15,0.05"
-    seed: int = 0
-    download_concurrency: int = 32
-    download_batch_size: int = 500
-    max_side: int = 256
-    weights: str = "IMAGENET1K_V2"
-    epochs: int = 10
-    batch_size: int = 64
-    learning_rate: float = 0.01
-    optimizer: str = "sgd"
-    image_size: int = 224
-    device: str = "auto"
-    precision: str = "bf16"
-    imbalance: str = "class_weights"
-    head_epochs: int = 0
-    patience: int = 3
-    max_steps_per_epoch: int = 0
-    workers: int = 4
-    model_name: str = "image-sentiment"
-    promotion_margin: float = 0.0
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
 
     @classmethod
     def from_params(
         cls, params: Mapping[str, Any], env: Mapping[str, str] | None = None
     ) -> PipelineSettings:
-        """Validate ``params`` (unknown names are refused) and add the deployment settings."""
+        """Check ``params`` (unknown names are refused) and add the deployment settings."""
         env = os.environ if env is None else env
-        names = {f.name for f in dataclasses.fields(cls)} - {"store", "allow_networks"}
-        unknown = sorted(set(params) - names)
+        names = [p.name for p in FORM]
+        unknown = sorted(set(params) - set(names))
         if unknown:
             raise ParameterError(
                 f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
             )
-        defaults = cls()
-        values: dict[str, Any] = {}
-        for name in names:
-            default = getattr(defaults, name)
-            value = params.get(name, default)
-            values[name] = _coerce(name, value, default)
+        values = {
+            p.name: p.check(params[p.name])
+            if params.get(p.name) is not None
+            else p.default_for(env)
+            for p in FORM
+        }
         store = env.get("ML_STORE", "")
         if not store.startswith("s3://"):
             raise ParameterError(
                 "ML_STORE is not set to an s3://BUCKET/PREFIX URI in the "
                 "environment of this worker; set it in the deployment"
             )
-        networks = allowed_networks(env)
-        settings = cls(store=store.rstrip("/"), allow_networks=networks, **values)
+        settings = cls(store=store.rstrip("/"), allow_networks=allowed_networks(env), values=values)
         settings._check()
         settings._contain(env)
         return settings
+
+    def _check(self) -> None:
+        """The rules between parameters (each one alone was checked against its declaration)."""
+        if not self.csv:
+            raise ParameterError(
+                "parameter 'csv' is required: an http(s) URL, or an s3:// URI or path of the "
+                "CSV of image URLs and labels"
+            )
+        if self.head_epochs >= self.epochs:
+            raise ParameterError("parameter 'head_epochs' must be below 'epochs'")
+        from ml.splits import parse_ratios
+
+        try:
+            parse_ratios(self.ratios)
+        except PipelineError as exc:
+            raise ParameterError(f"parameter 'ratios': {exc}") from None
 
     def _contain(self, env: Mapping[str, str]) -> None:
         """Keep what the form names inside the pipeline (see ml.containment)."""
@@ -130,34 +103,6 @@ class PipelineSettings:
             )
         check_name(self.model_name)
 
-    def _check(self) -> None:
-        if not self.csv:
-            raise ParameterError(
-                "parameter 'csv' is required: a local path, http(s) URL or "
-                "s3:// URI of the CSV of image URLs and labels"
-            )
-        for name, allowed in ENUMS.items():
-            if getattr(self, name) not in allowed:
-                raise ParameterError(
-                    f"parameter '{name}' must be one of {', '.join(allowed)}, "
-                    f"got {getattr(self, name)!r}"
-                )
-        for name, (low, high) in RANGES.items():
-            value = getattr(self, name)
-            if (low is not None and value < low) or (high is not None and value > high):
-                raise ParameterError(
-                    f"parameter '{name}' must be between {low} and "
-                    f"{high if high is not None else 'any'}, got {value}"
-                )
-        if self.head_epochs >= self.epochs:
-            raise ParameterError("parameter 'head_epochs' must be below 'epochs'")
-        from ml.splits import parse_ratios
-
-        try:
-            parse_ratios(self.ratios)
-        except PipelineError as exc:
-            raise ParameterError(f"parameter 'ratios': {exc}") from None
-
 
 def allowed_networks(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """The CIDRs in ``ML_ALLOW_NETWORKS`` (space- or comma-separated), checked."""
@@ -170,26 +115,6 @@ def allowed_networks(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
     return networks
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """The value as the default's type; a clear error instead of a TypeError later."""
-    if value is None:
-        return default
-    kind = type(default)
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.strip().lower() in ("true", "1", "yes")
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if kind is float:
-            return float(value)
-        return str(value).strip()
-    except (TypeError, ValueError):
-        raise ParameterError(
-            f"parameter '{name}' must be a {kind.__name__}, got {value!r}"
-        ) from None
+def form_defaults(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Each form parameter's default, with the deployment's overrides (``ML_SAMPLE``, ...)."""
+    return {p.name: p.default_for(env) for p in FORM}

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import PipelineError
+from ml.params import PARAMETERS
 from ml.uri import S3Uri
 
-OPTIMIZERS = ("sgd", "adamw")
-PRECISIONS = ("bf16", "fp16", "fp32")
-IMBALANCE = ("class_weights", "sampler", "none")
+P = PARAMETERS
 #: Config fields that do not change what is trained (left out of the checkpoint key).
 RUNTIME_FIELDS = (
     "device",
@@ -33,72 +32,56 @@ RUNTIME_FIELDS = (
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; logged once as MLflow params.
+    """Everything a training run depends on; logged once as MLflow params. Each field is a
+    parameter declared in :mod:`ml.params` (its type, default, range and description).
 
-    **Learning rate and several GPUs**: ``lr`` is the peak rate for the *global* batch, which
-    is ``batch_size`` (images per process) times the number of processes. It is not rescaled
-    when the number of GPUs changes; with N times the global batch, the usual starting point
-    is N times the rate (the linear scaling rule, with the warmup kept).
+    **Learning rate and several GPUs**: ``learning_rate`` is the peak rate for the *global*
+    batch, which is ``batch_size`` (images per process) times the number of processes. It is
+    not rescaled when the number of GPUs changes; with N times the global batch, the usual
+    starting point is N times the rate (the linear scaling rule, with the warmup kept).
     """
 
-    split: str = ""
-    arch: str = "resnet152"
-    weights: str = "IMAGENET1K_V2"
-    weights_sha256: str = ""
-    download_weights: bool = False
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    imbalance: str = "class_weights"
-    head_epochs: int = 0
-    image_size: int = 224
-    device: str = "auto"
-    precision: str = "bf16"
-    channels_last: bool = True
-    compile: bool = False
-    clip_grad: float = 1.0
-    patience: int = 3
-    seed: int = 0
-    workers: int = 4
-    max_steps_per_epoch: int = 0
-    #: Write the resumable checkpoint every N epochs (and always after the last one).
-    checkpoint_every: int = 1
-    #: Collective timeout under torchrun: rank 0 alone evaluates, uploads and exports meanwhile.
-    ddp_timeout_minutes: float = 60.0
-    experiment: str = "image-sentiment"
-    run_name: str = ""
-    checkpoint: str = ""
-    cache_dir: str = ""
-    orchestrator_run_id: str = ""
+    split: str = P["split"].field()
+    arch: str = P["arch"].field()
+    weights: str = P["weights"].field()
+    weights_sha256: str = P["weights_sha256"].field()
+    download_weights: bool = P["download_weights"].field()
+    epochs: int = P["epochs"].field()
+    batch_size: int = P["batch_size"].field()
+    optimizer: str = P["optimizer"].field()
+    learning_rate: float = P["learning_rate"].field()
+    momentum: float = P["momentum"].field()
+    weight_decay: float = P["weight_decay"].field()
+    warmup_epochs: float = P["warmup_epochs"].field()
+    label_smoothing: float = P["label_smoothing"].field()
+    imbalance: str = P["imbalance"].field()
+    head_epochs: int = P["head_epochs"].field()
+    image_size: int = P["image_size"].field()
+    device: str = P["device"].field()
+    precision: str = P["precision"].field()
+    channels_last: bool = P["channels_last"].field()
+    compile: bool = P["compile"].field()
+    clip_grad: float = P["clip_grad"].field()
+    patience: int = P["patience"].field()
+    seed: int = P["seed"].field()
+    workers: int = P["workers"].field()
+    max_steps_per_epoch: int = P["max_steps_per_epoch"].field()
+    checkpoint_every: int = P["checkpoint_every"].field()
+    ddp_timeout_minutes: float = P["ddp_timeout_minutes"].field()
+    experiment: str = P["experiment"].field()
+    run_name: str = P["run_name"].field()
+    checkpoint: str = P["checkpoint"].field()
+    cache_dir: str = P["cache_dir"].field()
+    orchestrator_run_id: str = P["orchestrator_run_id"].field()
 
     def validate(self) -> None:
-        checks = [
-            (bool(self.split), "give --split (the 'split' URI that the split stage printed)"),
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.image_size >= 32, "--image-size must be at least 32"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (0 <= self.head_epochs < self.epochs, "--head-epochs must be below --epochs"),
-            (self.checkpoint_every >= 1, "--checkpoint-every must be at least 1"),
-            (self.ddp_timeout_minutes > 0, "--ddp-timeout-minutes must be positive"),
-            (self.warmup_epochs >= 0, "--warmup-epochs must not be negative"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {OPTIMIZERS}"),
-            (self.precision in PRECISIONS, f"--precision must be one of {PRECISIONS}"),
-            (self.imbalance in IMBALANCE, f"--imbalance must be one of {IMBALANCE}"),
-            (
-                self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                "--device must be auto, cpu or cuda",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PipelineError(message)
+        """Every field against its declaration, then the rules between fields."""
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, P[item.name].check(getattr(self, item.name)))
+        if not self.split:
+            raise PipelineError("give --split (the 'split' URI that the split stage printed)")
+        if self.head_epochs >= self.epochs:
+            raise PipelineError("--head-epochs must be below --epochs")
 
     def identity(self, split_sha256: str = "") -> dict[str, Any]:
         """What is trained: every setting that changes the result, and the split's content

@@ -29,10 +29,16 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from devkit.servers import mlflow_command  # noqa: E402
+from devkit.servers import wait_http as wait_for  # noqa: E402
+
 VENV_BIN = Path(sys.executable).parent
 STATE = Path(os.environ.get("STACK_DIR", REPO / ".run" / "stack")).resolve()
 PORTS = {
@@ -103,20 +109,11 @@ def port_free(port: int) -> bool:
 
 
 def wait_http(target: str, name: str, timeout: float, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"error: {name} exited ({process.returncode}); see "
-                             f"{STATE / 'logs' / (name + '.log')}")
-        try:
-            with urllib.request.urlopen(target, timeout=3) as response:
-                if response.status < 500:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"error: {name} did not answer at {target} within {timeout:.0f}s; see "
-                     f"{STATE / 'logs' / (name + '.log')}")
+    try:
+        wait_for(target, timeout, process, accept=lambda status: status < 500)
+    except RuntimeError as exc:
+        raise SystemExit(f"error: {name}: {exc}; see {STATE / 'logs' / (name + '.log')}"
+                         ) from None
 
 
 def api(method: str, path: str, body: Any | None = None) -> Any:
@@ -152,12 +149,10 @@ def up() -> dict[str, Any]:
     services: list[tuple[str, list[str], str | None, float]] = [
         ("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORTS["s3"])],
          url("s3", "/"), 60),
-        ("images", [python, "-m", "ml", "-q", "imageserver", "--port", str(PORTS["images"])],
-         url("images", "/health.jpg"), 60),
-        ("mlflow", [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
-                    f"sqlite:///{STATE / 'mlflow.db'}", "--artifacts-destination",
-                    f"s3://{BUCKET}/mlflow", "--host", "127.0.0.1", "--port",
-                    str(PORTS["mlflow"]), "--workers", "1"], url("mlflow", "/health"), 120),
+        ("images", [python, "-m", "devkit", "-q", "imageserver", "--port",
+                    str(PORTS["images"])], url("images", "/health.jpg"), 60),
+        ("mlflow", mlflow_command(f"sqlite:///{STATE / 'mlflow.db'}", f"s3://{BUCKET}/mlflow",
+                                  PORTS["mlflow"]), url("mlflow", "/health"), 120),
         # Airflow's components one by one (what `airflow standalone` runs), so that each can be
         # told to listen on loopback only: the scheduler's and triggerer's log servers would
         # bind every interface, and task logs are local files here anyway.
@@ -195,24 +190,26 @@ def up() -> dict[str, Any]:
 
 
 def _create_bucket(env: dict[str, str]) -> None:
-    deadline = time.monotonic() + 60
-    while not _s3_ready():
-        if time.monotonic() > deadline:
-            raise SystemExit("error: the local S3 endpoint did not start")
-        time.sleep(0.3)
-    subprocess.run([str(VENV_BIN / "python"), "-c",
-                    f"from ml.storage import ObjectStore; ObjectStore().ensure_bucket({BUCKET!r})"],
-                   env=env, cwd=REPO, check=True)
-
-
-def _s3_ready() -> bool:
     try:
-        with urllib.request.urlopen(url("s3", "/"), timeout=2):
-            return True
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
+        wait_for(url("s3", "/"), 60, accept=lambda status: True)
+    except RuntimeError:
+        raise SystemExit("error: the local S3 endpoint did not start") from None
+    with _stack_environment(env):
+        from ml.storage import ObjectStore
+
+        ObjectStore().ensure_bucket(BUCKET)
+
+
+@contextlib.contextmanager
+def _stack_environment(env: dict[str, str]) -> Iterator[None]:
+    """This process talks to the stack's services (its S3 endpoint) while inside."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _wait_airflow_ready(timeout: float = 180) -> None:
@@ -233,17 +230,19 @@ def _wait_airflow_ready(timeout: float = 180) -> None:
 
 
 def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
-    env = environment(load_state().get("marker", ""))
-    if real:  # the CSV as it is: its images come from their real hosts
-        code = ("from ml.demo import source_csv; from ml.storage import ObjectStore, S3Uri; "
-                f"ObjectStore().put_bytes(S3Uri.parse({DEMO_CSV!r}), "
-                f"source_csv({sample_source!r}), content_type='text/csv')")
-        subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, cwd=REPO, check=True)
-        return
-    code = ("from ml.demo import stage_demo_inputs; "
-            f"stage_demo_inputs({url('images')!r}, {DEMO_CSV!r}, {SCORE_CSV!r}, "
-            f"{sample_source!r})")
-    subprocess.run([str(VENV_BIN / "python"), "-c", code], env=env, cwd=REPO, check=True)
+    from devkit.demo import source_csv, stage_demo_inputs
+    from ml.errors import PipelineError
+    from ml.storage import ObjectStore, S3Uri
+
+    with _stack_environment(environment(load_state().get("marker", ""))):
+        try:
+            if real:  # the CSV as it is: its images come from their real hosts
+                ObjectStore().put_bytes(S3Uri.parse(DEMO_CSV), source_csv(sample_source),
+                                        content_type="text/csv")
+            else:
+                stage_demo_inputs(url("images"), DEMO_CSV, SCORE_CSV, sample_source)
+        except PipelineError as exc:
+            raise SystemExit(f"error: {exc}") from None
 
 
 def trigger(conf: dict[str, Any]) -> str:

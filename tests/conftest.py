@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from ml.demo import local_s3
-from ml.imageserver import ImageServer
+from devkit.imageserver import ImageServer
+from devkit.servers import local_s3
 from ml.storage import ObjectStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,8 +102,7 @@ def real_csv() -> Path:
 @pytest.fixture(scope="session")
 def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``mlflow server``: SQLite registry, artifacts proxied to the local S3 endpoint."""
-    from ml.demo import free_port
-    from tests.servers import start_mlflow
+    from devkit.servers import free_port, start_mlflow
 
     ObjectStore().ensure_bucket("mlflow")
     folder = tmp_path_factory.mktemp("mlflow")

@@ -6,7 +6,7 @@ import csv
 import io
 from collections.abc import Iterable, Sequence
 
-from ml.imageserver import ImageServer
+from devkit.imageserver import ImageServer
 
 
 def plain_csv(rows: Iterable[Sequence[object]], header: Sequence[str] = ("url", "label")) -> bytes:

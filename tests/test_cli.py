@@ -18,8 +18,8 @@ from tests.helpers import plain_csv
 
 
 def _run(args: list[str], env: dict[str, str] | None = None,
-         timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "ml", "-q", *args], capture_output=True,
+         timeout: float = 120, package: str = "ml") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", package, "-q", *args], capture_output=True,
                           text=True, check=False, env={**os.environ, **(env or {})},
                           timeout=timeout)
 
@@ -92,16 +92,19 @@ def test_imageserver_on_a_busy_or_invalid_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        done = _run(["imageserver", "--port", str(busy.getsockname()[1])], timeout=30)
+        done = _run(["imageserver", "--port", str(busy.getsockname()[1])], timeout=30,
+                    package="devkit")
     _one_error_line(done, "cannot listen on", "--port 0")
-    invalid = _run(["imageserver", "--port", "70000"], timeout=30)
+    invalid = _run(["imageserver", "--port", "70000"], timeout=30, package="devkit")
     assert invalid.returncode == 2 and "between 0 and 65535" in invalid.stderr
-    host = _run(["imageserver", "--host", "no-such-host.invalid", "--port", "0"], timeout=30)
+    host = _run(["imageserver", "--host", "no-such-host.invalid", "--port", "0"], timeout=30,
+                package="devkit")
     _one_error_line(host, "cannot listen on")
 
 
 def test_demo_with_a_missing_csv() -> None:
-    _one_error_line(_run(["demo", "--csv", "/no/such/file.csv"]), "CSV not found")
+    _one_error_line(_run(["demo", "--csv", "/no/such/file.csv"], package="devkit"),
+                    "CSV not found")
 
 
 def test_an_unexpected_failure_is_still_one_line(tmp_path: Path) -> None:
@@ -110,10 +113,11 @@ def test_an_unexpected_failure_is_still_one_line(tmp_path: Path) -> None:
     _one_error_line(done)
 
 
-@pytest.mark.parametrize("stage", ["ingest", "download", "split", "train", "register", "predict",
-                                   "stage-weights", "imageserver", "demo"])
-def test_every_stage_has_help(stage: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "ml", stage, "--help"], capture_output=True,
+@pytest.mark.parametrize(("package", "stage"), [
+    ("ml", "ingest"), ("ml", "download"), ("ml", "split"), ("ml", "train"), ("ml", "register"),
+    ("ml", "predict"), ("ml", "stage-weights"), ("devkit", "imageserver"), ("devkit", "demo")])
+def test_every_stage_has_help(package: str, stage: str) -> None:
+    done = subprocess.run([sys.executable, "-m", package, stage, "--help"], capture_output=True,
                           text=True, check=False)
-    assert done.returncode == 0 and done.stdout.startswith("usage: python -m ml " + stage)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m {package} {stage}")
     assert "--help" in done.stdout

@@ -341,8 +341,7 @@ def test_the_deployments_mlflow_auth_config_refuses_anonymous_requests(tmp_path:
     import urllib.error
     import urllib.request
 
-    from ml.demo import free_port
-    from tests.servers import wait_http
+    from devkit.servers import free_port, wait_http
 
     config = (REPO / "deploy" / "mlflow-auth.ini").read_text().replace(
         "sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from devkit.imageserver import ImageServer
 from ml.download import (
     MANIFEST_COLUMNS,
     STATUSES,
@@ -27,7 +28,6 @@ from ml.download import (
 )
 from ml.errors import PipelineError
 from ml.fetch import FetchConfig
-from ml.imageserver import ImageServer
 from ml.ingest import ingest
 from ml.layout import DatasetLayout
 from ml.storage import ObjectStore, S3Uri
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 LOOPBACK = ("127.0.0.0/8",)
 FAST = FetchConfig(connect_timeout=1.0, read_timeout=1.0, deadline=2.5, retries=1,
                    backoff_base=0.05, max_retry_after=1.0, max_bytes=2 * 1024 * 1024)
-CONFIG = DownloadConfig(concurrency=8, allow_networks=LOOPBACK, fetch=FAST, flush_rows=10)
+CONFIG = DownloadConfig(download_concurrency=8, allow_networks=LOOPBACK, fetch=FAST, flush_rows=10)
 
 FAULTS = {
     "http_error": {"fault": "404"},
@@ -173,7 +173,7 @@ def test_concurrency_is_bounded(store_uri: str, store: ObjectStore, tmp_path: Pa
     with ImageServer() as server:
         rows = labelled_urls(server, {"Positive": 24}, prefix="bounded", delay="0.05")
         dataset = _ingest(store_uri, store, tmp_path, rows)
-        config = DownloadConfig(concurrency=3, allow_networks=LOOPBACK, fetch=FAST)
+        config = DownloadConfig(download_concurrency=3, allow_networks=LOOPBACK, fetch=FAST)
         assert download(dataset, config, store=store)["downloaded"] == 24
         assert server.peak == 3
 
@@ -196,7 +196,7 @@ def test_killed_run_resumes_without_losing_rows(store_uri: str, store: ObjectSto
         layout = DatasetLayout.parse(dataset)
         child = subprocess.Popen(
             [sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset,
-             "--allow-network", "127.0.0.0/8", "--concurrency", "2", "--flush-rows", "4"],
+             "--allow-network", "127.0.0.0/8", "--download-concurrency", "2", "--flush-rows", "4"],
             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 60
@@ -211,7 +211,7 @@ def test_killed_run_resumes_without_losing_rows(store_uri: str, store: ObjectSto
         assert 8 <= len(done_before) < 60
         hits_before = dict(server.hits)
 
-        result = download(dataset, DownloadConfig(concurrency=8, allow_networks=LOOPBACK,
+        result = download(dataset, DownloadConfig(download_concurrency=8, allow_networks=LOOPBACK,
                                                   fetch=FAST), store=store)
 
         assert result["statuses"] == {"ok": 60}
@@ -245,7 +245,7 @@ def test_without_allow_network_loopback_is_blocked(store_uri: str, store: Object
     rows = labelled_urls(image_server, {"Positive": 2}, prefix="noallow")
     dataset = _ingest(store_uri, store, tmp_path, rows)
     hits = sum(image_server.hits.values())
-    result = download(dataset, DownloadConfig(concurrency=2, fetch=FAST), store=store)
+    result = download(dataset, DownloadConfig(download_concurrency=2, fetch=FAST), store=store)
     assert result["statuses"] == {"blocked": 2}
     assert sum(image_server.hits.values()) == hits
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 import ml.fetch
+from devkit.imageserver import ImageServer
 from ml.fetch import FetchConfig, Fetcher, FetchError, parse_retry_after
-from ml.imageserver import ImageServer
 from ml.netpolicy import AddressPolicy
 
 CONFIG = FetchConfig(connect_timeout=1.0, read_timeout=1.0, deadline=3.0, retries=2,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ml.imageserver import encode, memory_png, png_bomb, render_image, scan_bomb
+from devkit.imageserver import encode, memory_png, png_bomb, render_image, scan_bomb
 from ml.imaging import (
     DecodeBudget,
     ImageConfig,
@@ -140,7 +140,7 @@ def test_decode_memory_stays_within_the_budget_across_threads(tmp_path: Path) ->
     script.write_text(
         "import resource, sys\n"
         "from concurrent.futures import ThreadPoolExecutor\n"
-        "from ml.imageserver import memory_png\n"
+        "from devkit.imageserver import memory_png\n"
         "from ml.imaging import ImageConfig, normalize_image\n"
         "data = memory_png(6300)\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

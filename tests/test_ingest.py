@@ -215,8 +215,10 @@ def test_cli_errors_are_one_line(args: list[str], message: str, s3_endpoint: str
 
 def test_cli_refuses_bad_parameters() -> None:
     done = subprocess.run([sys.executable, "-m", "ml", "download", "--dataset", "s3://b/d",
-                           "--concurrency", "0"], capture_output=True, text=True, check=False)
-    assert done.returncode == 2 and "--concurrency: must be at least 1" in done.stderr
+                           "--download-concurrency", "0"], capture_output=True, text=True,
+                          check=False)
+    assert done.returncode == 2
+    assert "--download-concurrency: must be at least 1, got '0'" in done.stderr
 
 
 @pytest.mark.integration

@@ -71,9 +71,9 @@ def test_no_secret_reaches_the_store_summaries_or_logs(
     store_uri: str, store: object, tmp_path: Path, image_server: object,
     caplog: pytest.LogCaptureFixture
 ) -> None:
+    from devkit.imageserver import ImageServer
     from ml.download import DownloadConfig, download
     from ml.fetch import FetchConfig
-    from ml.imageserver import ImageServer
     from ml.ingest import ingest
     from ml.layout import DatasetLayout
     from ml.splits import make_splits
@@ -113,7 +113,7 @@ def store_uri_child(uri: str) -> object:
 
 
 def test_store_errors_never_show_endpoint_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ml.demo import free_port
+    from devkit.servers import free_port
     from ml.storage import ObjectStore, S3Uri
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://key:hunter2@127.0.0.1:{free_port()}")
@@ -138,7 +138,7 @@ def test_a_malformed_endpoint_is_one_clear_error(monkeypatch: pytest.MonkeyPatch
 def test_unreachable_mlflow_is_named_within_30s_without_its_password(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from ml.demo import free_port
+    from devkit.servers import free_port
     from ml.registry import register_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://admin:hunter2@127.0.0.1:{free_port()}")

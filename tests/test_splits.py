@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from devkit.imageserver import ImageServer
 from ml.download import download
 from ml.errors import PipelineError
-from ml.imageserver import ImageServer
 from ml.ingest import ingest
 from ml.labels import LABELS
 from ml.splits import SPLITS, allocate, assign_splits, make_splits, parse_ratios

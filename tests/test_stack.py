@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ml.demo import free_port
+from devkit.servers import free_port
 from tests.conftest import REPO
 
 

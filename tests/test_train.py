@@ -19,12 +19,12 @@ import pandas as pd
 import pytest
 import torch
 
+from devkit.imageserver import ImageServer
+from devkit.servers import free_port
 from ml.data import balanced_class_weights, load_split
-from ml.demo import free_port
 from ml.download import DownloadConfig, download
 from ml.errors import PipelineError
 from ml.evaluate import compute_metrics
-from ml.imageserver import ImageServer
 from ml.ingest import ingest
 from ml.labels import LABELS
 from ml.loop import lr_factor
@@ -72,7 +72,7 @@ def test_config_is_validated(change: dict[str, Any], message: str) -> None:
 def test_checkpoint_key_ignores_runtime_settings() -> None:
     a = TrainConfig(split="s3://b/p/datasets/ds-1/splits/s/splits.parquet")
     b = TrainConfig(split=a.split, device="cpu", workers=0, orchestrator_run_id="r1")
-    c = TrainConfig(split=a.split, lr=0.5)
+    c = TrainConfig(split=a.split, learning_rate=0.5)
     assert a.key() == b.key() != c.key()
     assert str(a.checkpoint_dir()).startswith("s3://b/p/datasets/ds-1/training/")
     # The split's content is part of what is trained, not only its URI.
@@ -176,7 +176,7 @@ def learn_split(s3_endpoint: str, image_server: ImageServer,
 
 def _config(split: str, cache: Path, **changes: Any) -> TrainConfig:
     base = TrainConfig(split=split, weights="none", epochs=6, batch_size=12, optimizer="sgd",
-                       lr=0.03, warmup_epochs=0.5, image_size=64, workers=0, patience=0,
+                       learning_rate=0.03, warmup_epochs=0.5, image_size=64, workers=0, patience=0,
                        cache_dir=str(cache), experiment="tests")
     for key, value in changes.items():
         setattr(base, key, value)
@@ -233,7 +233,8 @@ def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_serv
     folder = config.checkpoint_dir(load_split(learn_split, store)[1])
     last = folder.child("last.pt")
     args = [sys.executable, "-m", "ml", "-q", "train", "--split", learn_split, "--weights",
-            "none", "--epochs", "2", "--batch-size", "12", "--optimizer", "sgd", "--lr", "0.03",
+            "none", "--epochs", "2", "--batch-size", "12", "--optimizer", "sgd",
+            "--learning-rate", "0.03",
             "--warmup-epochs", "0.5", "--image-size", "64", "--workers", "0", "--patience", "0",
             "--cache-dir", str(tmp_path), "--experiment", "tests", "--seed", "7"]
     child = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.PIPE,
@@ -279,8 +280,8 @@ def test_registry_promotion_and_prediction(trained: dict[str, Any], learn_split:
     again = register_model(good["run_id"], name=name)
     assert (again["version"], again["created"], again["promoted"]) == (1, False, False)
 
-    weak = fine_tune(_config(learn_split, tmp_path, epochs=1, max_steps_per_epoch=1, lr=1e-4,
-                             seed=3))
+    weak = fine_tune(_config(learn_split, tmp_path, epochs=1, max_steps_per_epoch=1,
+                             learning_rate=1e-4, seed=3))
     assert weak["test"]["macro_f1"] < good["test"]["macro_f1"]
     second = register_model(weak["run_id"], name=name, margin=0.0)
     assert (second["version"], second["promoted"]) == (2, False)
@@ -355,7 +356,7 @@ def test_a_forced_folder_with_other_settings_fails_clearly(learn_split: str, mlf
     first = fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder))
     assert first["checkpoint"] == folder
     with pytest.raises(PipelineError, match=r"differs in: lr.*another --checkpoint folder"):
-        fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder, lr=0.5))
+        fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder, learning_rate=0.5))
     # Runtime settings are not part of what is trained: the same result comes back.
     again = fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder, workers=1))
     assert again["run_id"] == first["run_id"]
@@ -410,7 +411,7 @@ def test_a_finished_training_killed_before_its_result_does_not_train_again(
 
     folder = learn_split.rsplit("/splits/", 1)[0] + f"/finished/{uuid.uuid4().hex[:8]}"
     config = _config(learn_split, tmp_path, arch="resnet18", epochs=6, max_steps_per_epoch=1,
-                     patience=1, lr=1e-6, checkpoint=folder)
+                     patience=1, learning_rate=1e-6, checkpoint=folder)
     first = fine_tune(config)
     assert first["epochs_run"] < 6  # early stopped
     store = ObjectStore()

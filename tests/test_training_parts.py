@@ -119,7 +119,8 @@ def _step(model: nn.Module, cfg: TrainConfig, steps: int) -> Step:
 def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
     torch.manual_seed(0)
     model = architecture("resnet18")
-    cfg = TrainConfig(split="s3://b/x", epochs=4, head_epochs=1, warmup_epochs=2.0, lr=0.1)
+    cfg = TrainConfig(split="s3://b/x", epochs=4, head_epochs=1, warmup_epochs=2.0,
+                      learning_rate=0.1)
     step = _step(model, cfg, steps=2)
     assert {g["role"]: g["lr"] for g in step.optimizer.param_groups}["backbone"] == 0.0
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -142,13 +143,14 @@ def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
     rates = {g["role"]: g["lr"] for g in step.optimizer.param_groups}
     # The thawed backbone's first step: a quarter of the peak (warmup of 4 steps), where the
     # old schedule jumped to the head's rate (here already at half of its own warmup).
-    assert rates["backbone"] == pytest.approx(cfg.lr / 4)
-    assert rates["head"] == pytest.approx(cfg.lr * 3 / 4)
+    assert rates["backbone"] == pytest.approx(cfg.learning_rate / 4)
+    assert rates["head"] == pytest.approx(cfg.learning_rate * 3 / 4)
 
 
 def test_schedule_gives_the_backbone_its_own_warmup() -> None:
     model = architecture("resnet18")
-    cfg = TrainConfig(split="s3://b/x", epochs=10, head_epochs=2, warmup_epochs=1.0, lr=1.0)
+    cfg = TrainConfig(split="s3://b/x", epochs=10, head_epochs=2, warmup_epochs=1.0,
+                      learning_rate=1.0)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
     backbone, head = [], []
@@ -380,16 +382,17 @@ def test_preflight_fails_at_once_without_weights_or_gpu(tmp_path: Path,
 def test_several_gpus_train_under_torchrun() -> None:
     from ml.pipeline import run_torchrun, torchrun_command
 
-    config = TrainConfig(split="s3://b/d/splits/s/splits.parquet", compile=False, lr=0.02)
+    config = TrainConfig(split="s3://b/d/splits/s/splits.parquet", compile=False,
+                         learning_rate=0.02)
     command = torchrun_command(config, 4)
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                             "4"]
-    assert "--no-compile" in command and command[command.index("--lr") + 1] == "0.02"
+    assert "--no-compile" in command and command[command.index("--learning-rate") + 1] == "0.02"
     assert "--channels-last" in command  # every field travels, booleans included
     from ml.cli import build_parser
 
     parsed = build_parser().parse_args(command[command.index("train"):])
-    assert parsed.lr == 0.02 and parsed.compile is False and parsed.split == config.split
+    assert parsed.learning_rate == 0.02 and parsed.compile is False and parsed.split == config.split
 
     class Done:
         def __init__(self, code: int, out: str, err: str) -> None:

@@ -30,7 +30,7 @@ Usage::
     with ImageServer(latency=0.04) as server:
         url = server.url("/photos/1.jpg", label="Positive")
 
-or ``python -m ml imageserver --port 8000``. The images are synthetic; never real photos.
+or ``python -m devkit imageserver --port 8000``. The images are synthetic; never real photos.
 """
 
 from __future__ import annotations

@@ -4,17 +4,12 @@ It starts an in-memory S3 endpoint and the local image server, points a sample o
 CSV at that server (its images are synthetic: a coloured patch per label on noise, so a model can
 learn something, but they are not the real photos), and runs ingest, download and split.
 
-Usage: ``python -m ml demo --sample 200``.
+Usage: ``python -m devkit demo --sample 200``.
 """
 
 from __future__ import annotations
 
 import csv
-import logging
-import os
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -22,9 +17,10 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import pandas as pd
 
+from devkit.imageserver import ImageServer
+from devkit.servers import local_s3
 from ml.download import DownloadConfig, download
 from ml.fetch import FetchConfig
-from ml.imageserver import ImageServer
 from ml.ingest import CROWDFLOWER_LABEL, find_columns, parse_csv
 from ml.labels import LABELS
 from ml.progress import Progress
@@ -40,49 +36,6 @@ DATASET_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.cs
 REAL_SHARES = (0.0181, 0.1357, 0.2707, 0.5477, 0.0277)
 #: Every Nth demo row gets a fault, so the manifest shows statuses other than ok.
 DEMO_FAULTS = ((41, "404"), (97, "truncated"), (151, "html"), (173, "redirect-blocked"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def local_s3(port: int = 0) -> Iterator[str]:
-    """An in-memory S3 endpoint on loopback (moto); sets the AWS_* variables while it runs."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = port or free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        )
-    }
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="demo",
-        AWS_SECRET_ACCESS_KEY="demo-secret",  # noqa: S106 - local stand-in
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    try:
-        yield endpoint
-    finally:
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def generated_csv(rows: int, seed: int = 0) -> bytes:

@@ -1,0 +1,3 @@
+"""Development tools of the project, not shipped in its images: the fault-injecting image server
+(a stand-in for Flickr), the offline demo of the data stages, and the local servers the tests
+and the stack script start. ``python -m devkit --help`` lists its commands."""

@@ -1,0 +1,607 @@
+"""Every run parameter, declared once: name, type, default, range or choices, title, description.
+
+The Airflow trigger form (``dags/``), the ``python -m ml`` options, the run settings'
+validation (:mod:`ml.settings`) and the stage configurations (:class:`~ml.train_config.
+TrainConfig`, the download limits) are all derived from :data:`PARAMETERS`, so a parameter has
+one name everywhere and adding one is one entry here plus the code that uses it. Standard
+library only: DAG files import this at parse time.
+
+Usage::
+
+    EPOCHS = PARAMETERS["epochs"]
+    EPOCHS.check(value)              # the value, coerced, or ParameterError naming 'epochs'
+    EPOCHS.json_schema()             # keyword arguments of an Airflow Param
+    EPOCHS.field()                   # a dataclass field carrying the declaration
+    add_options(parser, ["epochs", "batch_size"])   # --epochs, --batch-size
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ml.errors import ParameterError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+RATIOS_PATTERN = r"^\s*[0-9.]+\s*,\s*[0-9.]+\s*,\s*[0-9.]+\s*$"
+_TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One run parameter. ``form`` puts it on the trigger form; ``env`` names the environment
+    variable that sets the form's default (deployment configuration)."""
+
+    name: str
+    kind: type
+    default: Any
+    title: str
+    description: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    choices: tuple[str, ...] = ()
+    pattern: str = ""
+    min_length: int = 0
+    form: bool = True
+    env: str = ""
+    metavar: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def field(self) -> Any:
+        """A dataclass field with this default that carries the declaration."""
+        return dataclasses.field(default=self.default, metadata={"parameter": self})
+
+    def default_for(self, env: Mapping[str, str] | None = None) -> Any:
+        """The default, or the deployment's ``env`` override of it."""
+        env = os.environ if env is None else env
+        if self.env and env.get(self.env, "").strip():
+            return self.check(env[self.env])
+        return self.default
+
+    def rule(self) -> str:
+        """The allowed values in words, for messages."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        word = "above" if self.exclusive_minimum else "at least"
+        low = "" if self.minimum is None else f"{word} {self.minimum:g}"
+        high = "" if self.maximum is None else f"at most {self.maximum:g}"
+        return " and ".join(p for p in (low, high) if p) or f"a {self.kind.__name__}"
+
+    def check(self, value: Any) -> Any:
+        """``value`` coerced to this parameter's type and checked; ParameterError names it."""
+        coerced = self._coerce(value)
+        if self.choices and coerced not in self.choices:
+            raise self._error(value, self.rule())
+        if self.kind in (int, float):
+            if not math.isfinite(coerced):
+                raise self._error(value, "a finite number")
+            low, high = self.minimum, self.maximum
+            if low is not None and (coerced < low or (self.exclusive_minimum and coerced == low)):
+                raise self._error(value, self.rule())
+            if high is not None and coerced > high:
+                raise self._error(value, self.rule())
+        if self.kind is str and len(coerced) < self.min_length:
+            raise self._error(value, "given (it cannot be empty)")
+        if self.pattern and not re.match(self.pattern, str(coerced)):
+            raise self._error(value, f"of the form {self.pattern}")
+        return coerced
+
+    def _coerce(self, value: Any) -> Any:
+        if value is None:
+            return self.default
+        try:
+            if self.kind is bool:
+                if isinstance(value, bool):
+                    return value
+                text = str(value).strip().lower()
+                if text in _TRUE or text in _FALSE:
+                    return text in _TRUE
+                raise ValueError(value)
+            if self.kind is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(value)
+                return int(str(value).strip()) if isinstance(value, str) else int(value)
+            if self.kind is float:
+                if isinstance(value, bool):
+                    raise ValueError(value)
+                return float(value)
+            return str(value).strip()
+        except (TypeError, ValueError):
+            raise self._error(value, f"a {self.kind.__name__}") from None
+
+    def _error(self, value: Any, rule: str) -> ParameterError:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        return ParameterError(f"parameter '{self.name}' must be {rule}, got {shown}")
+
+    def json_schema(self) -> dict[str, Any]:
+        """Keyword arguments of an Airflow ``Param`` (JSON schema) for the trigger form."""
+        kinds = {bool: "boolean", int: "integer", float: "number", str: "string"}
+        schema: dict[str, Any] = {"type": kinds[self.kind], "title": self.title}
+        if self.description:
+            schema["description"] = self.description
+        if self.minimum is not None:
+            schema["exclusiveMinimum" if self.exclusive_minimum else "minimum"] = self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.maximum
+        if self.choices:
+            schema["enum"] = list(self.choices)
+        if self.pattern:
+            schema["pattern"] = self.pattern
+        if self.min_length:
+            schema["minLength"] = self.min_length
+        return schema
+
+    def argparse_type(self) -> Any:
+        def parse(text: str) -> Any:
+            try:
+                return self.check(text)
+            except ParameterError as exc:
+                raise argparse.ArgumentTypeError(str(exc).split(f"'{self.name}' ", 1)[-1]) from None
+
+        parse.__name__ = self.kind.__name__
+        return parse
+
+
+def _p(name: str, kind: type, default: Any, title: str, **rest: Any) -> Parameter:
+    return Parameter(name, kind, default, title, **rest)
+
+
+_DECLARED = (
+    # --- ingest -------------------------------------------------------------------------
+    _p(
+        "csv",
+        str,
+        "",
+        "CSV",
+        min_length=1,
+        description="CSV of image URLs and labels: an "
+        "http(s) URL, or an s3:// URI or path inside the input folders (ML_INPUT_ROOTS). The "
+        "CrowdFlower export works as it is. Scheduled runs read the default, so keep the latest "
+        "export there.",
+    ),
+    _p(
+        "sample",
+        int,
+        0,
+        "Sample size",
+        minimum=0,
+        env="ML_SAMPLE",
+        description="Rows to keep, stratified by label; 0 keeps all.",
+    ),
+    _p(
+        "min_confidence",
+        float,
+        0.0,
+        "Minimum confidence",
+        minimum=0,
+        maximum=1,
+        description="Drop rows whose label confidence is below this.",
+    ),
+    _p(
+        "exclude_golden",
+        bool,
+        False,
+        "Exclude golden rows",
+        description="Drop CrowdFlower's test-question rows.",
+    ),
+    _p("seed", int, 0, "Seed", minimum=0, description="Seed for sampling, splitting and training."),
+    # --- split --------------------------------------------------------------------------
+    _p(
+        "ratios",
+        str,
+        "0.8,0.15,0.05",
+        "Split ratios",
+        pattern=RATIOS_PATTERN,
+        description="train,valid,test; they must sum to 1.",
+    ),
+    # --- download -----------------------------------------------------------------------
+    _p(
+        "download_concurrency",
+        int,
+        32,
+        "Download threads per batch",
+        minimum=1,
+        maximum=512,
+        description="Parallel downloads (each host still gets at most --per-host connections).",
+    ),
+    _p(
+        "download_batch_size",
+        int,
+        500,
+        "URLs per download batch",
+        minimum=1,
+        description="Raised automatically to stay within 1024 batches.",
+    ),
+    _p(
+        "max_side",
+        int,
+        256,
+        "Stored image size",
+        minimum=0,
+        maximum=4096,
+        description="Shorter side of stored images at most (pixels); 0 keeps the original.",
+    ),
+    _p(
+        "per_host",
+        int,
+        16,
+        "Connections per host",
+        minimum=1,
+        maximum=512,
+        form=False,
+        description="Open connections per host at most.",
+    ),
+    _p(
+        "connect_timeout",
+        float,
+        5.0,
+        "Connect timeout",
+        minimum=0,
+        exclusive_minimum=True,
+        form=False,
+        metavar="S",
+        description="Seconds to connect.",
+    ),
+    _p(
+        "read_timeout",
+        float,
+        10.0,
+        "Read timeout",
+        minimum=0,
+        exclusive_minimum=True,
+        form=False,
+        metavar="S",
+        description="Seconds of silence allowed while reading.",
+    ),
+    _p(
+        "deadline",
+        float,
+        30.0,
+        "Deadline per image",
+        minimum=0,
+        exclusive_minimum=True,
+        form=False,
+        metavar="S",
+        description="Total seconds per image: DNS, connect, TLS, "
+        "headers, body, redirects, retries.",
+    ),
+    _p(
+        "retries",
+        int,
+        2,
+        "Retries",
+        minimum=0,
+        maximum=20,
+        form=False,
+        description="Extra attempts on timeouts, 408/425/429 and 5xx.",
+    ),
+    _p(
+        "max_bytes",
+        int,
+        10 * 1024 * 1024,
+        "Byte cap per image",
+        minimum=1,
+        form=False,
+        description="Enforced while reading (default 10 MiB).",
+    ),
+    _p(
+        "max_pixels",
+        int,
+        40_000_000,
+        "Pixel cap per image",
+        minimum=1,
+        form=False,
+        description="Refuse images whose header declares more pixels (default 40M).",
+    ),
+    _p(
+        "flush_rows",
+        int,
+        200,
+        "Manifest part size",
+        minimum=1,
+        form=False,
+        description="Write a manifest part after this many results; a kill loses at most "
+        "this many rows.",
+    ),
+    # --- train --------------------------------------------------------------------------
+    _p(
+        "split",
+        str,
+        "",
+        "Split manifest",
+        form=False,
+        description="The split manifest URI that the split stage printed (required).",
+    ),
+    _p(
+        "arch",
+        str,
+        "resnet152",
+        "Architecture",
+        form=False,
+        choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
+        description="torchvision ResNet depth.",
+    ),
+    _p(
+        "weights",
+        str,
+        "IMAGENET1K_V2",
+        "Initial weights",
+        env="ML_WEIGHTS",
+        description="IMAGENET1K_V2, IMAGENET1K_V1, a .pth file or s3:// URI inside the input "
+        "folders, or none (random; tests and demos only).",
+    ),
+    _p(
+        "weights_sha256",
+        str,
+        "",
+        "Weights SHA-256",
+        form=False,
+        description="Expected SHA-256 (prefix) of the weights file.",
+    ),
+    _p(
+        "download_weights",
+        bool,
+        False,
+        "Download weights",
+        form=False,
+        description="Let torchvision download named weights (needs internet).",
+    ),
+    _p("epochs", int, 10, "Epochs", minimum=1, maximum=1000),
+    _p(
+        "batch_size",
+        int,
+        64,
+        "Batch size",
+        minimum=1,
+        maximum=4096,
+        description="Images per step and process.",
+    ),
+    _p(
+        "learning_rate",
+        float,
+        0.01,
+        "Learning rate",
+        minimum=0,
+        maximum=10,
+        exclusive_minimum=True,
+        description="Peak rate for the global batch (batch size x "
+        "processes); not rescaled for more GPUs.",
+    ),
+    _p("optimizer", str, "sgd", "Optimizer", choices=("sgd", "adamw")),
+    _p("momentum", float, 0.9, "Momentum", minimum=0, maximum=1, form=False),
+    _p(
+        "weight_decay",
+        float,
+        1e-4,
+        "Weight decay",
+        minimum=0,
+        maximum=1,
+        form=False,
+        description="On weights only; BatchNorm parameters and biases never decay.",
+    ),
+    _p(
+        "warmup_epochs",
+        float,
+        1.0,
+        "Warmup epochs",
+        minimum=0,
+        maximum=1000,
+        form=False,
+        description="Linear warmup before the cosine decay (the backbone gets its own after "
+        "head-only epochs).",
+    ),
+    _p("label_smoothing", float, 0.1, "Label smoothing", minimum=0, maximum=0.99, form=False),
+    _p(
+        "imbalance",
+        str,
+        "class_weights",
+        "Imbalance remedy",
+        choices=("class_weights", "sampler", "none"),
+    ),
+    _p(
+        "head_epochs",
+        int,
+        0,
+        "Head-only epochs",
+        minimum=0,
+        maximum=1000,
+        description="First epochs train the new head only (backbone frozen).",
+    ),
+    _p(
+        "image_size",
+        int,
+        224,
+        "Image size",
+        minimum=32,
+        maximum=1024,
+        description="Training crop in pixels.",
+    ),
+    _p(
+        "device",
+        str,
+        "auto",
+        "Device",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="auto, cpu, cuda or cuda:N; on a GPU worker auto means cuda.",
+    ),
+    _p(
+        "precision",
+        str,
+        "bf16",
+        "Precision",
+        choices=("bf16", "fp16", "fp32"),
+        description="Mixed precision on CUDA (fp16 with a grad scaler).",
+    ),
+    _p(
+        "channels_last",
+        bool,
+        True,
+        "channels_last",
+        form=False,
+        description="channels_last memory format.",
+    ),
+    _p("compile", bool, False, "torch.compile", form=False, description="torch.compile the model."),
+    _p(
+        "clip_grad",
+        float,
+        1.0,
+        "Gradient clip",
+        minimum=0,
+        form=False,
+        description="Gradient norm clip, 0 to disable.",
+    ),
+    _p(
+        "patience",
+        int,
+        3,
+        "Early-stopping patience",
+        minimum=0,
+        maximum=1000,
+        description="Epochs without a better validation macro-F1; 0 disables.",
+    ),
+    _p("workers", int, 4, "Data loader workers", minimum=0, maximum=64),
+    _p(
+        "max_steps_per_epoch",
+        int,
+        0,
+        "Steps per epoch cap",
+        minimum=0,
+        description="0 for all (a cap is for smoke tests).",
+    ),
+    _p(
+        "checkpoint_every",
+        int,
+        1,
+        "Checkpoint every",
+        minimum=1,
+        maximum=1000,
+        form=False,
+        description="Write the resumable checkpoint every N epochs (and after the last).",
+    ),
+    _p(
+        "ddp_timeout_minutes",
+        float,
+        60.0,
+        "DDP timeout",
+        minimum=0,
+        exclusive_minimum=True,
+        form=False,
+        description="Collective timeout under torchrun (rank 0 alone evaluates, "
+        "uploads and exports meanwhile).",
+    ),
+    _p("experiment", str, "image-sentiment", "MLflow experiment", form=False),
+    _p("run_name", str, "", "MLflow run name", form=False),
+    _p(
+        "checkpoint",
+        str,
+        "",
+        "Checkpoint folder",
+        form=False,
+        description="s3:// folder for checkpoints (default: derived from the split and settings).",
+    ),
+    _p(
+        "cache_dir",
+        str,
+        "",
+        "Image cache",
+        form=False,
+        description="Local image cache (default: ~/.cache/image-sentiment/images).",
+    ),
+    _p(
+        "orchestrator_run_id",
+        str,
+        "",
+        "Orchestrator run id",
+        form=False,
+        description="The orchestrator's run id, tagged on the run and the model version.",
+    ),
+    # --- register -----------------------------------------------------------------------
+    _p(
+        "model_name",
+        str,
+        "image-sentiment",
+        "Registered model",
+        pattern=NAME_PATTERN,
+        env="ML_MODEL_NAME",
+        description="The MLflow registered model.",
+    ),
+    _p(
+        "promotion_margin",
+        float,
+        0.0,
+        "Promotion margin",
+        minimum=0,
+        maximum=1,
+        description="Test macro-F1 a new version must gain over the champion to become champion.",
+    ),
+)
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in _DECLARED}
+#: The parameters of the trigger form, in form order.
+FORM: tuple[Parameter, ...] = tuple(p for p in _DECLARED if p.form)
+#: The download stage's options (``python -m ml download``, ``predict``).
+DOWNLOAD: tuple[str, ...] = (
+    "download_concurrency",
+    "per_host",
+    "connect_timeout",
+    "read_timeout",
+    "deadline",
+    "retries",
+    "max_bytes",
+    "max_pixels",
+    "max_side",
+    "flush_rows",
+)
+
+
+def check_all(values: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The named parameters' values from ``values`` (defaults where absent), checked."""
+    return {name: PARAMETERS[name].check(values.get(name)) for name in names}
+
+
+def unknown(values: Mapping[str, Any], allowed: Iterable[str]) -> list[str]:
+    return sorted(set(values) - set(allowed))
+
+
+def add_options(
+    parser: argparse.ArgumentParser | Any,
+    names: Sequence[str],
+    *,
+    defaults: Mapping[str, Any] | None = None,
+) -> None:
+    """``--name`` options (bools as ``--name/--no-name``) for the named parameters."""
+    for name in names:
+        parameter = PARAMETERS[name]
+        default = (defaults or {}).get(name, parameter.default)
+        text = parameter.description or parameter.title
+        if parameter.kind is bool:
+            parser.add_argument(
+                parameter.flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=text,
+            )
+            continue
+        parser.add_argument(
+            parameter.flag,
+            dest=name,
+            type=parameter.argparse_type(),
+            default=default,
+            metavar=parameter.metavar or name.upper(),
+            help=f"{text} (default: %(default)s)",
+        )
+
+
+def fields_of(cls: Any) -> list[str]:
+    """The parameter names a configuration dataclass declares (via :meth:`Parameter.field`)."""
+    return [f.name for f in dataclasses.fields(cls) if "parameter" in f.metadata]

@@ -1,0 +1,94 @@
+"""One declaration per run parameter: the form, the CLI, the settings and the configs agree."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+
+from ml.cli import build_parser
+from ml.download import DownloadConfig
+from ml.errors import ParameterError
+from ml.params import DOWNLOAD, FORM, PARAMETERS, fields_of
+from ml.settings import PipelineSettings
+from ml.train_config import TrainConfig
+from tests.conftest import REPO
+
+
+def _options(stage: str) -> dict[str, Any]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "stage")
+    return {a.dest: a for a in sub.choices[stage]._actions}  # type: ignore[union-attr]
+
+
+def test_every_training_field_is_a_declared_parameter_with_its_cli_option() -> None:
+    options = _options("train")
+    for item in dataclasses.fields(TrainConfig):
+        parameter = item.metadata["parameter"]
+        assert parameter.name == item.name and parameter.default == item.default
+        assert options[item.name].option_strings[0] == parameter.flag
+        assert options[item.name].default == parameter.default
+    assert fields_of(TrainConfig) == [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def test_download_options_and_config_come_from_the_same_declarations() -> None:
+    options = _options("download")
+    assert set(DOWNLOAD) <= set(options)
+    config = DownloadConfig.from_values({})
+    assert config.download_concurrency == PARAMETERS["download_concurrency"].default
+    assert config.fetch.deadline == PARAMETERS["deadline"].default
+    assert config.image.max_pixels == PARAMETERS["max_pixels"].default
+    with pytest.raises(ParameterError, match="'deadline' must be above 0"):
+        DownloadConfig.from_values({"deadline": 0})
+
+
+def test_one_name_per_parameter_everywhere() -> None:
+    """Every form parameter means the same thing on the CLI and in the configs."""
+    stage_options = {name for stage in ("ingest", "download", "split", "train", "register")
+                     for name in _options(stage)}
+    for parameter in FORM:
+        if parameter.name in ("csv", "download_batch_size"):  # a positional; a form-only knob
+            continue
+        assert parameter.name in stage_options, f"{parameter.name} has no CLI option"
+    assert "lr" not in PARAMETERS and "concurrency" not in PARAMETERS
+
+
+def test_the_form_is_derived_from_the_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    monkeypatch.setenv("ML_SAMPLE", "250")
+    spec = importlib.util.spec_from_file_location("dag_params", REPO / "dags" /
+                                                  "image_sentiment.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert list(module.PARAMS) == [p.name for p in FORM]
+    for parameter in FORM:
+        param = module.PARAMS[parameter.name]
+        expected = parameter.json_schema()
+        assert (param.description or "") == expected.pop("description", "")
+        assert {k: v for k, v in param.schema.items() if k != "default"} == expected
+    assert module.PARAMS["sample"].value == 250  # the deployment's default
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [("epochs", 0, "at least 1"), ("learning_rate", 0, "above 0"), ("optimizer", "rmsprop",
+     "one of sgd, adamw"), ("device", "tpu", "of the form"), ("exclude_golden", "maybe",
+     "a bool"), ("epochs", 2.5, "a int"), ("min_confidence", math.nan, "finite"),
+     ("model_name", "a b", "of the form"), ("csv", "", "cannot be empty")],
+)
+def test_values_are_checked_against_their_declaration(name: str, value: Any, message: str) -> None:
+    with pytest.raises(ParameterError, match=f"parameter '{name}' must be.*{message}"):
+        PARAMETERS[name].check(value)
+
+
+def test_settings_expose_every_form_parameter() -> None:
+    settings = PipelineSettings.from_params({"csv": "s3://b/p/in.csv", "epochs": "3"},
+                                            {"ML_STORE": "s3://b/p"})
+    assert settings.epochs == 3 and settings.learning_rate == 0.01
+    assert set(settings.values) == {p.name for p in FORM}
+    with pytest.raises(AttributeError):
+        _ = settings.no_such_parameter
