@@ -55,12 +55,13 @@ def image_sentiment_batch_inference() -> None:
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from ml.errors import ParameterError
-        from ml.pipeline import predict_step, run_partition
+        from ml.layout import StoreLayout
+        from ml.pipeline import predict_step
 
         if not params["csv"]:
             raise AirflowSkipException("no CSV to score: set the csv parameter or "
                                        "ML_INFERENCE_CSV")
-        output = params["output"] or f"{run_partition(STORE, run_id)}/predictions.parquet"
+        output = params["output"] or str(StoreLayout.parse(STORE).run_predictions(run_id))
         try:
             return predict_step(params["csv"], output, params["model_uri"])
         except ParameterError as error:  # a wrong parameter: retrying cannot help

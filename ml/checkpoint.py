@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import io
-import re
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,13 +28,12 @@ from typing import Any
 import torch
 
 from ml.errors import PipelineError
+from ml.layout import CheckpointLayout
 from ml.redact import get_logger
 from ml.storage import ObjectStore, S3Uri
 from ml.train_config import identity_changes
 
 log = get_logger(__name__)
-
-_BEST = re.compile(r"best-e(\d+)\.pt$")
 
 
 @dataclass
@@ -81,8 +79,9 @@ class Checkpoints:
     ) -> None:
         self.store, self.folder, self.identity = store, folder, identity
         self.world, self.forced, self.background = world, forced, background
-        self.last = folder.child("last.pt")
-        self.result_uri = folder.child("result.json")
+        self.files = CheckpointLayout(folder)
+        self.last = self.files.last
+        self.result_uri = self.files.result
         self._pending: threading.Thread | None = None
         self._error: BaseException | None = None
         self._best_saved = -1
@@ -211,10 +210,10 @@ class Checkpoints:
         self.store.write_json(self.result_uri, {**result, "identity": self.identity})
 
     def best_uri(self, epoch: int) -> S3Uri:
-        return self.folder.child(f"best-e{epoch}.pt")
+        return self.files.best(epoch)
 
     def _remove_stale_best(self, keep: int) -> None:
         for key in self.store.list_keys(self.folder):
-            match = _BEST.search(key)
-            if match and int(match.group(1)) != keep:
+            epoch = CheckpointLayout.best_epoch(key)
+            if epoch is not None and epoch != keep:
                 self.store.delete(S3Uri(self.folder.bucket, key))

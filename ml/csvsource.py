@@ -29,6 +29,7 @@ from ml.errors import PipelineError
 from ml.fetch import FetchConfig, Fetcher, FetchError, MiB
 from ml.netpolicy import AddressPolicy, Resolver
 from ml.redact import redact_url
+from ml.statuses import Status
 from ml.storage import ObjectStore, S3Uri
 
 DEFAULT_MAX_BYTES = 512 * MiB
@@ -129,7 +130,7 @@ def _fetch(url: str, limits: SourceLimits) -> bytes:
     try:
         return fetcher.fetch(url).body
     except FetchError as exc:
-        if exc.status == "too_large":
+        if exc.status == Status.TOO_LARGE:
             raise PipelineError(too_large(describe(url), limits.max_bytes)) from None
         raise PipelineError(
             f"could not download the CSV {describe(url)}: {exc.status}: {exc}"

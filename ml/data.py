@@ -146,6 +146,28 @@ class Loaders:
     generators: dict[str, torch.Generator] = field(default_factory=dict)
 
 
+def _train_sampler(
+    train_set: SplitImages,
+    cfg: TrainConfig,
+    rt: Runtime,
+    generators: dict[str, torch.Generator],
+) -> Sampler[int] | None:
+    """A shard per rank under torchrun; class-balanced draws with ``--imbalance sampler``;
+    else None (the loader shuffles)."""
+    if rt.world > 1:
+        if cfg.imbalance == "sampler":
+            raise PipelineError(
+                "--imbalance sampler runs in one process only; use class_weights with torchrun"
+            )
+        return DistributedSampler(train_set, rt.world, rt.rank, shuffle=True, seed=cfg.seed)
+    if cfg.imbalance != "sampler":
+        return None
+    per_class = class_counts(train_set.targets, len(LABELS))
+    draw = [1.0 / per_class[t] for t in train_set.targets]
+    generators["sampler"] = torch.Generator().manual_seed(cfg.seed + 1)
+    return WeightedRandomSampler(draw, len(draw), replacement=True, generator=generators["sampler"])
+
+
 def make_loaders(
     table: pd.DataFrame,
     bucket: str,
@@ -165,22 +187,8 @@ def make_loaders(
     if rt.world > 1:
         torch.distributed.barrier()  # the other ranks read the cache the first rank filled
     # Each rank draws its own stream; the sampler's seed is shared so shards never overlap.
-    shuffle = torch.Generator().manual_seed(cfg.seed + rt.rank)
-    generators = {"shuffle": shuffle}
-    sampler: Sampler[int] | None = None
-    if rt.world > 1:
-        if cfg.imbalance == "sampler":
-            raise PipelineError(
-                "--imbalance sampler runs in one process only; use class_weights with torchrun"
-            )
-        sampler = DistributedSampler(train_set, rt.world, rt.rank, shuffle=True, seed=cfg.seed)
-    elif cfg.imbalance == "sampler":
-        per_class = class_counts(train_set.targets, len(LABELS))
-        draw = [1.0 / per_class[t] for t in train_set.targets]
-        generators["sampler"] = torch.Generator().manual_seed(cfg.seed + 1)
-        sampler = WeightedRandomSampler(
-            draw, len(draw), replacement=True, generator=generators["sampler"]
-        )
+    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed + rt.rank)}
+    sampler = _train_sampler(train_set, cfg, rt, generators)
     cuda = rt.device.type == "cuda"
     common: dict[str, Any] = {
         "batch_size": cfg.batch_size,
@@ -198,7 +206,7 @@ def make_loaders(
         shuffle=sampler is None,
         sampler=sampler,
         drop_last=full,
-        generator=shuffle,
+        generator=generators["shuffle"],
         **common,
     )
     valid = DataLoader(valid_set, shuffle=False, **common)

@@ -7,25 +7,10 @@ does all three in one process (the CLI). A rerun, or a rerun after a kill, fetch
 without an ``ok`` row, and images are content-addressed with conditional writes, so an object
 is never written twice.
 
-Statuses in the manifest (column ``status``):
-
-==================== ==============================================================
-``ok``               fetched, verified, normalized and stored
-``invalid_url``      the URL cannot be parsed
-``blocked``          the address policy refused the host or a redirect target (SSRF)
-``connection_error`` DNS failure, refused or reset connection, TLS error
-``timeout``          connect/read timeout or the per-image deadline ran out
-``http_error``       the server answered a non-2xx status (see ``http_status``)
-``too_many_redirects`` more than the allowed redirects, or a redirect loop
-``too_large``        the body exceeds the byte cap
-``not_image``        the bytes are not JPEG, PNG, WebP or GIF (whatever the Content-Type)
-``too_many_pixels``  the image header declares more pixels (or decode memory) than allowed
-``too_complex``      a JPEG with more scans than allowed (a CPU bomb), refused before decoding
-``undecodable``      a supported format, but truncated or corrupt
-``store_error``      the image could not be written to the object store
-``internal_error``   an unexpected error in our code (a bug: please report it)
-``pending``          not attempted yet (only in a manifest collected mid-way)
-==================== ==============================================================
+Each URL's outcome is a :class:`~ml.statuses.Status` in the manifest's ``status`` column (the
+one vocabulary, with the meaning of each value in ``ml.statuses.DESCRIPTIONS``); every per-URL
+failure is a :class:`~ml.statuses.Rejected` turned into a row, never an exception that stops
+the batch.
 """
 
 from __future__ import annotations
@@ -44,33 +29,18 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from ml.errors import PipelineError
-from ml.fetch import FetchConfig, Fetcher, FetchError
-from ml.imaging import ImageConfig, ImageRejected, normalize_image
-from ml.layout import DatasetLayout
+from ml.fetch import FetchConfig, Fetcher
+from ml.imaging import ImageConfig, normalize_image
+from ml.layout import DatasetLayout, part_range
 from ml.netpolicy import AddressPolicy, Resolver
 from ml.params import DOWNLOAD, PARAMETERS, check_all
 from ml.redact import get_logger, redact_text, redact_url
+from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
 
 log = get_logger(__name__)
 
-STATUSES = (
-    "ok",
-    "invalid_url",
-    "blocked",
-    "connection_error",
-    "timeout",
-    "http_error",
-    "too_many_redirects",
-    "too_large",
-    "not_image",
-    "too_many_pixels",
-    "too_complex",
-    "undecodable",
-    "store_error",
-    "internal_error",
-    "pending",
-)
+STATUSES = tuple(Status)
 MANIFEST_COLUMNS = (
     "url",
     "status",
@@ -166,6 +136,13 @@ class BatchResult:
     bytes: int = 0
     stored_new: int = 0
 
+    def add(self, row: dict[str, Any], stored_new: bool) -> None:
+        self.statuses[row["status"]] += 1
+        if row["status"] == Status.OK:
+            self.downloaded += 1
+            self.bytes += int(row["bytes"])
+            self.stored_new += stored_new
+
     def to_json(self) -> dict[str, Any]:
         return {
             "statuses": dict(self.statuses),
@@ -174,12 +151,6 @@ class BatchResult:
             "bytes": self.bytes,
             "stored_new": self.stored_new,
         }
-
-
-def _part_range(key: str) -> tuple[int, int] | None:
-    folder = key.rsplit("/", 2)[-2]
-    start, _, stop = folder.partition("-")
-    return (int(start), int(stop)) if start.isdigit() and stop.isdigit() else None
 
 
 @dataclass
@@ -205,7 +176,7 @@ def read_parts(
     for key, size in store.list_objects(layout.download_parts):
         if key.endswith("/") and size == 0:
             continue  # a folder marker
-        span = _part_range(key)
+        span = part_range(key)
         if window and span and (span[1] <= window[0] or span[0] >= window[1]):
             continue
         frame = _read_part(store, S3Uri(layout.store.bucket, key), size)
@@ -239,7 +210,7 @@ def _read_part(store: ObjectStore, uri: S3Uri, size: int) -> pd.DataFrame | None
 
 
 def _ok_rows(parts: pd.DataFrame) -> set[int]:
-    return {int(r) for r in parts.loc[parts["status"] == "ok", "row"]}
+    return {int(r) for r in parts.loc[parts["status"] == Status.OK, "row"]}
 
 
 def read_records(layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
@@ -299,8 +270,8 @@ class _PartWriter:
         if not self._rows:
             return
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-        folder = f"{self._spec.start:08d}-{self._spec.stop:08d}"
-        uri = self._layout.download_parts.child(folder, f"{stamp}-{uuid.uuid4().hex[:8]}.parquet")
+        name = f"{stamp}-{uuid.uuid4().hex[:8]}.parquet"
+        uri = self._layout.download_part(self._spec.start, self._spec.stop, name)
         frame = pd.DataFrame.from_records(self._rows, columns=list(MANIFEST_COLUMNS))
         self._store.write_parquet(uri, frame.astype(_DTYPES))
         self._rows = []
@@ -340,55 +311,49 @@ class _Worker:
         except Exception as exc:  # one bad URL must never stop the others
             log.exception("unexpected error on row %s", record["row"])
             message = redact_text(f"{type(exc).__name__}: {exc}")
-            return _row(record, "internal_error", started, error=message)
+            return _row(record, Status.INTERNAL_ERROR, started, error=message)
 
     def _run(self, record: dict[str, Any], started: float) -> dict[str, Any]:
         url = record["url"]
+        facts: dict[str, Any] = {}
         try:
-            parts = urlsplit(url)
-            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:
-            valid = False
-        if not valid:
-            return _row(record, "invalid_url", started, error="not an http(s) URL with a host")
-        try:
+            if not _fetchable(url):
+                raise Rejected(Status.INVALID_URL, "not an http(s) URL with a host")
             response = self.fetcher.fetch(url)
-        except FetchError as exc:
-            return _row(
-                record,
-                exc.status,
-                started,
-                http_status=exc.http_status,
-                attempts=exc.attempts,
-                error=str(exc),
-            )
-        common = {
-            "http_status": response.http_status,
-            "bytes": len(response.body),
-            "attempts": response.attempts,
-        }
-        try:
+            facts = {
+                "http_status": response.http_status,
+                "bytes": len(response.body),
+                "attempts": response.attempts,
+            }
             image = normalize_image(response.body, self.image)
-        except ImageRejected as exc:
-            return _row(record, exc.status, started, error=str(exc), **common)
+        except Rejected as exc:
+            return _row(record, exc.status, started, error=str(exc), **{**facts, **exc.details})
         key = self.layout.image(image.sha256)
         try:
             written = self.store.put_bytes(
                 key, image.data, content_type="image/jpeg", if_absent=True
             )
         except PipelineError as exc:
-            return _row(record, "store_error", started, error=str(exc), **common)
+            return _row(record, Status.STORE_ERROR, started, error=str(exc), **facts)
         return _row(
             record,
-            "ok",
+            Status.OK,
             started,
             sha256=image.sha256,
             width=image.width,
             height=image.height,
             object_key=key.key,
             stored_new=written,
-            **common,
+            **facts,
         )
+
+
+def _fetchable(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        return False
 
 
 def download_batch(
@@ -413,22 +378,36 @@ def download_batch(
     result = BatchResult(skipped_existing=len(records) - len(todo))
     if not todo:
         return result
-    fetcher = Fetcher(config.fetch, policy)
-    worker = _Worker(fetcher, store, layout, config.image)
-    writer = _PartWriter(store, layout, spec, config)
 
-    def handle(future: Future[dict[str, Any]]) -> None:
-        row = future.result()
+    def on_row(row: dict[str, Any]) -> None:
         stored_new = bool(row.pop("stored_new", False))
-        result.statuses[row["status"]] += 1
-        if row["status"] == "ok":
-            result.downloaded += 1
-            result.bytes += int(row["bytes"])
-            result.stored_new += stored_new
+        result.add(row, stored_new)
         writer.add(row)
         if on_result:
             on_result(row["status"])
 
+    fetcher = Fetcher(config.fetch, policy)
+    writer = _PartWriter(store, layout, spec, config)
+    try:
+        _run_pool(_Worker(fetcher, store, layout, config.image), todo, config, on_row)
+    finally:
+        writer.flush()
+        fetcher.close()
+    if result.statuses[Status.STORE_ERROR]:
+        raise PipelineError(
+            f"{result.statuses[Status.STORE_ERROR]} images could not be written to the store "
+            f"(manifest rows kept); check the store and rerun: only missing images are fetched"
+        )
+    return result
+
+
+def _run_pool(
+    worker: _Worker,
+    todo: list[dict[str, Any]],
+    config: DownloadConfig,
+    on_row: Callable[[dict[str, Any]], None],
+) -> None:
+    """Every record through ``worker`` on a bounded pool; results in completion order."""
     pool = ThreadPoolExecutor(
         max_workers=config.download_concurrency, thread_name_prefix="download"
     )
@@ -438,21 +417,13 @@ def download_batch(
             if len(inflight) >= 2 * config.download_concurrency:  # bounded queue: flat memory
                 finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    handle(future)
+                    on_row(future.result())
             inflight.add(pool.submit(worker, record))
         for future in _as_completed(inflight):
-            handle(future)
+            on_row(future.result())
         inflight = set()
     finally:
         pool.shutdown(wait=not inflight, cancel_futures=True)
-        writer.flush()
-        fetcher.close()
-    if result.statuses["store_error"]:
-        raise PipelineError(
-            f"{result.statuses['store_error']} images could not be written to the store "
-            f"(manifest rows kept); check the store and rerun: only missing images are fetched"
-        )
-    return result
 
 
 def _as_completed(futures: Iterable[Future[dict[str, Any]]]) -> Iterable[Future[dict[str, Any]]]:
@@ -469,7 +440,7 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
     records = read_records(layout, store)
     found = read_parts(layout, store)
     parts = found.rows[found.rows["row"].isin(records["row"])]
-    parts = parts.assign(_ok=parts["status"] == "ok").sort_values(
+    parts = parts.assign(_ok=parts["status"] == Status.OK).sort_values(
         ["_ok", "fetched_at"], ascending=False, kind="stable"
     )
     best = parts.drop_duplicates("row").drop(columns="_ok")
@@ -478,7 +449,7 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
     pending = pd.DataFrame(
         {
             "url": [redact_url(u) for u in missing["url"]],
-            "status": "pending",
+            "status": Status.PENDING.value,
             "bytes": 0,
             "attempts": 0,
             "elapsed_s": 0.0,
@@ -498,7 +469,7 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
     manifest = manifest.astype(_DTYPES).reset_index(drop=True)
     store.write_parquet(layout.download_manifest, manifest)
     statuses = {k: int(v) for k, v in manifest["status"].value_counts().items()}
-    ok = manifest["status"] == "ok"
+    ok = manifest["status"] == Status.OK
     summary: dict[str, Any] = {
         "manifest": str(layout.download_manifest),
         "statuses": statuses,

@@ -52,6 +52,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 
 from ml.netpolicy import AddressPolicy, BlockedAddress
 from ml.redact import redact_text, redact_url
+from ml.statuses import Rejected, Status
 
 MiB = 1024 * 1024
 _REDIRECTS = {301, 302, 303, 307, 308}
@@ -81,24 +82,27 @@ class FetchConfig:
     accept: str = "image/*"
 
 
-class FetchError(Exception):
+class FetchError(Rejected):
     """A URL that could not be fetched; ``status`` is its manifest status."""
 
     def __init__(
         self,
-        status: str,
+        status: Status,
         message: str,
         *,
         http_status: int | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(redact_text(message))
-        self.status = status
+        super().__init__(status, redact_text(message))
         self.http_status = http_status
         self.retryable = retryable
         self.retry_after = retry_after
         self.attempts = 0
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return {"http_status": self.http_status, "attempts": self.attempts}
 
 
 @dataclass(frozen=True)
@@ -301,11 +305,11 @@ class Fetcher:
                 return FetchResponse(body, status, final_url, attempt)
             except FetchError as exc:
                 exc.attempts = attempt
-                if exc.status in ("timeout", "connection_error") and (
+                if exc.status in (Status.TIMEOUT, Status.CONNECTION_ERROR) and (
                     time.monotonic() >= deadline_at - 0.001
                 ):
                     error = FetchError(
-                        "timeout",
+                        Status.TIMEOUT,
                         f"deadline of {seconds:g}s reached ({exc})",
                         http_status=exc.http_status,
                     )
@@ -329,7 +333,7 @@ class Fetcher:
             scheme = urlsplit(current).scheme.lower()
             if scheme not in ("http", "https"):
                 raise FetchError(
-                    "blocked", f"scheme {scheme!r} is not allowed ({redact_url(current)})"
+                    Status.BLOCKED, f"scheme {scheme!r} is not allowed ({redact_url(current)})"
                 )
             response = self._open(current, deadline_at)
             body: bytes | None = None
@@ -339,12 +343,12 @@ class Fetcher:
                     location = response.headers.get("Location")
                     if not location:
                         raise FetchError(
-                            "http_error", f"HTTP {status} without Location", http_status=status
+                            Status.HTTP_ERROR, f"HTTP {status} without Location", http_status=status
                         )
                     current = urljoin(current, location)
                     if current in seen:
                         raise FetchError(
-                            "too_many_redirects",
+                            Status.TOO_MANY_REDIRECTS,
                             f"redirect loop at {redact_url(current)}",
                             http_status=status,
                         )
@@ -355,27 +359,27 @@ class Fetcher:
                         response.headers.get("Retry-After"), cfg.max_retry_after
                     )
                     raise FetchError(
-                        "http_error",
+                        Status.HTTP_ERROR,
                         f"HTTP {status}",
                         http_status=status,
                         retryable=True,
                         retry_after=retry_after,
                     )
                 if not 200 <= status < 300:
-                    raise FetchError("http_error", f"HTTP {status}", http_status=status)
+                    raise FetchError(Status.HTTP_ERROR, f"HTTP {status}", http_status=status)
                 body = self._read_body(response, deadline_at)
                 return body, status, current
             finally:
                 if body is None:
                     _discard(response)
                 response.release_conn()
-        raise FetchError("too_many_redirects", f"more than {cfg.max_redirects} redirects")
+        raise FetchError(Status.TOO_MANY_REDIRECTS, f"more than {cfg.max_redirects} redirects")
 
     def _open(self, url: str, deadline_at: float) -> Any:
         cfg = self.config
         remaining = deadline_at - time.monotonic()
         if remaining <= 0:
-            raise FetchError("timeout", "the fetch deadline was reached")
+            raise FetchError(Status.TIMEOUT, "the fetch deadline was reached")
         timeout = urllib3.Timeout(
             connect=min(cfg.connect_timeout, remaining), read=min(cfg.read_timeout, remaining)
         )
@@ -393,25 +397,27 @@ class Fetcher:
                 pool_timeout=remaining,
             )
         except BlockedAddress as exc:
-            raise FetchError("blocked", f"address policy: {exc}") from None
+            raise FetchError(Status.BLOCKED, f"address policy: {exc}") from None
         except (LocationParseError, LocationValueError) as exc:
-            raise FetchError("invalid_url", f"cannot parse URL: {exc}") from None
+            raise FetchError(Status.INVALID_URL, f"cannot parse URL: {exc}") from None
         except EmptyPoolError:
             raise FetchError(
-                "timeout",
+                Status.TIMEOUT,
                 "no free connection to the host before the fetch deadline "
                 f"({cfg.per_host} per host, all busy)",
             ) from None
         except NameResolutionError as exc:
-            raise FetchError("connection_error", f"DNS lookup failed: {_describe(exc)}") from None
+            raise FetchError(
+                Status.CONNECTION_ERROR, f"DNS lookup failed: {_describe(exc)}"
+            ) from None
         except NewConnectionError as exc:  # a ConnectTimeoutError subclass, so before it
-            raise FetchError("connection_error", _describe(exc), retryable=True) from None
+            raise FetchError(Status.CONNECTION_ERROR, _describe(exc), retryable=True) from None
         except Urllib3Timeout as exc:
-            raise FetchError("timeout", _describe(exc), retryable=True) from None
+            raise FetchError(Status.TIMEOUT, _describe(exc), retryable=True) from None
         except SSLError as exc:
-            raise FetchError("connection_error", f"TLS error: {_describe(exc)}") from None
+            raise FetchError(Status.CONNECTION_ERROR, f"TLS error: {_describe(exc)}") from None
         except (HTTPError, OSError) as exc:
-            raise FetchError("connection_error", _describe(exc), retryable=True) from None
+            raise FetchError(Status.CONNECTION_ERROR, _describe(exc), retryable=True) from None
         return response
 
     def _read_body(self, response: Any, deadline_at: float) -> bytes:
@@ -420,7 +426,7 @@ class Fetcher:
         if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
             response.close()
             raise FetchError(
-                "too_large",
+                Status.TOO_LARGE,
                 f"Content-Length {declared} exceeds {cfg.max_bytes} bytes",
                 http_status=response.status,
             )
@@ -432,7 +438,7 @@ class Fetcher:
                 if remaining <= 0:
                     response.close()
                     raise FetchError(
-                        "timeout",
+                        Status.TIMEOUT,
                         f"body not complete by the fetch deadline ({total} bytes read)",
                         http_status=response.status,
                     )
@@ -443,7 +449,7 @@ class Fetcher:
                 if total > cfg.max_bytes:
                     response.close()
                     raise FetchError(
-                        "too_large",
+                        Status.TOO_LARGE,
                         f"body exceeds {cfg.max_bytes} bytes",
                         http_status=response.status,
                     )
@@ -451,7 +457,7 @@ class Fetcher:
         except Urllib3Timeout as exc:
             response.close()
             raise FetchError(
-                "timeout",
+                Status.TIMEOUT,
                 f"reading the body: {_describe(exc)}",
                 http_status=response.status,
                 retryable=True,
@@ -459,7 +465,7 @@ class Fetcher:
         except (HTTPError, OSError) as exc:
             response.close()
             raise FetchError(
-                "connection_error",
+                Status.CONNECTION_ERROR,
                 f"reading the body: {_describe(exc)}",
                 http_status=response.status,
                 retryable=True,

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from ml.statuses import Rejected, Status
+
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit before decoding, with a clear status
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
@@ -76,10 +78,8 @@ class ImageConfig:
     jpeg_quality: int = 90
 
 
-class ImageRejected(Exception):  # noqa: N818 - a manifest status, like FetchError's
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+class ImageRejected(Rejected):
+    """Bytes that are not a usable image; ``status`` is its manifest status."""
 
 
 class DecodeBudget:
@@ -214,61 +214,28 @@ def normalize_image(
 
     ``budget`` defaults to the process-wide budget of ``config.decode_budget`` bytes.
     """
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise ImageRejected("not_image", "not a JPEG, PNG, WebP or GIF (judged by its first bytes)")
-    if fmt == "JPEG":
-        scans = count_jpeg_scans(data, stop_after=config.max_scans)
-        if scans > config.max_scans:
-            raise ImageRejected(
-                "too_complex",
-                f"JPEG with more than {config.max_scans} scans (each scan decodes the whole "
-                "image again)",
-            )
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opened = Image.open(io.BytesIO(data), formats=[fmt])
-    except Exception as exc:
-        raise ImageRejected("undecodable", f"{fmt} header unreadable: {exc}") from None
+    fmt, opened = _open_checked(data, config)
     width, height = opened.size
-    if width < 1 or height < 1 or width * height > config.max_pixels:
-        raise ImageRejected(
-            "too_many_pixels", f"{width}x{height} exceeds the limit of {config.max_pixels} pixels"
-        )
-    target = _target_size(width, height, config.max_side)
     if fmt == "JPEG":
         # Decode at a reduced DCT scale when that still covers the target: far cheaper.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opened.draft("RGB", target)
-    decoded_w, decoded_h = opened.size
-    pixels = decoded_w * decoded_h
-    need = pixels * (_MODE_BYTES.get(opened.mode, 8) + _WORKING_BYTES_PER_PIXEL)
+            opened.draft("RGB", _target_size(width, height, config.max_side))
     budget = budget or shared_budget(config.decode_budget)
+    need = decode_cost(opened)
     if need > budget.limit:
         raise ImageRejected(
-            "too_many_pixels",
+            Status.TOO_MANY_PIXELS,
             f"{width}x{height} {opened.mode} needs about {need // MiB} MiB to decode, more than "
             f"the {budget.limit // MiB} MiB decode budget",
         )
     try:
-        with budget.reserve(need), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opened.load()
-            image = _shrink(opened, config.max_side)
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-            if image.size != _target_size(*image.size, config.max_side):
-                image = image.resize(
-                    _target_size(*image.size, config.max_side),
-                    Image.Resampling.BILINEAR,
-                    reducing_gap=2.0,
-                )
+        with budget.reserve(need):
+            image = _render(opened, config.max_side)
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=config.jpeg_quality)
     except Exception as exc:
-        raise ImageRejected("undecodable", f"{fmt} could not be decoded: {exc}") from None
+        raise ImageRejected(Status.UNDECODABLE, f"{fmt} could not be decoded: {exc}") from None
     encoded = out.getvalue()
     return NormalizedImage(
         data=encoded,
@@ -279,6 +246,56 @@ def normalize_image(
         source_width=width,
         source_height=height,
     )
+
+
+def _open_checked(data: bytes, config: ImageConfig) -> tuple[str, Image.Image]:
+    """The format (from the bytes) and the opened header, after the checks that cost nothing:
+    magic numbers, JPEG scan count, declared pixels."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageRejected(
+            Status.NOT_IMAGE, "not a JPEG, PNG, WebP or GIF (judged by its first bytes)"
+        )
+    if fmt == "JPEG" and count_jpeg_scans(data, stop_after=config.max_scans) > config.max_scans:
+        raise ImageRejected(
+            Status.TOO_COMPLEX,
+            f"JPEG with more than {config.max_scans} scans (each scan decodes the whole image "
+            "again)",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opened = Image.open(io.BytesIO(data), formats=[fmt])
+    except Exception as exc:
+        raise ImageRejected(Status.UNDECODABLE, f"{fmt} header unreadable: {exc}") from None
+    width, height = opened.size
+    if width < 1 or height < 1 or width * height > config.max_pixels:
+        raise ImageRejected(
+            Status.TOO_MANY_PIXELS,
+            f"{width}x{height} exceeds the limit of {config.max_pixels} pixels",
+        )
+    return fmt, opened
+
+
+def decode_cost(opened: Image.Image) -> int:
+    """Bytes a decode of ``opened`` holds at its peak: the decoded pixels (after any JPEG draft
+    scaling) and the working copies of colour conversion."""
+    width, height = opened.size
+    return width * height * (_MODE_BYTES.get(opened.mode, 8) + _WORKING_BYTES_PER_PIXEL)
+
+
+def _render(opened: Image.Image, max_side: int) -> Image.Image:
+    """Decode, scale down early, apply EXIF orientation, make RGB, resize to the target."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opened.load()
+        image = _shrink(opened, max_side)
+        image = ImageOps.exif_transpose(image)
+        image = _to_rgb(image)
+        target = _target_size(*image.size, max_side)
+        if image.size != target:
+            image = image.resize(target, Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return image
 
 
 def _shrink(image: Image.Image, max_side: int) -> Image.Image:

@@ -200,57 +200,21 @@ def validate_rows(
     "ok" or the rejection reason of each row (progress). With ``check_duplicates`` a URL seen
     in an earlier row of the frame is rejected (:func:`reject_duplicates` does it across chunks).
     """
-    url_col, label_col = columns["url"], columns["label"]
-    conf_col, id_col, golden_col = (columns.get(k) for k in ("confidence", "id", "golden"))
-    n = len(frame)
-    urls = frame[url_col].astype(str).str.strip().tolist()
-    raw_labels = frame[label_col].astype(str).tolist()
-    labels = [_label(raw) for raw in raw_labels]
-    if conf_col:
-        conf_text = frame[conf_col].astype(str).str.strip()
-        confidence = pd.to_numeric(conf_text, errors="coerce").to_numpy(dtype="float64")
-        conf_given = (conf_text != "").to_numpy()
-    else:
-        confidence = np.full(n, np.nan)
-        conf_given = np.zeros(n, dtype=bool)
+    cells = _Cells(frame, columns)
     good: dict[str, list[Any]] = {name: [] for name in RECORD_COLUMNS}
     bad: dict[str, list[Any]] = {name: [] for name in REJECTED_COLUMNS}
-    ids = frame[id_col].astype(str).str.strip().tolist() if id_col else None
-    golden = (
-        frame[golden_col].astype(str).str.strip().str.lower().isin(_TRUE).tolist()
-        if golden_col
-        else None
-    )
-    for i in range(n):
+    for i in range(len(frame)):
         number = first_row + i
-        url, raw_label, label = urls[i], raw_labels[i], labels[i]
-        problem: tuple[str, str] | None
-        if not raw_label.strip():
-            problem = ("missing_label", "the label is empty")
-        elif label is None:
-            shown = raw_label if len(raw_label) <= 40 else raw_label[:37] + "..."
-            problem = ("unknown_label", f"label {shown!r} is not one of {', '.join(LABELS)}")
-        else:
-            problem = _check_url(url)
-        value = float(confidence[i])
-        if problem is None and conf_given[i] and not 0.0 <= value <= 1.0:
-            problem = ("invalid_confidence", "the confidence is not a number in [0, 1]")
+        problem = cells.problem(i)
         if on_row is not None:
             on_row(problem[0] if problem else "ok")
         if problem is not None:
-            for key, item in zip(
-                REJECTED_COLUMNS,
-                (number, problem[0], problem[1], redact_url(url), raw_label),
-                strict=True,
-            ):
+            values = (number, problem[0], problem[1], redact_url(cells.urls[i]), cells.raw[i])
+            for key, item in zip(REJECTED_COLUMNS, values, strict=True):
                 bad[key].append(item)
             continue
-        row_id = ids[i] if ids is not None and ids[i] else str(number)
-        record = (number, row_id, url, label, LABEL_INDEX[str(label)], value, False)
-        for key, item in zip(RECORD_COLUMNS, record, strict=True):
+        for key, item in zip(RECORD_COLUMNS, cells.record(i, number), strict=True):
             good[key].append(item)
-        if golden is not None:
-            good["golden"][-1] = bool(golden[i])
     records = pd.DataFrame(good, columns=list(RECORD_COLUMNS)).astype(_RECORD_TYPES)
     rejected = pd.DataFrame(bad, columns=list(REJECTED_COLUMNS)).astype({"row": "int64"})
     if check_duplicates:
@@ -258,8 +222,57 @@ def validate_rows(
     return records, rejected
 
 
-def _label(raw: str) -> str | None:
-    return normalize_label(raw)
+class _Cells:
+    """A frame's cells in the five roles, as plain lists (fast to walk row by row)."""
+
+    def __init__(self, frame: pd.DataFrame, columns: dict[str, str]) -> None:
+        def strings(role: str) -> list[str] | None:
+            name = columns.get(role)
+            return frame[name].astype(str).str.strip().tolist() if name else None
+
+        self.urls = strings("url") or []
+        self.raw = frame[columns["label"]].astype(str).tolist()
+        self.labels = [normalize_label(raw) for raw in self.raw]
+        self.ids = strings("id")
+        golden = strings("golden")
+        self.golden = [g.lower() in _TRUE for g in golden] if golden else None
+        given = strings("confidence")
+        self.confidence_given = [bool(c) for c in given] if given else [False] * len(frame)
+        self.confidence = (
+            pd.to_numeric(pd.Series(given), errors="coerce").to_numpy(dtype="float64")
+            if given
+            else np.full(len(frame), np.nan)
+        )
+
+    def problem(self, i: int) -> tuple[str, str] | None:
+        """Why row ``i`` cannot be used: (reason, detail), or None."""
+        raw = self.raw[i]
+        if not raw.strip():
+            return "missing_label", "the label is empty"
+        if self.labels[i] is None:
+            shown = raw if len(raw) <= 40 else raw[:37] + "..."
+            return "unknown_label", f"label {shown!r} is not one of {', '.join(LABELS)}"
+        problem = _check_url(self.urls[i])
+        if problem is None and self.confidence_given[i]:
+            value = float(self.confidence[i])
+            if not 0.0 <= value <= 1.0:
+                return "invalid_confidence", "the confidence is not a number in [0, 1]"
+        return problem
+
+    def record(self, i: int, number: int) -> tuple[Any, ...]:
+        """Row ``i`` as a canonical record (in RECORD_COLUMNS order)."""
+        label = str(self.labels[i])
+        row_id = self.ids[i] if self.ids is not None and self.ids[i] else str(number)
+        golden = bool(self.golden[i]) if self.golden is not None else False
+        return (
+            number,
+            row_id,
+            self.urls[i],
+            label,
+            LABEL_INDEX[label],
+            float(self.confidence[i]),
+            golden,
+        )
 
 
 def reject_duplicates(
@@ -362,6 +375,28 @@ def read_records(
     return records, rejected, columns, total
 
 
+def _log_rejected(rejected: pd.DataFrame) -> None:
+    for item in rejected.head(_SHOW_REJECTED).itertuples():
+        log.warning("row %d rejected (%s): %s", item.row, item.reason, item.detail)
+    if len(rejected) > _SHOW_REJECTED:
+        log.warning("... and %d more rejected rows", len(rejected) - _SHOW_REJECTED)
+
+
+def _filter(
+    records: pd.DataFrame, min_confidence: float | None, exclude_golden: bool
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Rows the options leave out (not bad data): low confidence, golden rows; with counts."""
+    filtered: Counter[str] = Counter()
+    if min_confidence is not None:
+        keep = records["confidence"].isna() | (records["confidence"] >= min_confidence)
+        filtered["below_min_confidence"] = int((~keep).sum())
+        records = records[keep]
+    if exclude_golden:
+        filtered["golden_excluded"] = int(records["golden"].sum())
+        records = records[~records["golden"]]
+    return records.reset_index(drop=True), {k: v for k, v in filtered.items() if v}
+
+
 def ingest(
     source: str,
     store_uri: str,
@@ -392,21 +427,10 @@ def ingest(
     records, rejected, columns, total = read_records(data, name, show_columns=local)
     del data
     log.info("read %s: %d rows; columns %s", name, total, columns)
-    for item in rejected.head(_SHOW_REJECTED).itertuples():
-        log.warning("row %d rejected (%s): %s", item.row, item.reason, item.detail)
-    if len(rejected) > _SHOW_REJECTED:
-        log.warning("... and %d more rejected rows", len(rejected) - _SHOW_REJECTED)
-
-    filtered: Counter[str] = Counter()
-    if min_confidence is not None:
-        keep = records["confidence"].isna() | (records["confidence"] >= min_confidence)
-        filtered["below_min_confidence"] = int((~keep).sum())
-        records = records[keep]
-    if exclude_golden:
-        filtered["golden_excluded"] = int(records["golden"].sum())
-        records = records[~records["golden"]]
+    _log_rejected(rejected)
+    records, filtered = _filter(records, min_confidence, exclude_golden)
     if sample is not None:
-        records = stratified_sample(records.reset_index(drop=True), sample, seed)
+        records = stratified_sample(records, sample, seed)
     records = records.reset_index(drop=True)
     if records.empty:
         raise PipelineError(
@@ -421,7 +445,7 @@ def ingest(
         rows=len(records),
         labels={label: int(counts.get(label, 0)) for label in LABELS},
         rejected={k: int(v) for k, v in rejected["reason"].value_counts().items()},
-        filtered={k: v for k, v in filtered.items() if v},
+        filtered=filtered,
         source=name,
         columns=columns,
     )

@@ -1,24 +1,71 @@
-"""Where each stage keeps its outputs in the store: one place that names every key.
+"""Where each stage keeps its outputs in the store: the one place that names every key, and
+parses the URIs it produces.
 
 A store is ``s3://BUCKET/PREFIX``; under it::
 
-    images/ab/abcdef....jpg                    content-addressed images, shared by all datasets
-    datasets/<id>/records.parquet              ingest: the canonical, validated rows
-    datasets/<id>/rejected.parquet             ingest: rejected rows with reasons
-    datasets/<id>/dataset.json                 ingest: summary and options
-    datasets/<id>/downloads/parts/*.parquet    download: per-batch manifest parts (append-only)
-    datasets/<id>/downloads/manifest.parquet   download: one row per URL, the best attempt
-    datasets/<id>/splits/<name>/splits.parquet split: one row per ok image with its split
+    images/ab/abcdef....jpg                          content-addressed images, shared by datasets
+    datasets/<id>/records.parquet                    ingest: the canonical, validated rows
+    datasets/<id>/rejected.parquet                   ingest: rejected rows with reasons
+    datasets/<id>/dataset.json                       ingest: summary and options
+    datasets/<id>/downloads/parts/<start>-<stop>/*.parquet   download: manifest parts per batch
+    datasets/<id>/downloads/manifest.parquet         download: one row per record, the best try
+    datasets/<id>/splits/<name>/splits.parquet       split: one row per ok image with its split
+    datasets/<id>/splits/<name>/splits.json          split: its summary
+    datasets/<id>/training/<key>/                    train (by hand): checkpoints, see below
+    runs/<run>-<hash>/training/                      train (orchestrated): checkpoints of a run
+    runs/<run>-<hash>/predictions.parquet            batch inference of a run
+
+A checkpoint folder holds ``last.pt``, ``best-e<N>.pt`` and ``result.json``.
+
+Usage: ``DatasetLayout.parse(uri).records``; ``SplitLayout.parse(split_uri).dataset``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ml.errors import PipelineError
-from ml.storage import S3Uri
+from ml.uri import S3Uri
 
 _DATASETS = "datasets"
+_SPLITS = "splits"
+_PART_FOLDER = re.compile(r"^(\d{8})-(\d{8})$")
+_BEST = re.compile(r"best-e(\d+)\.pt$")
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """The store's top level: images, datasets and orchestrator runs."""
+
+    root: S3Uri
+
+    @classmethod
+    def parse(cls, uri: str) -> StoreLayout:
+        return cls(S3Uri.parse(uri.rstrip("/")))
+
+    def image(self, sha256: str) -> S3Uri:
+        """The content-addressed key of a stored image."""
+        return self.root.child("images", sha256[:2], f"{sha256}.jpg")
+
+    def run(self, run_id: str) -> S3Uri:
+        """The folder of one orchestrator run (a retried task writes to the same place).
+
+        Its name is a readable slug of the run id plus a hash of the exact id, so two
+        different run ids never share a folder, whatever characters they differ in.
+        """
+        run_id = run_id or "manual"
+        slug = re.sub(r"[^A-Za-z0-9_=-]+", "_", run_id).strip("_")[:80] or "run"
+        digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
+        return self.root.child("runs", f"{slug}-{digest}")
+
+    def run_training(self, run_id: str) -> S3Uri:
+        return self.run(run_id).child("training")
+
+    def run_predictions(self, run_id: str) -> S3Uri:
+        return self.run(run_id).child("predictions.parquet")
 
 
 @dataclass(frozen=True)
@@ -64,13 +111,95 @@ class DatasetLayout:
     def download_parts(self) -> S3Uri:
         return self.root.child("downloads", "parts")
 
+    def download_part(self, start: int, stop: int, name: str) -> S3Uri:
+        """A manifest part of the records ``[start, stop)``."""
+        return self.download_parts.child(f"{start:08d}-{stop:08d}", name)
+
     @property
     def download_manifest(self) -> S3Uri:
         return self.root.child("downloads", "manifest.parquet")
 
     def split_dir(self, name: str) -> S3Uri:
-        return self.root.child("splits", name)
+        return self.root.child(_SPLITS, name)
+
+    def split(self, name: str) -> SplitLayout:
+        return SplitLayout(self, name)
+
+    def training(self, key: str) -> S3Uri:
+        """The checkpoint folder of a training started by hand (named by its identity)."""
+        return self.root.child("training", key)
 
     def image(self, sha256: str) -> S3Uri:
         """The content-addressed key of a stored image."""
-        return self.store.child("images", sha256[:2], f"{sha256}.jpg")
+        return StoreLayout(self.store).image(sha256)
+
+
+def part_range(key: str) -> tuple[int, int] | None:
+    """The record range ``(start, stop)`` a manifest part's key names, or None."""
+    pieces = key.rsplit("/", 2)
+    if len(pieces) < 3:
+        return None
+    match = _PART_FOLDER.match(pieces[-2])
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def split_name(seed: int, ratios: Sequence[float]) -> str:
+    """``seed0-80-15-5``: a split's folder name from its seed and ratios."""
+    return f"seed{seed}-" + "-".join(f"{round(r * 100, 2):g}" for r in ratios)
+
+
+@dataclass(frozen=True)
+class SplitLayout:
+    """The keys of one split of a dataset. Usage: ``SplitLayout.parse(uri).dataset``."""
+
+    dataset: DatasetLayout
+    name: str
+
+    @classmethod
+    def parse(cls, uri: str) -> SplitLayout:
+        """Parse the split URI that the split stage printed (``.../splits.parquet``)."""
+        root = S3Uri.parse(uri)
+        parts = root.key.split("/")
+        if len(parts) < 5 or parts[-3] != _SPLITS or not parts[-1].endswith(".parquet"):
+            raise PipelineError(
+                f"{uri!r} is not a split URI; pass the 'split' value that the split stage "
+                "printed (s3://BUCKET/PREFIX/datasets/ID/splits/NAME/splits.parquet)"
+            )
+        dataset = DatasetLayout.parse(str(S3Uri(root.bucket, "/".join(parts[:-3]))))
+        return cls(dataset, parts[-2])
+
+    @property
+    def folder(self) -> S3Uri:
+        return self.dataset.split_dir(self.name)
+
+    @property
+    def manifest(self) -> S3Uri:
+        return self.folder.child("splits.parquet")
+
+    @property
+    def summary(self) -> S3Uri:
+        return self.folder.child("splits.json")
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """The files of one training's checkpoint folder."""
+
+    folder: S3Uri
+
+    @property
+    def last(self) -> S3Uri:
+        return self.folder.child("last.pt")
+
+    @property
+    def result(self) -> S3Uri:
+        return self.folder.child("result.json")
+
+    def best(self, epoch: int) -> S3Uri:
+        return self.folder.child(f"best-e{epoch}.pt")
+
+    @staticmethod
+    def best_epoch(key: str) -> int | None:
+        """The epoch a ``best-e<N>.pt`` key names, or None for any other key."""
+        match = _BEST.search(key)
+        return int(match.group(1)) if match else None

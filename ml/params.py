@@ -31,6 +31,7 @@ from ml.errors import ParameterError
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 RATIOS_PATTERN = r"^\s*[0-9.]+\s*,\s*[0-9.]+\s*,\s*[0-9.]+\s*$"
 _TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+_KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Parameter:
         word = "above" if self.exclusive_minimum else "at least"
         low = "" if self.minimum is None else f"{word} {self.minimum:g}"
         high = "" if self.maximum is None else f"at most {self.maximum:g}"
-        return " and ".join(p for p in (low, high) if p) or f"a {self.kind.__name__}"
+        return " and ".join(p for p in (low, high) if p) or _KIND_WORDS[self.kind]
 
     def check(self, value: Any) -> Any:
         """``value`` coerced to this parameter's type and checked; ParameterError names it."""
@@ -117,7 +118,7 @@ class Parameter:
                 return float(value)
             return str(value).strip()
         except (TypeError, ValueError):
-            raise self._error(value, f"a {self.kind.__name__}") from None
+            raise self._error(value, _KIND_WORDS[self.kind]) from None
 
     def _error(self, value: Any, rule: str) -> ParameterError:
         shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."

@@ -7,9 +7,7 @@ URIs, counts and ids, never data.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -25,15 +23,10 @@ def _download_config(settings: PipelineSettings) -> Any:
 
 
 def run_partition(store: str, run_id: str) -> str:
-    """The store folder for one orchestrator run (a retried task writes to the same place).
+    """The store folder for one orchestrator run (see :meth:`ml.layout.StoreLayout.run`)."""
+    from ml.layout import StoreLayout
 
-    The folder name is a readable slug of the run id plus a hash of the exact id, so two
-    different run ids never share a folder, whatever characters they differ in.
-    """
-    run_id = run_id or "manual"
-    slug = re.sub(r"[^A-Za-z0-9_=-]+", "_", run_id).strip("_")[:80] or "run"
-    digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
-    return f"{store}/runs/{slug}-{digest}"
+    return str(StoreLayout.parse(store).run(run_id))
 
 
 def ingest_step(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -101,6 +94,7 @@ def train_config(
 ) -> Any:
     """The TrainConfig a run's parameters describe (the form's values for the fields they
     share, by name), its checkpoints in the run's folder."""
+    from ml.layout import StoreLayout
     from ml.params import fields_of
     from ml.train_config import TrainConfig
 
@@ -112,7 +106,7 @@ def train_config(
         device=train_device(settings, env),
         orchestrator_run_id=run_id,
         download_weights=_truthy(env.get("ML_DOWNLOAD_WEIGHTS")),
-        checkpoint=f"{run_partition(settings.store, run_id)}/training" if run_id else "",
+        checkpoint=str(StoreLayout.parse(settings.store).run_training(run_id)) if run_id else "",
     )
     return TrainConfig(**values)
 

@@ -19,19 +19,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.transforms import v2
 
 from ml import csvsource
 from ml.containment import OUTPUT_SUFFIXES, check_model_uri, inside_s3
 from ml.download import DownloadConfig
 from ml.errors import PipelineError
-from ml.fetch import Fetcher, FetchError
-from ml.imaging import ImageRejected, normalize_image
+from ml.fetch import Fetcher
+from ml.imaging import normalize_image
 from ml.labels import LABELS
 from ml.netpolicy import AddressPolicy
 from ml.redact import get_logger, redact_text, redact_url
+from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
-from ml.transforms import decode
+from ml.transforms import Preprocessing, decode
 
 log = get_logger(__name__)
 
@@ -113,17 +113,15 @@ class _Loader:
                 if self.s3_roots is not None and not any(
                     inside_s3(uri, S3Uri.parse(root)) for root in self.s3_roots
                 ):
-                    return None, "blocked", "outside the folders this run may read"
+                    raise Rejected(Status.BLOCKED, "outside the folders this run may read")
                 body = self.store.get_bytes(uri, max_bytes=self.config.fetch.max_bytes)
             else:
-                return None, "invalid_url", "an object key needs --bucket"
-            return normalize_image(body, self.config.image).data, "ok", ""
-        except FetchError as exc:
+                raise Rejected(Status.INVALID_URL, "an object key needs --bucket")
+            return normalize_image(body, self.config.image).data, Status.OK, ""
+        except Rejected as exc:
             return None, exc.status, str(exc)
-        except ImageRejected as exc:
-            return None, exc.status, str(exc)
-        except PipelineError as exc:
-            return None, "store_error", str(exc)
+        except PipelineError as exc:  # the store refused or failed
+            return None, Status.STORE_ERROR, str(exc)
 
 
 def predict(
@@ -144,19 +142,43 @@ def predict(
     checked before any work starts. ``s3_roots`` limits which store folders the listed
     ``s3://`` inputs may come from (a run started from a form passes the input roots).
     """
-    import mlflow
-
-    from ml.registry import check_tracking_server
-
     check_model_uri(model_uri, "--model")
     config = config or DownloadConfig()
     store = store or ObjectStore()
     check_destination(out, store)
     name = csvsource.describe(csv)
     limits = csvsource.SourceLimits(allow_networks=config.allow_networks)
-    data = csvsource.to_utf8(csvsource.read_bytes(csv, limits, store), name)
-    frame = csvsource.parse_all(data, name)
-    column = _input_column(frame)
+    frame = csvsource.parse_all(
+        csvsource.to_utf8(csvsource.read_bytes(csv, limits, store), name), name
+    )
+    values = [str(v).strip() for v in frame[_input_column(frame)]]
+    model, labels, preprocessing = load_registered(model_uri)
+    loader = _Loader(config, store, bucket, s3_roots)
+    with ThreadPoolExecutor(max_workers=config.download_concurrency) as pool:
+        loaded = list(pool.map(loader, values))
+    probs = _score(model, [data for data, _, _ in loaded], len(labels), preprocessing, batch_size)
+    result = _result_frame(values, loaded, probs, labels)
+    _write(result, out, store)
+    has = ~np.isnan(probs[:, 0])
+    counts = result.loc[has, "label"].value_counts().to_dict()
+    failed = result.loc[~has, "status"].value_counts().to_dict()
+    log.info("predicted %d of %d images (%s)", int(has.sum()), len(result), failed or "no failures")
+    return {
+        "predictions": out,
+        "rows": len(result),
+        "predicted": int(has.sum()),
+        "labels": {k: int(v) for k, v in counts.items()},
+        "failed": {k: int(v) for k, v in failed.items()},
+        "model": model_uri,
+    }
+
+
+def load_registered(model_uri: str) -> tuple[Any, list[str], Preprocessing]:
+    """The registered model, its labels and its preprocessing (from the model's metadata)."""
+    import mlflow
+
+    from ml.registry import check_tracking_server
+
     check_tracking_server()
     try:
         model = mlflow.pyfunc.load_model(model_uri)
@@ -166,24 +188,40 @@ def predict(
             f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
         ) from None
     meta = model.metadata.metadata or {}
-    labels = list(meta.get("labels", LABELS))
-    size = int(meta.get("image_size", 224))
-    prepare = v2.Compose(
-        [v2.Resize(int(meta.get("resize_size", size)), antialias=True), v2.CenterCrop(size)]
-    )
+    if "preprocessing" in meta:
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    else:  # versions logged before the preprocessing was recorded whole
+        size = int(meta.get("image_size", 224))
+        preprocessing = Preprocessing(
+            crop_size=size, resize_size=int(meta.get("resize_size", size))
+        )
+    return model, list(meta.get("labels", LABELS)), preprocessing
 
-    values = [str(v).strip() for v in frame[column]]
-    loader = _Loader(config, store, bucket, s3_roots)
-    with ThreadPoolExecutor(max_workers=config.download_concurrency) as pool:
-        loaded = list(pool.map(loader, values))
-    probs = np.full((len(values), len(labels)), np.nan, dtype=np.float32)
-    ready = [i for i, (data, _, _) in enumerate(loaded) if data is not None]
+
+def _score(
+    model: Any,
+    images: Sequence[bytes | None],
+    classes: int,
+    preprocessing: Preprocessing,
+    batch_size: int,
+) -> np.ndarray:
+    """Class probabilities per image (NaN rows where an image could not be read)."""
+    prepare = preprocessing.eval_transform()
+    probs = np.full((len(images), classes), np.nan, dtype=np.float32)
+    ready = [i for i, data in enumerate(images) if data is not None]
     for start in range(0, len(ready), batch_size):
         chunk = ready[start : start + batch_size]
-        batch = torch.stack([prepare(decode(loaded[i][0] or b"")) for i in chunk])
-        x = batch.float().div_(255.0).numpy()
-        probs[chunk] = np.asarray(model.predict(x), dtype=np.float32)
+        batch = torch.stack([prepare(decode(images[i] or b"")) for i in chunk])
+        probs[chunk] = np.asarray(model.predict(batch.float().div_(255.0).numpy()), np.float32)
+    return probs
 
+
+def _result_frame(
+    values: Sequence[str],
+    loaded: Sequence[tuple[bytes | None, str, str]],
+    probs: np.ndarray,
+    labels: Sequence[str],
+) -> pd.DataFrame:
     result = pd.DataFrame(
         {
             "input": [redact_url(v) for v in values],
@@ -197,18 +235,7 @@ def predict(
     result["confidence"] = probs.max(axis=1)  # NaN where the image could not be read
     for j, name in enumerate(labels):
         result[f"p_{name.lower().replace(' ', '_')}"] = probs[:, j]
-    _write(result, out, store)
-    counts = result.loc[has, "label"].value_counts().to_dict()
-    failed = result.loc[~has, "status"].value_counts().to_dict()
-    log.info("predicted %d of %d images (%s)", int(has.sum()), len(result), failed or "no failures")
-    return {
-        "predictions": out,
-        "rows": len(result),
-        "predicted": int(has.sum()),
-        "labels": {k: int(v) for k, v in counts.items()},
-        "failed": {k: int(v) for k, v in failed.items()},
-        "model": model_uri,
-    }
+    return result
 
 
 def _write(frame: pd.DataFrame, out: str, store: ObjectStore) -> None:

@@ -21,9 +21,10 @@ import pandas as pd
 from ml.download import MANIFEST_COLUMNS, collect_manifest
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS
-from ml.layout import DatasetLayout
+from ml.layout import DatasetLayout, split_name
 from ml.progress import Progress
 from ml.redact import get_logger
+from ml.statuses import Status
 from ml.storage import ObjectStore
 
 log = get_logger(__name__)
@@ -132,7 +133,7 @@ def make_splits(
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
     manifest = _read_manifest(dataset, layout, store)
-    images = manifest.loc[manifest["status"] == "ok"].copy()
+    images = manifest.loc[manifest["status"] == Status.OK].copy()
     if images.empty:
         raise PipelineError(
             f"no downloaded images in {dataset}; run the download stage first "
@@ -144,8 +145,7 @@ def make_splits(
         for name in table["split"]:
             bar.advance(name)
     table = table.sort_values(["split", "label_index", "url"], kind="stable").reset_index(drop=True)
-    name = f"seed{seed}-" + "-".join(f"{round(r * 100, 2):g}" for r in fractions)
-    folder = layout.split_dir(name)
+    split = layout.split(split_name(seed, fractions))
     counts = {
         s: {
             label: int(((table["split"] == s) & (table["label"] == label)).sum())
@@ -154,7 +154,7 @@ def make_splits(
         for s in SPLITS
     }
     summary = {
-        "split": str(folder.child("splits.parquet")),
+        "split": str(split.manifest),
         "dataset": dataset,
         "seed": seed,
         "ratios": list(fractions),
@@ -162,8 +162,8 @@ def make_splits(
         "groups": int(table["sha256"].nunique()),
         "splits": counts,
     }
-    store.write_parquet(folder.child("splits.parquet"), table)
-    store.write_json(folder.child("splits.json"), summary)
+    store.write_parquet(split.manifest, table)
+    store.write_json(split.summary, summary)
     for s in SPLITS:
         log.info("%s: %d images %s", s, sum(counts[s].values()), counts[s])
     return summary

@@ -28,6 +28,7 @@ from ml.data import Loaders
 from ml.errors import PipelineError
 from ml.evaluate import plot_confusion, plot_curves
 from ml.labels import LABELS
+from ml.layout import SplitLayout
 from ml.model import Classifier, WeightsInfo
 from ml.redact import get_logger, redact_text
 from ml.runtime import Runtime
@@ -76,7 +77,7 @@ def log_start(
         "pretrained": str(weights.pretrained).lower(),
         "weights_sha256": weights.sha256,
         "split": cfg.split,
-        "dataset": cfg.split.split("/splits/")[0],
+        "dataset": SplitLayout.parse(cfg.split).dataset.uri,
         "device": str(rt.device),
         "world_size": str(rt.world),
         "checkpoint": str(folder),
@@ -181,6 +182,7 @@ def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preproces
                 "labels": list(LABELS),
                 "image_size": size,
                 "resize_size": preprocessing.resize_size,
+                "preprocessing": preprocessing.to_dict(),
                 "input": "float32 RGB in [0, 1], shape (N, 3, H, W); output: probabilities",
             },
         )

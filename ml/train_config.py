@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ml.errors import PipelineError
+from ml.layout import SplitLayout
 from ml.params import PARAMETERS
 from ml.uri import S3Uri
 
@@ -99,9 +100,7 @@ class TrainConfig:
         """``--checkpoint`` when given, else a folder named by :meth:`key` beside the dataset."""
         if self.checkpoint:
             return S3Uri.parse(self.checkpoint)
-        split = S3Uri.parse(self.split)
-        dataset_root = split.key.split("/splits/")[0]
-        return S3Uri(split.bucket, f"{dataset_root}/training/{self.key(split_sha256)}")
+        return SplitLayout.parse(self.split).dataset.training(self.key(split_sha256))
 
 
 def identity_changes(saved: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:

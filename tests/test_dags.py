@@ -130,7 +130,7 @@ def test_bad_parameters_fail_the_first_task_clearly(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("ML_STORE", "s3://bucket/prefix")
     with pytest.raises(ParameterError, match="'ratios'.*sum to 1"):
         PipelineSettings.from_params({"csv": "x.csv", "ratios": "0.5,0.5,0.5"})
-    with pytest.raises(ParameterError, match="'epochs' must be a int"):
+    with pytest.raises(ParameterError, match="'epochs' must be a whole number"):
         PipelineSettings.from_params({"csv": "x.csv", "epochs": "many"})
     with pytest.raises(ParameterError, match="unknown parameter"):
         PipelineSettings.from_params({"csv": "x.csv", "epoch": 3})

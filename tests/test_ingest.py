@@ -218,7 +218,7 @@ def test_cli_refuses_bad_parameters() -> None:
                            "--download-concurrency", "0"], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 2
-    assert "--download-concurrency: must be at least 1, got '0'" in done.stderr
+    assert "--download-concurrency: must be at least 1 and at most 512, got '0'" in done.stderr
 
 
 @pytest.mark.integration

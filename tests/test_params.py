@@ -77,7 +77,7 @@ def test_the_form_is_derived_from_the_declarations(monkeypatch: pytest.MonkeyPat
     ("name", "value", "message"),
     [("epochs", 0, "at least 1"), ("learning_rate", 0, "above 0"), ("optimizer", "rmsprop",
      "one of sgd, adamw"), ("device", "tpu", "of the form"), ("exclude_golden", "maybe",
-     "a bool"), ("epochs", 2.5, "a int"), ("min_confidence", math.nan, "finite"),
+     "true or false"), ("epochs", 2.5, "a whole number"), ("min_confidence", math.nan, "finite"),
      ("model_name", "a b", "of the form"), ("csv", "", "cannot be empty")],
 )
 def test_values_are_checked_against_their_declaration(name: str, value: Any, message: str) -> None:

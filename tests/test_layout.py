@@ -1,0 +1,72 @@
+"""ml/layout.py names every store key, and parses the URIs it produces."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ml.errors import PipelineError
+from ml.layout import CheckpointLayout, DatasetLayout, SplitLayout, StoreLayout, part_range
+from ml.statuses import DESCRIPTIONS, Status
+from tests.conftest import REPO
+
+ROOT = "s3://bucket/prefix"
+
+
+def test_uris_round_trip() -> None:
+    dataset = DatasetLayout.parse(f"{ROOT}/datasets/ds-1")
+    split = dataset.split("seed0-80-15-5")
+    assert str(split.manifest) == f"{ROOT}/datasets/ds-1/splits/seed0-80-15-5/splits.parquet"
+    parsed = SplitLayout.parse(str(split.manifest))
+    assert parsed == split and parsed.dataset.uri == dataset.uri
+    part = dataset.download_part(500, 1000, "x.parquet")
+    assert part_range(part.key) == (500, 1000) and part_range(dataset.records.key) is None
+    assert str(dataset.training("abc")) == f"{ROOT}/datasets/ds-1/training/abc"
+    store = StoreLayout.parse(ROOT)
+    assert str(store.run_predictions("r")).startswith(f"{ROOT}/runs/r-")
+    assert store.image("ab" * 32) == dataset.image("ab" * 32)
+    checkpoint = CheckpointLayout(store.run_training("r"))
+    assert CheckpointLayout.best_epoch(checkpoint.best(7).key) == 7
+    assert CheckpointLayout.best_epoch(checkpoint.last.key) is None
+
+
+@pytest.mark.parametrize("uri", [f"{ROOT}/datasets/ds-1/records.parquet",
+                                 f"{ROOT}/splits/x/splits.parquet", "s3://b/splits.parquet"])
+def test_a_uri_of_another_kind_is_a_clear_error(uri: str) -> None:
+    with pytest.raises(PipelineError, match="is not a split URI"):
+        SplitLayout.parse(uri)
+
+
+KEY_LITERALS = re.compile(r"""["'](records|rejected|manifest|splits)\.(parquet|json)["']|"""
+                          r"""["']/?(splits|runs|training|downloads)/|"""
+                          r"""["'](last\.pt|result\.json|dataset\.json)["']|best-e\{""")
+
+
+def test_no_other_module_builds_store_keys() -> None:
+    offenders = []
+    for path in sorted((REPO / "ml").glob("*.py")):
+        if path.name == "layout.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if KEY_LITERALS.search(line) and not line.lstrip().startswith(("#", '"', "'")):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_statuses_are_documented_once_and_everywhere() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = dict(re.findall(r"^\| `([a-z_]+)` \| (.+) \|$", readme, re.M))
+    assert {s.value: DESCRIPTIONS[s] for s in Status} == {s.value: table[s.value] for s in Status}
+    assert set(DESCRIPTIONS) == set(Status)
+
+
+def test_one_except_covers_every_per_item_failure() -> None:
+    from ml.fetch import FetchError
+    from ml.imaging import ImageRejected
+    from ml.statuses import Rejected
+
+    assert issubclass(FetchError, Rejected) and issubclass(ImageRejected, Rejected)
+    text = Path(REPO / "ml" / "download.py").read_text()
+    assert "except Rejected" in text and "except FetchError" not in text
