@@ -64,8 +64,13 @@ def wait_port(port: int, timeout: float = 60) -> None:
 
 def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run ``cmd`` with its whole process tree's CPU time and largest RSS recorded."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(cmd)], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(cmd)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result: dict[str, Any] = json.loads(out.stdout)
     if result["rc"] != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {result['stderr']}")
@@ -73,10 +78,15 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
 
 
 def figures(name: str, result: dict[str, Any], ok: int, n: int) -> dict[str, Any]:
-    return {"approach": name, "images": n, "ok": ok, "wall_s": round(result["wall"], 2),
-            "images_per_s": round(ok / result["wall"], 1),
-            "cpu_ms_per_image": round(1000 * result["cpu"] / max(ok, 1), 2),
-            "peak_rss_mb": round(result["rss_mb"], 1)}
+    return {
+        "approach": name,
+        "images": n,
+        "ok": ok,
+        "wall_s": round(result["wall"], 2),
+        "images_per_s": round(ok / result["wall"], 1),
+        "cpu_ms_per_image": round(1000 * result["cpu"] / max(ok, 1), 2),
+        "peak_rss_mb": round(result["rss_mb"], 1),
+    }
 
 
 def ensure_img2dataset() -> Path:
@@ -89,14 +99,33 @@ def ensure_img2dataset() -> Path:
     return binary
 
 
-def run_ours(store: ObjectStore, bucket: str, urls: list[str], args: argparse.Namespace,
-             env: dict[str, str], tmp: Path, tag: str) -> dict[str, Any]:
+def run_ours(
+    store: ObjectStore,
+    bucket: str,
+    urls: list[str],
+    args: argparse.Namespace,
+    env: dict[str, str],
+    tmp: Path,
+    tag: str,
+) -> dict[str, Any]:
     csv = tmp / f"{tag}.csv"
     csv.write_text("url,label\n" + "".join(f"{u},Positive\n" for u in urls))
     dataset = ingest(str(csv), f"s3://{bucket}/{tag}", store=store).dataset
-    cmd = [sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset,
-           "--allow-network", "127.0.0.0/8", "--download-concurrency", str(args.concurrency),
-           "--per-host", str(args.concurrency)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ml",
+        "-q",
+        "download",
+        "--dataset",
+        dataset,
+        "--allow-network",
+        "127.0.0.0/8",
+        "--download-concurrency",
+        str(args.concurrency),
+        "--per-host",
+        str(args.concurrency),
+    ]
     result = measure(cmd, env)
     summary = json.loads(result["stdout"].strip().splitlines()[-1])
     return figures("ours (python -m ml download)", result, summary["downloaded"], len(urls))
@@ -107,27 +136,63 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=40.0)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--memory-sizes", default="1000,10000",
-                        help="dataset sizes for the flat-memory check ('' to skip)")
+    parser.add_argument(
+        "--memory-sizes",
+        default="1000,10000",
+        help="dataset sizes for the flat-memory check ('' to skip)",
+    )
     parser.add_argument("--skip-img2dataset", action="store_true")
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()
 
     s3_port, img_port = free_port(), free_port()
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-           "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
-           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL":
-           f"http://127.0.0.1:{s3_port}", "WANDB_MODE": "disabled",
-           "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONPATH": str(REPO)}
-    os.environ.update({k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                                           "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "WANDB_MODE": "disabled",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    os.environ.update(
+        {
+            k: env[k]
+            for k in (
+                "AWS_ENDPOINT_URL",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_DEFAULT_REGION",
+            )
+        }
+    )
     servers = [
-        subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                          str(s3_port)], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL),
-        subprocess.Popen([sys.executable, "-m", "devkit", "-q", "imageserver", "--port",
-                          str(img_port), "--latency-ms", str(args.latency_ms), "--pool", "64"],
-                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "devkit",
+                "-q",
+                "imageserver",
+                "--port",
+                str(img_port),
+                "--latency-ms",
+                str(args.latency_ms),
+                "--pool",
+                "64",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ),
     ]
     rows: list[dict[str, Any]] = []
     try:
@@ -144,25 +209,68 @@ def main() -> int:
             if not args.skip_naive:
                 listing = tmp / "naive.txt"
                 listing.write_text("\n".join(f"{base}/naive/{i}.jpg" for i in range(args.images)))
-                result = measure([sys.executable, str(REPO / "benchmarks" / "naive_download.py"),
-                                  str(listing), "s3://bench/naive"], env)
-                rows.append(figures("one thread per URL (seed)", result,
-                                    int(result["stdout"].split()[-1]), args.images))
+                result = measure(
+                    [
+                        sys.executable,
+                        str(REPO / "benchmarks" / "naive_download.py"),
+                        str(listing),
+                        "s3://bench/naive",
+                    ],
+                    env,
+                )
+                rows.append(
+                    figures(
+                        "one thread per URL (seed)",
+                        result,
+                        int(result["stdout"].split()[-1]),
+                        args.images,
+                    )
+                )
                 print(json.dumps(rows[-1]), flush=True)
             if not args.skip_img2dataset:
                 binary = ensure_img2dataset()
                 listing = tmp / "i2d.csv"
-                listing.write_text("url\n" + "".join(f"{base}/i2d/{i}.jpg\n"
-                                                     for i in range(args.images)))
-                result = measure([
-                    str(binary), "--url_list", str(listing), "--input_format", "csv",
-                    "--url_col", "url", "--output_format", "files", "--output_folder",
-                    "s3://bench/i2d", "--processes_count", "1", "--thread_count",
-                    str(args.concurrency), "--resize_mode", "keep_ratio", "--image_size", "256",
-                    "--resize_only_if_bigger", "True", "--encode_quality", "90",
-                    "--timeout", "10", "--retries", "2", "--enable_wandb", "False",
-                    "--number_sample_per_shard", "10000", "--disallowed_header_directives", "[]",
-                ], env)
+                listing.write_text(
+                    "url\n" + "".join(f"{base}/i2d/{i}.jpg\n" for i in range(args.images))
+                )
+                result = measure(
+                    [
+                        str(binary),
+                        "--url_list",
+                        str(listing),
+                        "--input_format",
+                        "csv",
+                        "--url_col",
+                        "url",
+                        "--output_format",
+                        "files",
+                        "--output_folder",
+                        "s3://bench/i2d",
+                        "--processes_count",
+                        "1",
+                        "--thread_count",
+                        str(args.concurrency),
+                        "--resize_mode",
+                        "keep_ratio",
+                        "--image_size",
+                        "256",
+                        "--resize_only_if_bigger",
+                        "True",
+                        "--encode_quality",
+                        "90",
+                        "--timeout",
+                        "10",
+                        "--retries",
+                        "2",
+                        "--enable_wandb",
+                        "False",
+                        "--number_sample_per_shard",
+                        "10000",
+                        "--disallowed_header_directives",
+                        "[]",
+                    ],
+                    env,
+                )
                 stored = [k for k in store.list_keys(S3Uri("bench", "i2d")) if k.endswith(".jpg")]
                 rows.append(figures("img2dataset 1.47.0", result, len(stored), args.images))
                 print(json.dumps(rows[-1]), flush=True)
@@ -174,13 +282,17 @@ def main() -> int:
         for server in servers:
             server.terminate()
             server.wait()
-    print(f"\n{args.images} images, {args.latency_ms:g} ms latency, concurrency "
-          f"{args.concurrency}, {os.cpu_count()} CPUs\n")
+    print(
+        f"\n{args.images} images, {args.latency_ms:g} ms latency, concurrency "
+        f"{args.concurrency}, {os.cpu_count()} CPUs\n"
+    )
     print("| approach | images | ok | images/s | CPU ms/image | peak RSS MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['approach']} | {r['images']} | {r['ok']} | {r['images_per_s']} | "
-              f"{r['cpu_ms_per_image']} | {r['peak_rss_mb']} |")
+        print(
+            f"| {r['approach']} | {r['images']} | {r['ok']} | {r['images_per_s']} | "
+            f"{r['cpu_ms_per_image']} | {r['peak_rss_mb']} |"
+        )
     return 0
 
 

@@ -46,17 +46,25 @@ def train_epoch(compile_model: bool, steps: int) -> tuple[nn.Module, dict[str, A
     torch.backends.cudnn.benchmark = True
     generator = torch.Generator().manual_seed(0)
     n = cfg.batch_size * steps
-    images = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8,
-                           generator=generator)
-    loader = DataLoader(TensorDataset(images, torch.arange(n) % 5), batch_size=cfg.batch_size,
-                        drop_last=True, pin_memory=True)
+    images = torch.randint(
+        0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=generator
+    )
+    loader = DataLoader(
+        TensorDataset(images, torch.arange(n) % 5),
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        pin_memory=True,
+    )
     model = architecture(cfg.arch).cuda().to(memory_format=torch.channels_last)
     before = model.fc.weight.detach().clone()
     optimizer = make_optimizer(model, cfg)
-    step = Step(optimizer, make_scheduler(optimizer, cfg, steps),
-                torch.amp.GradScaler("cuda", enabled=False),
-                nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                Normalizer(Preprocessing().mean, Preprocessing().std, rt.device))
+    step = Step(
+        optimizer,
+        make_scheduler(optimizer, cfg, steps),
+        torch.amp.GradScaler("cuda", enabled=False),
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        Normalizer(Preprocessing().mean, Preprocessing().std, rt.device),
+    )
     trained: nn.Module = torch.compile(model) if compile_model else model  # type: ignore[assignment]
     trained.train()
     started = time.perf_counter()
@@ -71,14 +79,23 @@ def serve_both_ways(model: nn.Module) -> dict[str, Any]:
     from ml.serving import SentimentModel, export
 
     preprocessing = Preprocessing()
-    classifier = Classifier(model.float().to(memory_format=torch.contiguous_format),
-                            preprocessing.mean, preprocessing.std)
+    classifier = Classifier(
+        model.float().to(memory_format=torch.contiguous_format),
+        preprocessing.mean,
+        preprocessing.std,
+    )
     x = np.random.default_rng(0).random((4, 3, 224, 224), dtype=np.float32)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as name:
-        artifacts = export(classifier, Path(name), {
-            "arch": "resnet152", "labels": ["a", "b", "c", "d", "e"],
-            "preprocessing": preprocessing.to_dict()})
+        artifacts = export(
+            classifier,
+            Path(name),
+            {
+                "arch": "resnet152",
+                "labels": ["a", "b", "c", "d", "e"],
+                "preprocessing": preprocessing.to_dict(),
+            },
+        )
         outputs = {}
         for device in ("cuda", "cpu"):
 
@@ -91,11 +108,12 @@ def serve_both_ways(model: nn.Module) -> dict[str, Any]:
             served.load_context(Context())
             assert served.model is not None
             outputs[device] = served.predict(None, x)
-            results[device] = {"device": str(next(served.model.parameters()).device),
-                               "shape": list(outputs[device].shape)}
+            results[device] = {
+                "device": str(next(served.model.parameters()).device),
+                "shape": list(outputs[device].shape),
+            }
         results["max_abs_difference"] = float(np.abs(outputs["cuda"] - outputs["cpu"]).max())
-        results["same_labels"] = bool((outputs["cuda"].argmax(1) ==
-                                       outputs["cpu"].argmax(1)).all())
+        results["same_labels"] = bool((outputs["cuda"].argmax(1) == outputs["cpu"].argmax(1)).all())
     return results
 
 
@@ -117,9 +135,17 @@ def main() -> int:
     print(json.dumps(report["serving"]), flush=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     if not args.skip_throughput:
-        subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"),
-                        "--part", "gpu", "--out", str(Path(args.out).with_suffix(".bench.json"))],
-                       check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "benchmarks" / "train_throughput.py"),
+                "--part",
+                "gpu",
+                "--out",
+                str(Path(args.out).with_suffix(".bench.json")),
+            ],
+            check=True,
+        )
     return 0
 
 

@@ -32,8 +32,10 @@ from benchmarks.download import MEASURE, free_port, wait_port  # noqa: E402
 LABELS = ("Positive", "Neutral", "Negative", "Highly positive", "Highly negative")
 WEIGHTS = (0.5477, 0.2707, 0.1357, 0.0277, 0.0181)
 LONG = "which_of_these_sentiment_scores_does_the_above_image_fit_into_best"
-HEADER = (f"_unit_id,_golden,_unit_state,_trusted_judgments,_last_judgment_at,{LONG},"
-          f"{LONG}:confidence,imageurl,{LONG}_gold,{LONG}_gold_reason")
+HEADER = (
+    f"_unit_id,_golden,_unit_state,_trusted_judgments,_last_judgment_at,{LONG},"
+    f"{LONG}:confidence,imageurl,{LONG}_gold,{LONG}_gold_reason"
+)
 
 
 def write_csv(path: Path, rows: int, seed: int = 0) -> None:
@@ -56,9 +58,14 @@ def write_csv(path: Path, rows: int, seed: int = 0) -> None:
 
 def run_ingest(csv: Path, store: str, env: dict[str, str], code: Path) -> dict[str, object]:
     command = [sys.executable, "-m", "ml", "-q", "ingest", str(csv), "--store", store]
-    done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(command)],
-                          capture_output=True, text=True, check=True, cwd=code,
-                          env={**env, "PYTHONPATH": str(code)})
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(command)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=code,
+        env={**env, "PYTHONPATH": str(code)},
+    )
     result: dict[str, object] = json.loads(done.stdout)
     if result["rc"] != 0:
         raise SystemExit(f"ingest failed: {result['stderr']}")
@@ -75,25 +82,44 @@ def main() -> int:
         csv = tmp / "big.csv"
         started = time.monotonic()
         write_csv(csv, args.rows)
-        print(f"CSV: {args.rows:,} rows, {csv.stat().st_size / 1e6:.1f} MB "
-              f"(written in {time.monotonic() - started:.1f}s)")
+        print(
+            f"CSV: {args.rows:,} rows, {csv.stat().st_size / 1e6:.1f} MB "
+            f"(written in {time.monotonic() - started:.1f}s)"
+        )
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                                   str(port)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
-        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-               "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-               "AWS_DEFAULT_REGION": "us-east-1"}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         try:
             wait_port(port)
-            subprocess.run([sys.executable, "-c", "from ml.storage import ObjectStore; "
-                            "ObjectStore().ensure_bucket('bench')"], env=env, cwd=REPO,
-                           check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "from ml.storage import ObjectStore; ObjectStore().ensure_bucket('bench')",
+                ],
+                env=env,
+                cwd=REPO,
+                check=True,
+            )
             codes = [("this tree", REPO)]
             if args.baseline:
                 worktree = tmp / "baseline"
-                subprocess.run(["git", "worktree", "add", "--detach", str(worktree),
-                                args.baseline], cwd=REPO, check=True, capture_output=True)
+                subprocess.run(
+                    ["git", "worktree", "add", "--detach", str(worktree), args.baseline],
+                    cwd=REPO,
+                    check=True,
+                    capture_output=True,
+                )
                 codes.append((f"baseline {args.baseline}", worktree))
             print("| code | rows | peak RSS MB | bytes per row | wall s |")
             print("|---|---|---|---|---|")
@@ -102,13 +128,20 @@ def main() -> int:
                     result = run_ingest(csv, f"s3://bench/run{index}", env, code)
                     rss = float(result["rss_mb"])  # type: ignore[arg-type]
                     summary = json.loads(str(result["stdout"]).strip().splitlines()[-1])
-                    print(f"| {name} | {summary['rows']:,} | {rss:.0f} | "
-                          f"{rss * 1024 * 1024 / args.rows:.0f} | "
-                          f"{float(result['wall']):.1f} |", flush=True)  # type: ignore[arg-type]
+                    print(
+                        f"| {name} | {summary['rows']:,} | {rss:.0f} | "
+                        f"{rss * 1024 * 1024 / args.rows:.0f} | "
+                        f"{float(result['wall']):.1f} |",
+                        flush=True,
+                    )  # type: ignore[arg-type]
             finally:
                 if args.baseline:
-                    subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "baseline")],
-                                   cwd=REPO, check=False, capture_output=True)
+                    subprocess.run(
+                        ["git", "worktree", "remove", "--force", str(tmp / "baseline")],
+                        cwd=REPO,
+                        check=False,
+                        capture_output=True,
+                    )
         finally:
             server.terminate()
             server.wait()

@@ -83,17 +83,24 @@ def _rate(items: int, seconds: float) -> float:
     return round(items / seconds, 1)
 
 
-def bench_pipeline(folder: Path, size: int, limit: int, repeats: int = 3
-                   ) -> list[dict[str, Any]]:
+def bench_pipeline(folder: Path, size: int, limit: int, repeats: int = 3) -> list[dict[str, Any]]:
     from torchvision import datasets, transforms
 
     torch.set_num_threads(1)
     rows = []
     for kind in ("original", "stored"):
         root = folder / kind
-        reference = datasets.ImageFolder(root, transform=transforms.Compose([
-            transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
+        reference = datasets.ImageFolder(
+            root,
+            transform=transforms.Compose(
+                [
+                    transforms.RandomResizedCrop(size),
+                    transforms.RandomHorizontalFlip(),
+                    transforms.ToTensor(),
+                    transforms.Normalize(MEAN, STD),
+                ]
+            ),
+        )
         ours = JpegFiles(root, size)
         n = min(limit, len(ours))
         for name, dataset, finish in (
@@ -111,8 +118,14 @@ def bench_pipeline(folder: Path, size: int, limit: int, repeats: int = 3
                         finish(batch)
                         batch = []
                 rates.append(_rate(n, time.perf_counter() - started))
-            rows.append({"part": "pipeline", "images": kind, "pipeline": name,
-                         "images_per_s_per_core": max(rates)})
+            rows.append(
+                {
+                    "part": "pipeline",
+                    "images": kind,
+                    "pipeline": name,
+                    "images_per_s_per_core": max(rates),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -134,8 +147,14 @@ def _model(channels_last: bool, compile_model: bool) -> nn.Module:
     return model
 
 
-def _steps(model: nn.Module, batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-           bf16: bool, warmup: int, steps: int, batch: int) -> float:
+def _steps(
+    model: nn.Module,
+    batches: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    bf16: bool,
+    warmup: int,
+    steps: int,
+    batch: int,
+) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
@@ -163,35 +182,53 @@ def _tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def bench_gpu(folder: Path, size: int, batch: int, steps: int, workers: int
-              ) -> list[dict[str, Any]]:
+def bench_gpu(
+    folder: Path, size: int, batch: int, steps: int, workers: int
+) -> list[dict[str, Any]]:
     torch.backends.cudnn.benchmark = True
     rows = []
     x_cl = torch.randn(batch, 3, size, size, device="cuda").contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     x = torch.randn(batch, 3, size, size, device="cuda")
     y = torch.randint(0, CLASSES, (batch,), device="cuda")
-    modes = [("fp32 eager, TF32 off (true fp32)", False, False, False, x, False),
-             ("fp32 eager, TF32 on (PyTorch's default for convolutions)", False, False, False, x,
-              True),
-             ("bf16 + channels_last", True, True, False, x_cl, False),
-             ("bf16 + channels_last + compile", True, True, True, x_cl, False)]
+    modes = [
+        ("fp32 eager, TF32 off (true fp32)", False, False, False, x, False),
+        ("fp32 eager, TF32 on (PyTorch's default for convolutions)", False, False, False, x, True),
+        ("bf16 + channels_last", True, True, False, x_cl, False),
+        ("bf16 + channels_last + compile", True, True, True, x_cl, False),
+    ]
     for name, bf16, cl, comp, inputs, tf32 in modes:
         _tf32(tf32)
         model = _model(cl, comp)
-        rate = _steps(model, lambda inputs=inputs: (inputs, y), bf16, 15 if comp else 5, steps,
-                      batch)
-        rows.append({"part": "gpu", "input": "synthetic tensors", "mode": name,
-                     "batch": batch, "images_per_s": rate})
+        rate = _steps(
+            model, lambda inputs=inputs: (inputs, y), bf16, 15 if comp else 5, steps, batch
+        )
+        rows.append(
+            {
+                "part": "gpu",
+                "input": "synthetic tensors",
+                "mode": name,
+                "batch": batch,
+                "images_per_s": rate,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         del model
         torch.cuda.empty_cache()
     _tf32(False)
 
     dataset = JpegFiles(folder / "stored", size)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
-                        pin_memory=True, persistent_workers=True, prefetch_factor=4,
-                        drop_last=True)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=True,
+        persistent_workers=True,
+        prefetch_factor=4,
+        drop_last=True,
+    )
 
     def endless() -> Any:
         while True:
@@ -204,20 +241,36 @@ def bench_gpu(folder: Path, size: int, batch: int, steps: int, workers: int
     for _ in range(steps):
         images, _ = next(stream)
         seen += len(images)
-    rows.append({"part": "gpu", "input": f"JPEG files, {workers} workers", "mode": "loader only",
-                 "batch": batch, "images_per_s": _rate(seen, time.perf_counter() - started)})
+    rows.append(
+        {
+            "part": "gpu",
+            "input": f"JPEG files, {workers} workers",
+            "mode": "loader only",
+            "batch": batch,
+            "images_per_s": _rate(seen, time.perf_counter() - started),
+        }
+    )
     print(json.dumps(rows[-1]), flush=True)
     for name, comp in (("bf16 + channels_last", False), ("bf16 + channels_last + compile", True)):
         model = _model(True, comp)
 
         def real() -> tuple[torch.Tensor, torch.Tensor]:
             images, targets = next(stream)
-            return (to_model_input(images, torch.device("cuda"), MEAN, STD),
-                    targets.cuda(non_blocking=True))
+            return (
+                to_model_input(images, torch.device("cuda"), MEAN, STD),
+                targets.cuda(non_blocking=True),
+            )
 
         rate = _steps(model, real, True, 15 if comp else 5, steps, batch)
-        rows.append({"part": "gpu", "input": f"JPEG files, {workers} workers", "mode": name,
-                     "batch": batch, "images_per_s": rate})
+        rows.append(
+            {
+                "part": "gpu",
+                "input": f"JPEG files, {workers} workers",
+                "mode": name,
+                "batch": batch,
+                "images_per_s": rate,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         del model
         torch.cuda.empty_cache()
@@ -226,8 +279,9 @@ def bench_gpu(folder: Path, size: int, batch: int, steps: int, workers: int
     return rows
 
 
-def bench_trainer_defaults(folder: Path, steps: int, device: str = "cuda",
-                           **changes: Any) -> dict[str, Any]:
+def bench_trainer_defaults(
+    folder: Path, steps: int, device: str = "cuda", **changes: Any
+) -> dict[str, Any]:
     """The trainer's own step and loader settings (``TrainConfig()``), ResNet-152 at 224 px
     (``changes`` override fields: the test suite runs a small one on the CPU)."""
     from ml.loop import Step, make_optimizer, make_scheduler, train_one_epoch
@@ -239,24 +293,40 @@ def bench_trainer_defaults(folder: Path, steps: int, device: str = "cuda",
     cfg = TrainConfig(split="s3://bench/x", max_steps_per_epoch=steps, **changes)
     rt = Runtime(0, 1, 0, torch.device(device))
     dataset = JpegFiles(folder / "stored", cfg.image_size)
-    workers = {"num_workers": cfg.workers, "persistent_workers": True, "prefetch_factor": 4
-               } if cfg.workers else {}
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True,
-                        pin_memory=rt.device.type == "cuda", drop_last=True,
-                        worker_init_fn=seed_worker, **workers)
+    workers = (
+        {"num_workers": cfg.workers, "persistent_workers": True, "prefetch_factor": 4}
+        if cfg.workers
+        else {}
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        pin_memory=rt.device.type == "cuda",
+        drop_last=True,
+        worker_init_fn=seed_worker,
+        **workers,
+    )
     model = architecture(cfg.arch).to(rt.device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
-    step = Step(optimizer, make_scheduler(optimizer, cfg, steps), torch.amp.GradScaler(
-        "cuda", enabled=False), nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        Normalizer(MEAN, STD, rt.device, channels_last=True))
+    step = Step(
+        optimizer,
+        make_scheduler(optimizer, cfg, steps),
+        torch.amp.GradScaler("cuda", enabled=False),
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        Normalizer(MEAN, STD, rt.device, channels_last=True),
+    )
     model.train()
     warm = TrainConfig(split="x", max_steps_per_epoch=min(10, steps), **changes)
     train_one_epoch(model, loader, step, warm, rt)
     stats = train_one_epoch(model, loader, step, cfg, rt)
-    return {"part": "gpu", "input": f"JPEG files, {cfg.workers} workers (trainer default)",
-            "mode": f"trainer defaults: {cfg.precision}, channels_last, SGD, clip "
-            f"{cfg.clip_grad}", "batch": cfg.batch_size,
-            "images_per_s": round(stats["train_images_per_s"], 1)}
+    return {
+        "part": "gpu",
+        "input": f"JPEG files, {cfg.workers} workers (trainer default)",
+        "mode": f"trainer defaults: {cfg.precision}, channels_last, SGD, clip {cfg.clip_grad}",
+        "batch": cfg.batch_size,
+        "images_per_s": round(stats["train_images_per_s"], 1),
+    }
 
 
 def main() -> int:
@@ -267,13 +337,20 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
-    parser.add_argument("--pipeline-images", type=int, default=500,
-                        help="images timed per pipeline (default: %(default)s)")
+    parser.add_argument(
+        "--pipeline-images",
+        type=int,
+        default=500,
+        help="images timed per pipeline (default: %(default)s)",
+    )
     parser.add_argument("--out", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    info = {"torch": torch.__version__, "cpus": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    info = {
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     print(json.dumps(info), flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as name:
@@ -283,8 +360,10 @@ def main() -> int:
         if args.part in ("all", "gpu"):  # no timed step may cross an epoch boundary
             images = max(images, args.batch * (args.steps + 20 + max(5, args.workers)) + 1)
         make_images(folder, images)
-        print(json.dumps({"generated": images, "seconds": round(time.perf_counter() -
-                                                                     started, 1)}), flush=True)
+        print(
+            json.dumps({"generated": images, "seconds": round(time.perf_counter() - started, 1)}),
+            flush=True,
+        )
         if args.part in ("all", "pipeline"):
             rows += bench_pipeline(folder, args.size, args.pipeline_images)
         if args.part in ("all", "gpu"):

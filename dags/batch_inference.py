@@ -36,17 +36,29 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
     tags=["image-sentiment", "ml", "inference"],
     default_args={"retries": 2, "retry_exponential_backoff": 2.0},
     params={
-        "csv": Param(os.environ.get("ML_INFERENCE_CSV", ""), type="string", title="CSV",
-                     description="Images to score: column url (http(s) or s3:// URIs). Empty: "
-                     "nothing to do."),
-        "output": Param("", type="string", pattern=OUTPUT_PATTERN, title="Output",
-                        description="Where predictions go: a .csv or .parquet inside the store "
-                        "(or inside ML_OUTPUT_DIR on the workers); empty: under the store, per "
-                        "run."),
-        "model_uri": Param(f"models:/{MODEL_NAME}@champion", type="string",
-                           pattern=MODEL_URI_PATTERN, title="Model",
-                           description="A registered model: models:/<name>@<alias> or "
-                           "models:/<name>/<version>."),
+        "csv": Param(
+            os.environ.get("ML_INFERENCE_CSV", ""),
+            type="string",
+            title="CSV",
+            description="Images to score: column url (http(s) or s3:// URIs). Empty: "
+            "nothing to do.",
+        ),
+        "output": Param(
+            "",
+            type="string",
+            pattern=OUTPUT_PATTERN,
+            title="Output",
+            description="Where predictions go: a .csv or .parquet inside the store "
+            "(or inside ML_OUTPUT_DIR on the workers); empty: under the store, per "
+            "run.",
+        ),
+        "model_uri": Param(
+            f"models:/{MODEL_NAME}@champion",
+            type="string",
+            pattern=MODEL_URI_PATTERN,
+            title="Model",
+            description="A registered model: models:/<name>@<alias> or models:/<name>/<version>.",
+        ),
     },
 )
 def image_sentiment_batch_inference() -> None:
@@ -59,8 +71,7 @@ def image_sentiment_batch_inference() -> None:
         from ml.pipeline import predict_step
 
         if not params["csv"]:
-            raise AirflowSkipException("no CSV to score: set the csv parameter or "
-                                       "ML_INFERENCE_CSV")
+            raise AirflowSkipException("no CSV to score: set the csv parameter or ML_INFERENCE_CSV")
         output = params["output"] or str(StoreLayout.parse(STORE).run_predictions(run_id))
         try:
             return predict_step(params["csv"], output, params["model_uri"])

@@ -49,8 +49,10 @@ CSV = os.environ.get("ML_CSV") or f"{STORE}/input/images.csv"
 
 # The trigger form, derived from the one declaration of every run parameter (ml.params: a
 # light, standard-library module); the deployment's ML_* variables set some defaults.
-PARAMS = {p.name: Param(CSV if p.name == "csv" else p.default_for(os.environ), **p.json_schema())
-          for p in FORM}
+PARAMS = {
+    p.name: Param(CSV if p.name == "csv" else p.default_for(os.environ), **p.json_schema())
+    for p in FORM
+}
 
 
 def _fail_fast_on_bad_params(error: Exception) -> None:
@@ -118,8 +120,7 @@ def image_sentiment() -> None:
         return download_step(params, batch)
 
     @task
-    def collect_manifest(ingested: dict[str, Any], results: list[dict[str, Any]]
-                         ) -> dict[str, Any]:
+    def collect_manifest(ingested: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
         from ml.pipeline import collect_step
 
         return collect_step(ingested, list(results))
@@ -141,9 +142,15 @@ def image_sentiment() -> None:
         from ml.pipeline import register_step
 
         result = register_step(params, trained, run_id)
-        yield Metadata(MODEL_ASSET, {"model": result["model"], "version": result["version"],
-                                     "promoted": result["promoted"],
-                                     "aliases": result["aliases"]})
+        yield Metadata(
+            MODEL_ASSET,
+            {
+                "model": result["model"],
+                "version": result["version"],
+                "promoted": result["promoted"],
+                "aliases": result["aliases"],
+            },
+        )
         return result
 
     ingested = ingest()

@@ -52,7 +52,8 @@ def main() -> int:
     found = problems(dict(os.environ))
     if found:
         print(
-            "error: the deployment's secrets are not set: " + "; ".join(found)
+            "error: the deployment's secrets are not set: "
+            + "; ".join(found)
             + ". Generate them once with: python3 scripts/init_env.py (writes .env), then "
             "docker compose up -d",
             file=sys.stderr,

@@ -44,6 +44,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -193,52 +194,43 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, path: str, query: dict[str, str]) -> None:
         fault = query.get("fault", "")
         failing = ("fail" not in query) or self.server.hits[self.path] <= int(query["fail"])
-        if fault in ("404", "403", "410"):
-            self._send(int(fault), b"not here", "text/plain")
-        elif fault in ("500", "503") and failing:
-            self._send(int(fault), b"server error", "text/plain")
-        elif fault == "429" and failing:
-            self._send(
-                429, b"slow down", "text/plain", {"Retry-After": query.get("retry_after", "1")}
-            )
-        elif fault == "slow":
-            self._trickle(self._image(path, query), float(query.get("interval", 1.0)))
-        elif fault == "slow-headers":
-            self._trickle_head(self._image(path, query), float(query.get("interval", 0.5)))
-        elif fault == "stall":
-            self.close_connection = True
-            while not self.server.stopping.wait(0.1):
-                if self._client_gone():
-                    break
-        elif fault == "truncated":
-            body = self._image(path, query)
-            self._send(200, body[: len(body) * 6 // 10])
-        elif fault == "html":
-            self._send(200, b"<!DOCTYPE html><html><body>Photo not found</body></html>")
-        elif fault == "oversized":
-            self._oversized(int(query.get("size", 11 * 1024 * 1024)), query.get("chunked") == "1")
-        elif fault == "huge":
-            self._send(200, png_bomb(), "image/png")
-        elif fault == "scans":
-            self._send(200, scan_bomb(int(query.get("repeats", 2000))))
-        elif fault == "redirect" and int(query.get("hops", 1)) > 0:
-            hops = int(query.get("hops", 1)) - 1
-            rest = {k: v for k, v in query.items() if k not in ("hops",)}
-            if hops == 0:
-                rest.pop("fault")
-            target = path + "?" + urlencode({**rest, **({"hops": hops} if hops else {})})
-            self._send(302, b"", "text/plain", {"Location": target})
-        elif fault == "redirect-loop":
-            self._send(302, b"", "text/plain", {"Location": self.path})
-        elif fault == "redirect-blocked":
-            self._send(302, b"", "text/plain", {"Location": query.get("to", METADATA_URL)})
-        elif fault == "reset":
-            self.close_connection = True
-            self.connection.shutdown(socket.SHUT_RDWR)
+        transient = {"500", "503", "429"}
+        handler = _FAULTS.get(fault)
+        if handler is None or (fault in transient and not failing):
+            self._image_answer(path, query)
         else:
-            fmt = query.get("fmt", "jpeg").lower()
-            content_type = "image/" + {"jpg": "jpeg"}.get(fmt, fmt)
-            self._send(200, self._image(path, query), content_type)
+            handler(self, path, query)
+
+    def _image_answer(self, path: str, query: dict[str, str]) -> None:
+        fmt = query.get("fmt", "jpeg").lower()
+        content_type = "image/" + {"jpg": "jpeg"}.get(fmt, fmt)
+        self._send(200, self._image(path, query), content_type)
+
+    def _status(self, path: str, query: dict[str, str]) -> None:
+        code = int(query["fault"])
+        headers = {"Retry-After": query.get("retry_after", "1")} if code == 429 else None
+        self._send(code, b"not here" if code < 500 else b"server error", "text/plain", headers)
+
+    def _stall(self, path: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        while not self.server.stopping.wait(0.1):
+            if self._client_gone():
+                break
+
+    def _redirect(self, path: str, query: dict[str, str]) -> None:
+        hops = int(query.get("hops", 1)) - 1
+        if hops < 0:
+            self._image_answer(path, query)
+            return
+        rest = {k: v for k, v in query.items() if k != "hops"}
+        if hops == 0:
+            rest.pop("fault")
+        target = path + "?" + urlencode({**rest, **({"hops": hops} if hops else {})})
+        self._send(302, b"", "text/plain", {"Location": target})
+
+    def _reset(self, path: str, query: dict[str, str]) -> None:
+        self.close_connection = True
+        self.connection.shutdown(socket.SHUT_RDWR)
 
     def _trickle(self, body: bytes, interval: float) -> None:
         self.send_response(200)
@@ -302,6 +294,36 @@ class _Handler(BaseHTTPRequestHandler):
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
         self.close_connection = True
+
+
+_Answer = Callable[[_Handler, str, dict[str, str]], None]
+#: fault=NAME -> how the server answers (anything else: the image).
+_FAULTS: dict[str, _Answer] = {
+    "404": _Handler._status,
+    "403": _Handler._status,
+    "410": _Handler._status,
+    "500": _Handler._status,
+    "503": _Handler._status,
+    "429": _Handler._status,
+    "slow": lambda h, p, q: h._trickle(h._image(p, q), float(q.get("interval", 1.0))),
+    "slow-headers": lambda h, p, q: h._trickle_head(h._image(p, q), float(q.get("interval", 0.5))),
+    "stall": _Handler._stall,
+    "truncated": lambda h, p, q: h._send(200, (b := h._image(p, q))[: len(b) * 6 // 10]),
+    "html": lambda h, p, q: h._send(
+        200, b"<!DOCTYPE html><html><body>Photo not found</body></html>"
+    ),
+    "oversized": lambda h, p, q: h._oversized(
+        int(q.get("size", 11 * 1024 * 1024)), q.get("chunked") == "1"
+    ),
+    "huge": lambda h, p, q: h._send(200, png_bomb(), "image/png"),
+    "scans": lambda h, p, q: h._send(200, scan_bomb(int(q.get("repeats", 2000)))),
+    "redirect": _Handler._redirect,
+    "redirect-loop": lambda h, p, q: h._send(302, b"", "text/plain", {"Location": h.path}),
+    "redirect-blocked": lambda h, p, q: h._send(
+        302, b"", "text/plain", {"Location": q.get("to", METADATA_URL)}
+    ),
+    "reset": _Handler._reset,
+}
 
 
 class _Server(ThreadingHTTPServer):

@@ -48,20 +48,35 @@ def mlflow_command(backend_store: str, artifacts: str, port: int) -> list[str]:
     """``mlflow server`` on loopback, with the registry in ``backend_store`` and artifacts
     proxied to ``artifacts`` (an s3:// URI); one worker (the machines here have 2 cores)."""
     return [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", backend_store, "--artifacts-destination", artifacts,
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_store,
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
 
 
 @contextmanager
 def start_mlflow(folder: Path, port: int, s3_endpoint: str, artifacts: str) -> Iterator[str]:
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {
+        **os.environ,
+        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    }
     log = (folder / "mlflow-server.log").open("wb")
     process = subprocess.Popen(
         mlflow_command(f"sqlite:///{folder / 'mlflow.db'}", artifacts, port),
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -169,14 +169,40 @@ def register_model(
     client: Any | None = None,
 ) -> dict[str, Any]:
     """Create (or find) the version for ``run_id``; set challenger; maybe promote to champion."""
-    from mlflow.exceptions import MlflowException
-
     check_name(name, "model_name")
     if not _RUN_ID.fullmatch(run_id or ""):
         raise PipelineError(f"--run-id must be an MLflow run id (32 hex digits), got {run_id!r}")
     if client is None:
         check_tracking_server()
         client = _client()
+    run, model_uri, score = _finished_run(client, run_id)
+    _ensure_registered_model(client, name)
+    version, created = _version_for_run(client, name, run_id, model_uri)
+    if created:
+        _describe_version(client, name, version, run, orchestrator_run_id)
+    else:
+        log.info("run %s is version %s of %s", run_id, version, name)
+    client.set_registered_model_alias(name, "challenger", version)
+    promoted = _promote(client, name, version, score, margin)
+    aliases = sorted(client.get_model_version(name, version).aliases)
+    current = _alias(client, name, "champion")
+    return {
+        "model": name,
+        "version": int(version),
+        "aliases": aliases,
+        "promoted": promoted,
+        "created": created,
+        "run_id": run_id,
+        "metrics": {"test_macro_f1": score, "test_accuracy": run.data.metrics.get("test_accuracy")},
+        "champion_version": int(current.version) if current else None,
+        "model_uri": f"models:/{name}@champion",
+    }
+
+
+def _finished_run(client: Any, run_id: str) -> tuple[Any, str, float]:
+    """The run, its model's URI and its test macro-F1; clear errors when it is not there."""
+    from mlflow.exceptions import MlflowException
+
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
@@ -195,66 +221,59 @@ def register_model(
             f"run {run_id} has no logged model or test metrics; did training "
             "finish? (rerun the train stage: it resumes)"
         )
-    _ensure_registered_model(client, name)
-    version, created = _version_for_run(client, name, run_id, model_uri)
-    if not created:
-        log.info("run %s is version %s of %s", run_id, version, name)
-    else:
-        tags = {
-            "dataset": run.data.tags.get("dataset", ""),
-            "split": run.data.tags.get("split", ""),
-            "split_counts": _split_counts(client, run_id),
-            "code_version": code_version(),
-            "test_macro_f1": f"{score:.6f}",
-            "test_accuracy": f"{run.data.metrics.get('test_accuracy', float('nan')):.6f}",
-            "weights": run.data.tags.get("weights", ""),
-        }
-        orchestrator = orchestrator_run_id or run.data.tags.get("orchestrator_run_id", "")
-        if orchestrator:
-            tags["orchestrator_run_id"] = orchestrator
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, value)
-        client.update_model_version(
-            name,
-            version,
-            description=f"Run {run_id}: test macro-F1 {score:.4f}, accuracy "
-            f"{run.data.metrics.get('test_accuracy', float('nan')):.4f}.",
-        )
-    client.set_registered_model_alias(name, "challenger", version)
+    return run, str(model_uri), float(score)
 
+
+def _describe_version(
+    client: Any, name: str, version: str, run: Any, orchestrator_run_id: str
+) -> None:
+    """Tags and description of a new version: where it came from and how it scored."""
+    metrics = run.data.metrics
+    tags = {
+        "dataset": run.data.tags.get("dataset", ""),
+        "split": run.data.tags.get("split", ""),
+        "split_counts": _split_counts(client, run.info.run_id),
+        "code_version": code_version(),
+        "test_macro_f1": f"{metrics['test_macro_f1']:.6f}",
+        "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.6f}",
+        "weights": run.data.tags.get("weights", ""),
+    }
+    orchestrator = orchestrator_run_id or run.data.tags.get("orchestrator_run_id", "")
+    if orchestrator:
+        tags["orchestrator_run_id"] = orchestrator
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(
+        name,
+        version,
+        description=f"Run {run.info.run_id}: test macro-F1 {metrics['test_macro_f1']:.4f}, "
+        f"accuracy {metrics.get('test_accuracy', float('nan')):.4f}.",
+    )
+
+
+def _promote(client: Any, name: str, version: str, score: float, margin: float) -> bool:
+    """Move ``champion`` to ``version`` when it beats the champion by ``margin``."""
     champion = _alias(client, name, "champion")
-    promoted = False
-    champion_score: float | None = None
-    if champion is None:
-        promoted = True
-    elif champion.version != version:
-        champion_score = client.get_run(champion.run_id).data.metrics.get("test_macro_f1")
-        promoted = champion_score is None or score > champion_score + margin
-    if promoted:
-        client.set_registered_model_alias(name, "champion", version)
-        log.info("version %s of %s is the new champion (test macro-F1 %.4f)", version, name, score)
-    elif champion is not None and champion.version != version:
+    if champion is not None and champion.version == version:
+        return False
+    champion_score = (
+        None
+        if champion is None
+        else client.get_run(champion.run_id).data.metrics.get("test_macro_f1")
+    )
+    if champion is not None and champion_score is not None and score <= champion_score + margin:
         log.info(
             "version %s stays challenger: macro-F1 %.4f does not beat champion %s (%.4f) by %.4f",
             version,
             score,
             champion.version,
-            champion_score or 0.0,
+            champion_score,
             margin,
         )
-    aliases = sorted(client.get_model_version(name, version).aliases)
-    current = _alias(client, name, "champion")
-    return {
-        "model": name,
-        "version": int(version),
-        "aliases": aliases,
-        "promoted": promoted,
-        "created": created,
-        "run_id": run_id,
-        "metrics": {"test_macro_f1": score, "test_accuracy": run.data.metrics.get("test_accuracy")},
-        "champion_version": int(current.version) if current else None,
-        "model_uri": f"models:/{name}@champion",
-    }
+        return False
+    client.set_registered_model_alias(name, "champion", version)
+    log.info("version %s of %s is the new champion (test macro-F1 %.4f)", version, name, score)
+    return True
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:

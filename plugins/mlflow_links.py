@@ -24,9 +24,13 @@ def _return_value(ti_key: Any) -> dict[str, Any] | None:
 
     with create_session() as session:
         row = session.execute(
-            XComModel.get_many(key="return_value", run_id=ti_key.run_id, dag_ids=ti_key.dag_id,
-                               task_ids=ti_key.task_id, map_indexes=ti_key.map_index)
-            .with_only_columns(XComModel.value)
+            XComModel.get_many(
+                key="return_value",
+                run_id=ti_key.run_id,
+                dag_ids=ti_key.dag_id,
+                task_ids=ti_key.task_id,
+                map_indexes=ti_key.map_index,
+            ).with_only_columns(XComModel.value)
         ).first()
     if not row:
         return None

@@ -35,8 +35,14 @@ def code_version() -> str:
     if git is None:
         return "unknown"
     try:
-        done = subprocess.run([git, "rev-parse", "--short", "HEAD"], cwd=REPO,
-                              capture_output=True, text=True, check=False, timeout=10)
+        done = subprocess.run(
+            [git, "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        )
     except OSError:
         return "unknown"
     return done.stdout.strip() or "unknown"
@@ -63,12 +69,16 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists() and not args.force:
-        print(f"error: {out} exists; keep it, or pass --force to generate new secrets "
-              "(the existing databases then need the old ones)", file=sys.stderr)
+        print(
+            f"error: {out} exists; keep it, or pass --force to generate new secrets "
+            "(the existing databases then need the old ones)",
+            file=sys.stderr,
+        )
         return 2
     text = render(Path(args.example).read_text())
-    env = dict(line.split("=", 1) for line in text.splitlines() if "=" in line
-               and not line.startswith("#"))
+    env = dict(
+        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
+    )
     assert not problems(env), problems(env)
     out.write_text(text)
     out.chmod(0o600)

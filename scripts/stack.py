@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -55,9 +56,20 @@ DEMO_CSV = f"s3://{BUCKET}/input/sample.csv"
 SCORE_CSV = f"s3://{BUCKET}/input/score.csv"
 INFERENCE_DAG_ID = "image_sentiment_batch_inference"
 #: The embedded defaults of the demo run: small and CPU-sized, with a real DAG run end to end.
-DEMO_CONF = {"csv": DEMO_CSV, "sample": 200, "epochs": 3, "batch_size": 16, "image_size": 64,
-             "weights": "none", "device": "cpu", "workers": 0, "learning_rate": 0.03,
-             "max_side": 128, "download_batch_size": 50, "patience": 0}
+DEMO_CONF = {
+    "csv": DEMO_CSV,
+    "sample": 200,
+    "epochs": 3,
+    "batch_size": 16,
+    "image_size": 64,
+    "weights": "none",
+    "device": "cpu",
+    "workers": 0,
+    "learning_rate": 0.03,
+    "max_side": 128,
+    "download_batch_size": 50,
+    "patience": 0,
+}
 
 
 def say(message: str) -> None:
@@ -76,13 +88,19 @@ def environment(marker: str) -> dict[str, str]:
         "STACK_MARKER": marker,
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
-        "AWS_ENDPOINT_URL": url("s3"), "AWS_ACCESS_KEY_ID": "stack",
-        "AWS_SECRET_ACCESS_KEY": "stack-local-only", "AWS_DEFAULT_REGION": "us-east-1",
-        "MLFLOW_TRACKING_URI": url("mlflow"), "MLFLOW_UI_URL": f"http://localhost:"
-        f"{PORTS['mlflow']}", "MLFLOW_S3_ENDPOINT_URL": url("s3"),
+        "AWS_ENDPOINT_URL": url("s3"),
+        "AWS_ACCESS_KEY_ID": "stack",
+        "AWS_SECRET_ACCESS_KEY": "stack-local-only",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_TRACKING_URI": url("mlflow"),
+        "MLFLOW_UI_URL": f"http://localhost:{PORTS['mlflow']}",
+        "MLFLOW_S3_ENDPOINT_URL": url("s3"),
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "ML_STORE": f"s3://{BUCKET}/store", "ML_ALLOW_NETWORKS": "127.0.0.0/8",
-        "ML_CSV": DEMO_CSV, "ML_SCHEDULE": "none", "ML_DOWNLOAD_PARALLELISM": "2",
+        "ML_STORE": f"s3://{BUCKET}/store",
+        "ML_ALLOW_NETWORKS": "127.0.0.0/8",
+        "ML_CSV": DEMO_CSV,
+        "ML_SCHEDULE": "none",
+        "ML_DOWNLOAD_PARALLELISM": "2",
         "ML_INFERENCE_CSV": SCORE_CSV,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -112,14 +130,17 @@ def wait_http(target: str, name: str, timeout: float, process: subprocess.Popen[
     try:
         wait_for(target, timeout, process, accept=lambda status: status < 500)
     except RuntimeError as exc:
-        raise SystemExit(f"error: {name}: {exc}; see {STATE / 'logs' / (name + '.log')}"
-                         ) from None
+        raise SystemExit(f"error: {name}: {exc}; see {STATE / 'logs' / (name + '.log')}") from None
 
 
 def api(method: str, path: str, body: Any | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url("airflow", "/api/v2" + path), data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url("airflow", "/api/v2" + path),
+        data=data,
+        method=method,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read() or b"null")
 
@@ -138,8 +159,10 @@ def up() -> dict[str, Any]:
         down(quiet=True)
     busy = [f"{name} ({port})" for name, port in PORTS.items() if not port_free(port)]
     if busy:
-        raise SystemExit(f"error: ports in use: {', '.join(busy)}; stop what uses them or set "
-                         "STACK_*_PORT (see scripts/stack.py)")
+        raise SystemExit(
+            f"error: ports in use: {', '.join(busy)}; stop what uses them or set "
+            "STACK_*_PORT (see scripts/stack.py)"
+        )
     (STATE / "logs").mkdir(parents=True, exist_ok=True)
     marker = uuid.uuid4().hex
     env = environment(marker)
@@ -147,12 +170,26 @@ def up() -> dict[str, Any]:
     python = str(VENV_BIN / "python")
     airflow = str(VENV_BIN / "airflow")
     services: list[tuple[str, list[str], str | None, float]] = [
-        ("s3", [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORTS["s3"])],
-         url("s3", "/"), 60),
-        ("images", [python, "-m", "devkit", "-q", "imageserver", "--port",
-                    str(PORTS["images"])], url("images", "/health.jpg"), 60),
-        ("mlflow", mlflow_command(f"sqlite:///{STATE / 'mlflow.db'}", f"s3://{BUCKET}/mlflow",
-                                  PORTS["mlflow"]), url("mlflow", "/health"), 120),
+        (
+            "s3",
+            [python, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(PORTS["s3"])],
+            url("s3", "/"),
+            60,
+        ),
+        (
+            "images",
+            [python, "-m", "devkit", "-q", "imageserver", "--port", str(PORTS["images"])],
+            url("images", "/health.jpg"),
+            60,
+        ),
+        (
+            "mlflow",
+            mlflow_command(
+                f"sqlite:///{STATE / 'mlflow.db'}", f"s3://{BUCKET}/mlflow", PORTS["mlflow"]
+            ),
+            url("mlflow", "/health"),
+            120,
+        ),
         # Airflow's components one by one (what `airflow standalone` runs), so that each can be
         # told to listen on loopback only: the scheduler's and triggerer's log servers would
         # bind every interface, and task logs are local files here anyway.
@@ -166,12 +203,24 @@ def up() -> dict[str, Any]:
             if name == "airflow":
                 say("migrating the Airflow database ...")
                 with (STATE / "logs" / "airflow-db.log").open("ab") as log:
-                    subprocess.run([airflow, "db", "migrate"], env=env, cwd=REPO, stdout=log,
-                                   stderr=subprocess.STDOUT, check=True)
+                    subprocess.run(
+                        [airflow, "db", "migrate"],
+                        env=env,
+                        cwd=REPO,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        check=True,
+                    )
             say(f"starting {name} ...")
             log = (STATE / "logs" / f"{name}.log").open("ab")
-            process = subprocess.Popen(command, env=env, cwd=REPO, stdout=log,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                env=env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             state["services"][name] = {"pid": process.pid, "port": PORTS.get(name)}
             (STATE / "state.json").write_text(json.dumps(state, indent=2))
             if name == "mlflow":
@@ -179,13 +228,18 @@ def up() -> dict[str, Any]:
             if health:
                 wait_http(health, name, timeout, process)
         _wait_airflow_ready()
-        api("POST", "/pools", {"name": "gpu", "slots": 1,
-                               "description": "one training job at a time"})
+        api(
+            "POST",
+            "/pools",
+            {"name": "gpu", "slots": 1, "description": "one training job at a time"},
+        )
     except BaseException:
         down(quiet=True)
         raise
-    say(f"stack up: Airflow {url('airflow')} · MLflow {url('mlflow')} · S3 {url('s3')} · "
-        f"images {url('images')}")
+    say(
+        f"stack up: Airflow {url('airflow')} · MLflow {url('mlflow')} · S3 {url('s3')} · "
+        f"images {url('images')}"
+    )
     return state
 
 
@@ -219,14 +273,17 @@ def _wait_airflow_ready(timeout: float = 180) -> None:
             health = api("GET", "/monitor/health")
             dags = api("GET", "/dags").get("dags", [])
             parts = ("metadatabase", "scheduler", "dag_processor")
-            if all(health.get(p, {}).get("status") == "healthy" for p in parts) and \
-                    any(d["dag_id"] == DAG_ID for d in dags):
+            if all(health.get(p, {}).get("status") == "healthy" for p in parts) and any(
+                d["dag_id"] == DAG_ID for d in dags
+            ):
                 return
         except (urllib.error.URLError, OSError, ValueError):
             pass
         time.sleep(1)
-    raise SystemExit("error: Airflow did not become healthy or did not parse the DAG; see "
-                     f"{STATE / 'logs' / 'airflow.log'}")
+    raise SystemExit(
+        "error: Airflow did not become healthy or did not parse the DAG; see "
+        f"{STATE / 'logs' / 'airflow.log'}"
+    )
 
 
 def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
@@ -237,8 +294,9 @@ def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
     with _stack_environment(environment(load_state().get("marker", ""))):
         try:
             if real:  # the CSV as it is: its images come from their real hosts
-                ObjectStore().put_bytes(S3Uri.parse(DEMO_CSV), source_csv(sample_source),
-                                        content_type="text/csv")
+                ObjectStore().put_bytes(
+                    S3Uri.parse(DEMO_CSV), source_csv(sample_source), content_type="text/csv"
+                )
             else:
                 stage_demo_inputs(url("images"), DEMO_CSV, SCORE_CSV, sample_source)
         except PipelineError as exc:
@@ -253,14 +311,15 @@ def trigger(conf: dict[str, Any]) -> str:
 
 
 def _tasks(run_id: str) -> list[dict[str, Any]]:
-    quoted = urllib.request.quote(run_id, safe="")
+    quoted = urllib.parse.quote(run_id, safe="")
     items: list[dict[str, Any]] = api(
-        "GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
+        "GET", f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances?limit=1000"
+    )["task_instances"]
     return items
 
 
 def wait(run_id: str, timeout: float) -> str:
-    quoted = urllib.request.quote(run_id, safe="")
+    quoted = urllib.parse.quote(run_id, safe="")
     started = time.monotonic()
     shown = ""
     while time.monotonic() - started < timeout:
@@ -276,10 +335,23 @@ def wait(run_id: str, timeout: float) -> str:
 
 
 def _progress(tasks: list[dict[str, Any]]) -> str:
-    order = ["ingest", "plan_batches", "download_batch", "collect_manifest", "split", "train",
-             "register"]
-    marks = {"success": "done", "running": "running", "failed": "FAILED",
-             "up_for_retry": "retrying", "queued": "queued", "scheduled": "queued"}
+    order = [
+        "ingest",
+        "plan_batches",
+        "download_batch",
+        "collect_manifest",
+        "split",
+        "train",
+        "register",
+    ]
+    marks = {
+        "success": "done",
+        "running": "running",
+        "failed": "FAILED",
+        "up_for_retry": "retrying",
+        "queued": "queued",
+        "scheduled": "queued",
+    }
     parts = []
     for name in order:
         mine = [t for t in tasks if t["task_id"] == name]
@@ -293,9 +365,10 @@ def _progress(tasks: list[dict[str, Any]]) -> str:
 
 def xcom(run_id: str, task_id: str, dag_id: str = DAG_ID) -> Any:
     """The return value of a finished task."""
-    quoted = urllib.request.quote(run_id, safe="")
-    entry = api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/"
-                "return_value")
+    quoted = urllib.parse.quote(run_id, safe="")
+    entry = api(
+        "GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/return_value"
+    )
     value = entry.get("value")
     return json.loads(value) if isinstance(value, str) else value
 
@@ -306,38 +379,61 @@ def demo(args: argparse.Namespace) -> int:
     if args.real:
         say("using the CSV as it is: images are fetched from their real hosts (needs internet)")
     else:
-        say("pointing a sample of the CrowdFlower CSV at the local image server "
-            "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ...")
+        say(
+            "pointing a sample of the CrowdFlower CSV at the local image server "
+            "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ..."
+        )
     prepare_demo_csv(args.csv, args.real)
     run_id = trigger(conf)
     say(f"triggered {DAG_ID} run {run_id}; waiting (Ctrl-C stops waiting, not the stack) ...")
     result = wait(run_id, args.timeout)
-    run_link = f"http://localhost:{PORTS['airflow']}/dags/{DAG_ID}/runs/" + \
-        urllib.request.quote(run_id, safe="")
+    run_link = f"http://localhost:{PORTS['airflow']}/dags/{DAG_ID}/runs/" + urllib.parse.quote(
+        run_id, safe=""
+    )
     if result != "success":
         failed = [t["task_id"] for t in _tasks(run_id) if t["state"] == "failed"]
-        say(f"\nthe run ended {result}{' in ' + ', '.join(failed) if failed else ''}; logs: "
-            f"{run_link} (stack left up; stop it with: bash scripts/stop)")
+        say(
+            f"\nthe run ended {result}{' in ' + ', '.join(failed) if failed else ''}; logs: "
+            f"{run_link} (stack left up; stop it with: bash scripts/stop)"
+        )
         return 1
     manifest = xcom(run_id, "collect_manifest")
     registered = xcom(run_id, "register")
     metrics = registered.get("metrics", {})
     say("\nrun succeeded")
     say(f"  Airflow UI : {run_link}")
-    say(f"  MLflow UI  : http://localhost:{PORTS['mlflow']}/#/models/{registered['model']}"
-        f"/versions/{registered['version']}")
+    say(
+        f"  MLflow UI  : http://localhost:{PORTS['mlflow']}/#/models/{registered['model']}"
+        f"/versions/{registered['version']}"
+    )
     say(f"  downloads  : {manifest['statuses']}")
-    say(f"  model      : {registered['model']} version {registered['version']}, aliases "
-        f"{', '.join(registered['aliases'])}{' (promoted)' if registered['promoted'] else ''}")
-    say(f"  test       : accuracy {metrics.get('test_accuracy', 0):.3f}, macro-F1 "
-        f"{metrics.get('test_macro_f1', 0):.3f} (synthetic images, {args.epochs} CPU epochs)")
+    say(
+        f"  model      : {registered['model']} version {registered['version']}, aliases "
+        f"{', '.join(registered['aliases'])}{' (promoted)' if registered['promoted'] else ''}"
+    )
+    say(
+        f"  test       : accuracy {metrics.get('test_accuracy', 0):.3f}, macro-F1 "
+        f"{metrics.get('test_macro_f1', 0):.3f} (synthetic images, {args.epochs} CPU epochs)"
+    )
     scored = wait_inference(120)
     if scored:
-        say(f"  inference  : the new model version triggered {INFERENCE_DAG_ID}; "
-            f"{scored.get('predicted', 0)} images scored -> {scored.get('predictions')}")
+        say(
+            f"  inference  : the new model version triggered {INFERENCE_DAG_ID}; "
+            f"{scored.get('predicted', 0)} images scored -> {scored.get('predictions')}"
+        )
     say("The stack stays up for browsing. Stop it with: bash scripts/stop")
-    print(json.dumps({"dag_run_id": run_id, "state": result, "downloads": manifest["statuses"],
-                      "model": registered, "inference": scored}), flush=True)
+    print(
+        json.dumps(
+            {
+                "dag_run_id": run_id,
+                "state": result,
+                "downloads": manifest["statuses"],
+                "model": registered,
+                "inference": scored,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -399,8 +495,9 @@ def down(quiet: bool = False) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (_marked(state["marker"]) or
-                                               any(_alive(g, group=True) for g in groups)):
+        while time.monotonic() < deadline and (
+            _marked(state["marker"]) or any(_alive(g, group=True) for g in groups)
+        ):
             time.sleep(0.3)
         if not _marked(state["marker"]) and not any(_alive(g, group=True) for g in groups):
             break
@@ -443,7 +540,7 @@ def listeners(state: dict[str, Any]) -> list[tuple[int, str, int]]:
         with contextlib.suppress(OSError):
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 target = os.readlink(fd)
-                inode = target[len("socket:["):-1] if target.startswith("socket:[") else ""
+                inode = target[len("socket:[") : -1] if target.startswith("socket:[") else ""
                 if inode in sockets:
                     found.append((pid, *sockets[inode]))
     return sorted(set(found))
@@ -454,7 +551,7 @@ def _proc_address(hexed: str, family: int) -> str:
     import ipaddress
 
     raw = bytes.fromhex(hexed)
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
     return str(ipaddress.IPv4Address(words) if family == 4 else ipaddress.IPv6Address(words))
 
 
@@ -478,8 +575,12 @@ def main() -> int:
     d.add_argument("--epochs", type=int, default=DEMO_CONF["epochs"])
     d.add_argument("--csv", default=None, help="CSV to sample (default: the CrowdFlower file)")
     d.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
-    d.add_argument("--real", action="store_true", help="keep the CSV's own image URLs (a "
-                   "machine with internet); with --sample 0 it is the whole real dataset")
+    d.add_argument(
+        "--real",
+        action="store_true",
+        help="keep the CSV's own image URLs (a "
+        "machine with internet); with --sample 0 it is the whole real dataset",
+    )
     commands.add_parser("up", help="start the stack")
     commands.add_parser("down", help="stop everything the stack started")
     commands.add_parser("status", help="show the stack's processes")

@@ -26,12 +26,14 @@ REPO = Path(__file__).resolve().parent.parent
 # Airflow reads its configuration once, at import: point it at a throwaway home before any test
 # imports it (the DAG tests migrate that database themselves).
 os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
-os.environ.update({
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-})
+os.environ.update(
+    {
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    }
+)
 REAL_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.csv"
 
 #: Non-loopback connection attempts seen by the audit hook (each was refused).

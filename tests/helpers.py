@@ -17,8 +17,9 @@ def plain_csv(rows: Iterable[Sequence[object]], header: Sequence[str] = ("url", 
     return out.getvalue().encode()
 
 
-def labelled_urls(server: ImageServer, per_label: dict[str, int], prefix: str = "img",
-                  **query: object) -> list[tuple[str, str]]:
+def labelled_urls(
+    server: ImageServer, per_label: dict[str, int], prefix: str = "img", **query: object
+) -> list[tuple[str, str]]:
     """(url, label) pairs whose images carry their label's colour."""
     rows = []
     for label, count in per_label.items():

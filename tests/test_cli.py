@@ -17,11 +17,17 @@ from ml.storage import ObjectStore, S3Uri
 from tests.helpers import plain_csv
 
 
-def _run(args: list[str], env: dict[str, str] | None = None,
-         timeout: float = 120, package: str = "ml") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", package, "-q", *args], capture_output=True,
-                          text=True, check=False, env={**os.environ, **(env or {})},
-                          timeout=timeout)
+def _run(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 120, package: str = "ml"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", package, "-q", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
 def _one_error_line(done: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -43,30 +49,39 @@ def test_a_malformed_s3_endpoint(tmp_path: Path, endpoint: str) -> None:
 
 
 @pytest.mark.integration
-def test_a_records_file_given_as_the_split(store_uri: str, store: ObjectStore,
-                                           tmp_path: Path) -> None:
+def test_a_records_file_given_as_the_split(
+    store_uri: str, store: ObjectStore, tmp_path: Path
+) -> None:
     records = S3Uri.parse(store_uri).child("datasets", "ds-x", "records.parquet")
     buffer = io.BytesIO()
     pd.DataFrame({"row": [1], "url": ["http://a/1.jpg"], "label": ["Positive"]}).to_parquet(buffer)
     store.put_bytes(records, buffer.getvalue())
-    done = _run(["train", "--split", str(records), "--weights", "none"],
-                {"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()})
+    done = _run(
+        ["train", "--split", str(records), "--weights", "none"],
+        {"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()},
+    )
     _one_error_line(done, "is not a split manifest", "split stage printed")
 
 
 @pytest.mark.integration
 def test_a_garbage_weights_file(store_uri: str, store: ObjectStore, tmp_path: Path) -> None:
     split = S3Uri.parse(store_uri).child("datasets", "ds-x", "splits", "s", "splits.parquet")
-    rows = {"split": ["train", "valid", "test"], "label_index": [0, 1, 2],
-            "object_key": ["a", "b", "c"], "sha256": ["1", "2", "3"],
-            "label": ["Highly negative", "Negative", "Neutral"]}
+    rows = {
+        "split": ["train", "valid", "test"],
+        "label_index": [0, 1, 2],
+        "object_key": ["a", "b", "c"],
+        "sha256": ["1", "2", "3"],
+        "label": ["Highly negative", "Negative", "Neutral"],
+    }
     buffer = io.BytesIO()
     pd.DataFrame(rows).to_parquet(buffer)
     store.put_bytes(split, buffer.getvalue())
     garbage = tmp_path / "resnet18-garbage.pth"
     garbage.write_bytes(os.urandom(4096))
-    done = _run(["train", "--split", str(split), "--arch", "resnet18", "--weights",
-                 str(garbage)], {"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()})
+    done = _run(
+        ["train", "--split", str(split), "--arch", "resnet18", "--weights", str(garbage)],
+        {"MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri()},
+    )
     _one_error_line(done, "does not hold resnet18 ImageNet weights")
 
 
@@ -76,15 +91,26 @@ def test_a_bad_predict_destination_is_refused_before_any_work(tmp_path: Path, ou
     csv.write_bytes(plain_csv([("http://a.example/1.jpg",)], header=("url",)))
     target = str(tmp_path) if out == "DIR" else out
     started = time.monotonic()
-    done = _run(["predict", "--csv", str(csv), "--out", target],
-                {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})  # never reached
+    done = _run(
+        ["predict", "--csv", str(csv), "--out", target],
+        {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"},
+    )  # never reached
     _one_error_line(done, "--out")
     assert time.monotonic() - started < 30
 
 
 def test_predict_refuses_a_model_that_is_not_registered(tmp_path: Path) -> None:
-    done = _run(["predict", "--csv", "x.csv", "--out", str(tmp_path / "p.csv"), "--model",
-                 "runs:/0123/model"])
+    done = _run(
+        [
+            "predict",
+            "--csv",
+            "x.csv",
+            "--out",
+            str(tmp_path / "p.csv"),
+            "--model",
+            "runs:/0123/model",
+        ]
+    )
     _one_error_line(done, "models:/<name>@<alias>")
 
 
@@ -92,19 +118,22 @@ def test_imageserver_on_a_busy_or_invalid_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        done = _run(["imageserver", "--port", str(busy.getsockname()[1])], timeout=30,
-                    package="devkit")
+        done = _run(
+            ["imageserver", "--port", str(busy.getsockname()[1])], timeout=30, package="devkit"
+        )
     _one_error_line(done, "cannot listen on", "--port 0")
     invalid = _run(["imageserver", "--port", "70000"], timeout=30, package="devkit")
     assert invalid.returncode == 2 and "between 0 and 65535" in invalid.stderr
-    host = _run(["imageserver", "--host", "no-such-host.invalid", "--port", "0"], timeout=30,
-                package="devkit")
+    host = _run(
+        ["imageserver", "--host", "no-such-host.invalid", "--port", "0"],
+        timeout=30,
+        package="devkit",
+    )
     _one_error_line(host, "cannot listen on")
 
 
 def test_demo_with_a_missing_csv() -> None:
-    _one_error_line(_run(["demo", "--csv", "/no/such/file.csv"], package="devkit"),
-                    "CSV not found")
+    _one_error_line(_run(["demo", "--csv", "/no/such/file.csv"], package="devkit"), "CSV not found")
 
 
 def test_an_unexpected_failure_is_still_one_line(tmp_path: Path) -> None:
@@ -113,11 +142,26 @@ def test_an_unexpected_failure_is_still_one_line(tmp_path: Path) -> None:
     _one_error_line(done)
 
 
-@pytest.mark.parametrize(("package", "stage"), [
-    ("ml", "ingest"), ("ml", "download"), ("ml", "split"), ("ml", "train"), ("ml", "register"),
-    ("ml", "predict"), ("ml", "stage-weights"), ("devkit", "imageserver"), ("devkit", "demo")])
+@pytest.mark.parametrize(
+    ("package", "stage"),
+    [
+        ("ml", "ingest"),
+        ("ml", "download"),
+        ("ml", "split"),
+        ("ml", "train"),
+        ("ml", "register"),
+        ("ml", "predict"),
+        ("ml", "stage-weights"),
+        ("devkit", "imageserver"),
+        ("devkit", "demo"),
+    ],
+)
 def test_every_stage_has_help(package: str, stage: str) -> None:
-    done = subprocess.run([sys.executable, "-m", package, stage, "--help"], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", package, stage, "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m {package} {stage}")
     assert "--help" in done.stdout

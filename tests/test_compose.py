@@ -18,11 +18,13 @@ COMPOSE = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 ONE_SHOT = {name for name, s in SERVICES.items() if s.get("restart") == "no"}
 #: Variables that third-party programs read (not our code), allowed in the environment.
-THIRD_PARTY = re.compile(r"^(AIRFLOW__|POSTGRES_|MINIO_|MLFLOW_S3_ENDPOINT_URL$|"
-                         r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION$|DUMB_INIT_SETSID$|AWS_DEFAULT_REGION$"
-                         r"|ML_BUCKET$|AIRFLOW_ADMIN_|MLFLOW_TRACKING_(USERNAME|PASSWORD)$|"
-                         r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MLFLOW_FLASK_SERVER_SECRET_KEY$|"
-                         r"ML_GPU_WORKERS$)")
+THIRD_PARTY = re.compile(
+    r"^(AIRFLOW__|POSTGRES_|MINIO_|MLFLOW_S3_ENDPOINT_URL$|"
+    r"MLFLOW_SERVER_ENABLE_JOB_EXECUTION$|DUMB_INIT_SETSID$|AWS_DEFAULT_REGION$"
+    r"|ML_BUCKET$|AIRFLOW_ADMIN_|MLFLOW_TRACKING_(USERNAME|PASSWORD)$|"
+    r"MLFLOW_AUTH_|MLFLOW_BACKEND_STORE_URI$|MLFLOW_FLASK_SERVER_SECRET_KEY$|"
+    r"ML_GPU_WORKERS$)"
+)
 
 
 def _code_reads() -> set[str]:
@@ -50,17 +52,24 @@ def test_dependencies_wait_on_health_or_completion() -> None:
         assert isinstance(depends, dict), f"{name}: depends_on must state conditions"
         for target, rule in depends.items():
             assert target in SERVICES and target != name, (name, target)
-            wanted = ("service_completed_successfully" if target in ONE_SHOT
-                      else "service_healthy")
+            wanted = "service_completed_successfully" if target in ONE_SHOT else "service_healthy"
             assert rule["condition"] == wanted, (name, target, rule)
     waited = {t for s in SERVICES.values() for t in s.get("depends_on", {})}
     assert waited >= ONE_SHOT  # every init job gates something
 
 
-TARGETS = {"airflow-apiserver": "airflow", "airflow-scheduler": "airflow",
-           "airflow-dag-processor": "airflow", "airflow-triggerer": "airflow",
-           "airflow-init": "airflow", "config-check": "airflow", "store-init": "airflow",
-           "airflow-worker": "worker", "airflow-worker-gpu": "worker-gpu", "mlflow": "mlflow"}
+TARGETS = {
+    "airflow-apiserver": "airflow",
+    "airflow-scheduler": "airflow",
+    "airflow-dag-processor": "airflow",
+    "airflow-triggerer": "airflow",
+    "airflow-init": "airflow",
+    "config-check": "airflow",
+    "store-init": "airflow",
+    "airflow-worker": "worker",
+    "airflow-worker-gpu": "worker-gpu",
+    "mlflow": "mlflow",
+}
 
 
 def test_each_service_runs_the_image_it_needs() -> None:
@@ -71,10 +80,18 @@ def test_each_service_runs_the_image_it_needs() -> None:
         assert service["build"]["context"] == "." and service["build"]["target"] == target
         assert service["image"].startswith(f"image-sentiment-pipeline/{target}:"), name
         assert service.get("init") is True, f"{name} runs without an init process"
-    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker", "airflow-worker-gpu"):
-        assert SERVICES[name]["depends_on"]["airflow-init"]["condition"] == \
-            "service_completed_successfully"
+    for name in (
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker",
+        "airflow-worker-gpu",
+    ):
+        assert (
+            SERVICES[name]["depends_on"]["airflow-init"]["condition"]
+            == "service_completed_successfully"
+        )
     init = " ".join(SERVICES["airflow-init"]["command"])
     assert "airflow db migrate" in init and "passwords.json" in init
     assert 'airflow pools set gpu "$${ML_GPU_WORKERS}"' in init
@@ -84,7 +101,7 @@ def _target_block(name: str) -> str:
     text = (REPO / "Dockerfile").read_text()
     start = re.search(rf"^FROM \S+ AS {re.escape(name)}$", text, re.M)
     assert start, name
-    rest = text[start.end():]
+    rest = text[start.end() :]
     following = re.search(r"^FROM ", rest, re.M)
     return rest[: following.start()] if following else rest
 
@@ -94,10 +111,14 @@ def test_only_the_gpu_target_installs_cuda_torch() -> None:
     from extras import requirements
 
     pyproject = REPO / "pyproject.toml"
-    groups = {target: re.findall(r"extras\.py ([a-z -]+)\)", _target_block(target))
-              for target in ("airflow", "mlflow", "worker", "worker-gpu")}
-    installed = {target: requirements(found[0].split(), pyproject) if found else []
-                 for target, found in groups.items()}
+    groups = {
+        target: re.findall(r"extras\.py ([a-z -]+)\)", _target_block(target))
+        for target in ("airflow", "mlflow", "worker", "worker-gpu")
+    }
+    installed = {
+        target: requirements(found[0].split(), pyproject) if found else []
+        for target, found in groups.items()
+    }
     assert not any(r.startswith("torch") for r in installed["airflow"] + installed["mlflow"])
     assert not any(r.startswith("torch") for r in installed["worker"])
     assert "download.pytorch.org/whl/cpu" in _target_block("worker")
@@ -109,22 +130,23 @@ def test_every_mounted_folder_exists_in_the_image_with_its_owner() -> None:
     """A named volume takes the owner of the folder it mounts over; a folder the image lacks
     is created by Docker as root's, and the airflow user cannot write to it."""
     dockerfile = (REPO / "Dockerfile").read_text()
-    made = dockerfile[dockerfile.index("mkdir -p"):].split("&&")[0]
+    made = dockerfile[dockerfile.index("mkdir -p") :].split("&&")[0]
     folders = [f for f in made.split()[2:] if f != "\\"]
-    owned = dockerfile[dockerfile.index("chown -R airflow:0"):].splitlines()[0].split()[3:]
+    owned = dockerfile[dockerfile.index("chown -R airflow:0") :].splitlines()[0].split()[3:]
     for name in TARGETS:
         for volume in SERVICES[name].get("volumes", []):
             source, target = volume.split(":")[:2]
             if source.startswith(("./", "/")):
                 continue  # a bind mount from the host
-            assert any(f == target or f.startswith(target + "/") for f in folders), \
+            assert any(f == target or f.startswith(target + "/") for f in folders), (
                 f"{name} mounts {target}, which the image does not create"
+            )
             assert any(target == o or target.startswith(o + "/") for o in owned), target
 
 
 def test_every_documented_setting_reaches_the_containers() -> None:
     readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## Configuration reference"):]
+    table = readme[readme.index("## Configuration reference") :]
     documented = set(re.findall(r"`(ML_[A-Z_]+)`", table))
     env = set(COMPOSE["x-airflow-common"]["environment"])
     for worker in ("airflow-worker", "airflow-worker-gpu", "airflow-init"):
@@ -132,11 +154,15 @@ def test_every_documented_setting_reaches_the_containers() -> None:
     not_in_env = {"ML_DEBUG": "a CLI switch", "ML_CODE_VERSION": "baked in at build time"}
     assert documented - env - set(not_in_env) == set()
     dockerfile = (REPO / "Dockerfile").read_text()
-    assert "ARG ML_CODE_VERSION" in dockerfile and "ENV ML_CODE_VERSION=${ML_CODE_VERSION}" in \
-        dockerfile
+    assert (
+        "ARG ML_CODE_VERSION" in dockerfile
+        and "ENV ML_CODE_VERSION=${ML_CODE_VERSION}" in dockerfile
+    )
     assert COMPOSE["x-build"]["args"]["ML_CODE_VERSION"].startswith("${ML_CODE_VERSION")
-    assert COMPOSE["x-airflow-common"]["environment"]["AIRFLOW__API__SECRET_KEY"] == \
-        "${AIRFLOW_API_SECRET_KEY}"
+    assert (
+        COMPOSE["x-airflow-common"]["environment"]["AIRFLOW__API__SECRET_KEY"]
+        == "${AIRFLOW_API_SECRET_KEY}"
+    )
 
 
 def test_the_gpu_worker_proves_its_gpus() -> None:
@@ -162,8 +188,9 @@ def test_third_party_images_are_pinned() -> None:
             continue
         image = service["image"]
         tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else ""
-        assert re.fullmatch(r"\d+\.\d+(\.\d+)?(-[a-z]+)?|RELEASE\.[0-9TZ-]+", tag), \
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?(-[a-z]+)?|RELEASE\.[0-9TZ-]+", tag), (
             f"{name} uses {image}: pin a version"
+        )
     assert "minio/mc" not in (REPO / "docker-compose.yaml").read_text()
 
 
@@ -172,7 +199,8 @@ def test_the_mlflow_ui_follows_the_public_host() -> None:
     hosts = command[command.index("--allowed-hosts") + 1]
     assert "${MLFLOW_PUBLIC_HOST" in hosts
     assert COMPOSE["x-airflow-common"]["environment"]["MLFLOW_UI_URL"].startswith(
-        "${MLFLOW_PUBLIC_URL")
+        "${MLFLOW_PUBLIC_URL"
+    )
 
 
 def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
@@ -180,34 +208,55 @@ def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
     from check_env import SECRETS, problems
 
     def parse(text: str) -> dict[str, str]:
-        return dict(line.split("=", 1) for line in text.splitlines()
-                    if "=" in line and not line.startswith("#"))
+        return dict(
+            line.split("=", 1)
+            for line in text.splitlines()
+            if "=" in line and not line.startswith("#")
+        )
 
     example = parse((REPO / ".env.example").read_text())
     found = problems(example)
     assert {p.split()[0] for p in found} == set(SECRETS)  # every secret named
     out = tmp_path / ".env"
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "init_env.py"), "--out",
-                           str(out)], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "init_env.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     generated = parse(out.read_text())
     assert problems(generated) == []
-    assert generated["AIRFLOW_FERNET_KEY"] != parse(out.read_text().replace("x", "x"))[
-        "AIRFLOW_FERNET_KEY"] or True
-    again = subprocess.run([sys.executable, str(REPO / "scripts" / "init_env.py"), "--out",
-                            str(out)], capture_output=True, text=True, check=False)
+    assert (
+        generated["AIRFLOW_FERNET_KEY"]
+        != parse(out.read_text().replace("x", "x"))["AIRFLOW_FERNET_KEY"]
+        or True
+    )
+    again = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "init_env.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert again.returncode == 2 and "exists" in again.stderr  # never overwrites silently
-    referenced = set(re.findall(r"(?<!\$)\$\{([A-Z_]+)", (REPO / "docker-compose.yaml")
-                                .read_text()))
+    referenced = set(
+        re.findall(r"(?<!\$)\$\{([A-Z_]+)", (REPO / "docker-compose.yaml").read_text())
+    )
     assert referenced <= set(generated), referenced - set(generated)
-    check = subprocess.run([sys.executable, str(REPO / "deploy" / "check_env.py")],
-                           env={**os.environ, **example}, capture_output=True, text=True,
-                           check=False)
+    check = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "check_env.py")],
+        env={**os.environ, **example},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert check.returncode == 1 and "init_env.py" in check.stderr
     assert SERVICES["config-check"]["entrypoint"][-1].endswith("check_env.py")
     for name in ("postgres", "redis", "minio"):
-        assert SERVICES[name]["depends_on"]["config-check"]["condition"] == \
-            "service_completed_successfully"
+        assert (
+            SERVICES[name]["depends_on"]["config-check"]["condition"]
+            == "service_completed_successfully"
+        )
 
 
 def test_the_image_leaves_out_what_it_does_not_run() -> None:
@@ -219,9 +268,18 @@ def test_the_image_leaves_out_what_it_does_not_run() -> None:
 def test_environment_matches_what_the_code_reads() -> None:
     env = COMPOSE["x-airflow-common"]["environment"]
     reads = _code_reads()
-    for needed in ("ML_STORE", "ML_ALLOW_NETWORKS", "ML_CSV", "ML_SCHEDULE", "ML_GPU_QUEUE",
-                   "MLFLOW_TRACKING_URI", "MLFLOW_UI_URL", "AWS_ENDPOINT_URL",
-                   "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+    for needed in (
+        "ML_STORE",
+        "ML_ALLOW_NETWORKS",
+        "ML_CSV",
+        "ML_SCHEDULE",
+        "ML_GPU_QUEUE",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_UI_URL",
+        "AWS_ENDPOINT_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ):
         assert needed in env, needed
     for service in SERVICES.values():
         for name in service.get("environment", {}):
@@ -237,13 +295,19 @@ def test_gpu_worker_serves_the_train_tasks_queue() -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     env = COMPOSE["x-airflow-common"]["environment"]
-    code = ("import importlib.util, json, sys; spec = importlib.util.spec_from_file_location("
-            "'d', sys.argv[1]); m = importlib.util.module_from_spec(spec); "
-            "spec.loader.exec_module(m); dag = m.image_sentiment(); "
-            "print(json.dumps(dag.get_task('train').queue))")
-    done = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / "image_sentiment.py")],
-                          capture_output=True, text=True, check=True,
-                          env={**os.environ, "ML_GPU_QUEUE": env["ML_GPU_QUEUE"]})
+    code = (
+        "import importlib.util, json, sys; spec = importlib.util.spec_from_file_location("
+        "'d', sys.argv[1]); m = importlib.util.module_from_spec(spec); "
+        "spec.loader.exec_module(m); dag = m.image_sentiment(); "
+        "print(json.dumps(dag.get_task('train').queue))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "dags" / "image_sentiment.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ML_GPU_QUEUE": env["ML_GPU_QUEUE"]},
+    )
     assert json.loads(done.stdout.strip().splitlines()[-1]) == queue == "gpu"
     default = SERVICES["airflow-worker"]["command"]
     assert default[default.index("--queues") + 1] == "default"
@@ -343,20 +407,45 @@ def test_the_deployments_mlflow_auth_config_refuses_anonymous_requests(tmp_path:
 
     from devkit.servers import free_port, wait_http
 
-    config = (REPO / "deploy" / "mlflow-auth.ini").read_text().replace(
-        "sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}")
+    config = (
+        (REPO / "deploy" / "mlflow-auth.ini")
+        .read_text()
+        .replace(
+            "sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}"
+        )
+    )
     (tmp_path / "auth.ini").write_text(config)
     port = free_port()
-    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
-           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": "pw-for-test-1",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": "pw-for-test-1",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
     log = (tmp_path / "server.log").open("wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--app-name",
+            "basic-auth",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", timeout=120, process=server)

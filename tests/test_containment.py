@@ -25,16 +25,29 @@ STORE = "s3://pipeline/store"
 ENV = {"ML_STORE": STORE}
 
 
-@pytest.mark.parametrize("uri", ["models:/image-sentiment@champion", "models:/m.v2/3",
-                                 "models:/a_b-c@challenger"])
+@pytest.mark.parametrize(
+    "uri", ["models:/image-sentiment@champion", "models:/m.v2/3", "models:/a_b-c@challenger"]
+)
 def test_registered_model_uris_pass(uri: str) -> None:
     assert check_model_uri(uri) == uri
 
 
-@pytest.mark.parametrize("uri", ["runs:/abc/model", "file:///tmp/model", "s3://b/model",
-                                 "models:/../x@champion", "models:/m", "models:/m@", "models:/m/0",
-                                 "models:/m@champion/extra", "https://host/model.tar",
-                                 "models:/m@champion\n", "mlflow-artifacts:/1/2/artifacts"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "runs:/abc/model",
+        "file:///tmp/model",
+        "s3://b/model",
+        "models:/../x@champion",
+        "models:/m",
+        "models:/m@",
+        "models:/m/0",
+        "models:/m@champion/extra",
+        "https://host/model.tar",
+        "models:/m@champion\n",
+        "mlflow-artifacts:/1/2/artifacts",
+    ],
+)
 def test_other_model_uris_are_refused(uri: str) -> None:
     with pytest.raises(ContainmentError, match="model_uri"):
         check_model_uri(uri)
@@ -75,10 +88,20 @@ def test_local_outputs_only_inside_the_configured_folder(tmp_path: Path) -> None
             check_output(bad, store=STORE, output_dir=str(root))
 
 
-@pytest.mark.parametrize("value", ["/etc/passwd", "/proc/self/environ", "../../etc/shadow",
-                                   "relative.csv", "s3://other-bucket/x.csv",
-                                   "s3://pipeline/storeX/x.csv", "file:///etc/passwd",
-                                   f"{STORE}/../x.csv", "gopher://h/x"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/etc/passwd",
+        "/proc/self/environ",
+        "../../etc/shadow",
+        "relative.csv",
+        "s3://other-bucket/x.csv",
+        "s3://pipeline/storeX/x.csv",
+        "file:///etc/passwd",
+        f"{STORE}/../x.csv",
+        "gopher://h/x",
+    ],
+)
 def test_inputs_outside_the_roots_are_refused(value: str) -> None:
     with pytest.raises(ContainmentError, match="csv"):
         check_input(value, roots=(STORE,), parameter="csv")
@@ -87,8 +110,11 @@ def test_inputs_outside_the_roots_are_refused(value: str) -> None:
 def test_inputs_inside_the_roots_pass(tmp_path: Path) -> None:
     roots = (STORE, str(tmp_path))
     (tmp_path / "in.csv").write_text("url,label\n")
-    for value in (f"{STORE}/input/images.csv", str(tmp_path / "in.csv"),
-                  "https://example.org/images.csv"):
+    for value in (
+        f"{STORE}/input/images.csv",
+        str(tmp_path / "in.csv"),
+        "https://example.org/images.csv",
+    ):
         assert check_input(value, roots=roots, parameter="csv") == value
     (tmp_path / "escape").symlink_to("/etc")
     with pytest.raises(ContainmentError):
@@ -116,12 +142,17 @@ def test_form_parameters_are_contained(params: dict[str, str], parameter: str) -
 
 def test_form_defaults_and_named_weights_pass() -> None:
     env = {**ENV, "ML_CSV": "/data/images.csv", "ML_WEIGHTS": "/models/resnet152.pth"}
-    settings = PipelineSettings.from_params({"csv": "/data/images.csv",
-                                             "weights": "/models/resnet152.pth"}, env)
+    settings = PipelineSettings.from_params(
+        {"csv": "/data/images.csv", "weights": "/models/resnet152.pth"}, env
+    )
     assert settings.csv == "/data/images.csv"
     for weights in ("IMAGENET1K_V1", "none", f"{STORE}/weights/resnet152-f82ba261.pth"):
-        assert PipelineSettings.from_params({"csv": f"{STORE}/in.csv", "weights": weights},
-                                            ENV).weights == weights
+        assert (
+            PipelineSettings.from_params(
+                {"csv": f"{STORE}/in.csv", "weights": weights}, ENV
+            ).weights
+            == weights
+        )
 
 
 def test_predict_step_refuses_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,18 +175,44 @@ def test_predict_step_refuses_before_any_work(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_spreadsheet_formulas_are_neutralized() -> None:
-    frame = pd.DataFrame({"input": ["=HYPERLINK(\"http://evil\")", "+1", "-2", "@SUM(A1)",
-                                    "\tx", "\rx", "http://ok/1.jpg"],
-                          "p": [0.1, -0.5, 0.2, 0.3, 0.4, 0.5, 0.6]})
+    frame = pd.DataFrame(
+        {
+            "input": [
+                '=HYPERLINK("http://evil")',
+                "+1",
+                "-2",
+                "@SUM(A1)",
+                "\tx",
+                "\rx",
+                "http://ok/1.jpg",
+            ],
+            "p": [0.1, -0.5, 0.2, 0.3, 0.4, 0.5, 0.6],
+        }
+    )
     out = neutralize_formulas(frame)
-    assert out["input"].tolist() == ["'=HYPERLINK(\"http://evil\")", "'+1", "'-2", "'@SUM(A1)",
-                                     "'\tx", "'\rx", "http://ok/1.jpg"]
+    assert out["input"].tolist() == [
+        '\'=HYPERLINK("http://evil")',
+        "'+1",
+        "'-2",
+        "'@SUM(A1)",
+        "'\tx",
+        "'\rx",
+        "http://ok/1.jpg",
+    ]
     assert out["p"].tolist() == frame["p"].tolist()  # numbers are left alone
 
 
 def test_distinct_run_ids_never_share_a_folder() -> None:
-    ids = ["manual__2026-01-01T00:00:00+00:00", "manual__2026-01-01T00_00_00_00_00",
-           "manual__2026-01-01T00:00:00 00:00", "a/b", "a_b", "a..b", "", "manual"]
+    ids = [
+        "manual__2026-01-01T00:00:00+00:00",
+        "manual__2026-01-01T00_00_00_00_00",
+        "manual__2026-01-01T00:00:00 00:00",
+        "a/b",
+        "a_b",
+        "a..b",
+        "",
+        "manual",
+    ]
     folders = [run_partition(STORE, i) for i in ids]
     assert len({run_partition(STORE, i) for i in ids if i}) == len([i for i in ids if i])
     assert run_partition(STORE, "") == run_partition(STORE, "manual")  # the CLI's default

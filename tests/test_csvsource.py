@@ -21,11 +21,16 @@ ROWS = "url,label\nhttp://a.example/1.jpg,Positive\nhttp://a.example/é.jpg,Nég
 LOOPBACK = SourceLimits(allow_networks=("127.0.0.0/8",), deadline=3.0)
 
 
-@pytest.mark.parametrize("codec", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32",
-                                   "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize(
+    "codec", ["utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"]
+)
 def test_a_byte_order_mark_picks_the_encoding(codec: str) -> None:
-    bom = {"utf-16-le": codecs.BOM_UTF16_LE, "utf-16-be": codecs.BOM_UTF16_BE,
-           "utf-32-le": codecs.BOM_UTF32_LE, "utf-32-be": codecs.BOM_UTF32_BE}.get(codec, b"")
+    bom = {
+        "utf-16-le": codecs.BOM_UTF16_LE,
+        "utf-16-be": codecs.BOM_UTF16_BE,
+        "utf-32-le": codecs.BOM_UTF32_LE,
+        "utf-32-be": codecs.BOM_UTF32_BE,
+    }.get(codec, b"")
     data = bom + ROWS.encode(codec)
     assert to_utf8(data) == ROWS.encode()
     frame = parse_csv(data)
@@ -38,8 +43,9 @@ def test_utf16_without_a_bom_is_named() -> None:
 
 
 def test_an_invalid_byte_names_its_record_and_is_never_replaced() -> None:
-    data = (b"url,label\nhttp://a/1.jpg,Positive\nhttp://a/2.jpg,Neutral\n"
-            b"http://a/3.jpg,Positive\n").replace(b"/3.jpg", b"/3\xff.jpg")
+    data = (
+        b"url,label\nhttp://a/1.jpg,Positive\nhttp://a/2.jpg,Neutral\nhttp://a/3.jpg,Positive\n"
+    ).replace(b"/3.jpg", b"/3\xff.jpg")
     with pytest.raises(PipelineError) as info:
         to_utf8(data, "images.csv")
     message = str(info.value)
@@ -47,8 +53,7 @@ def test_an_invalid_byte_names_its_record_and_is_never_replaced() -> None:
     assert "--encoding" in message and "\ufffd" not in message
 
 
-def test_an_invalid_byte_across_a_block_boundary_is_found(monkeypatch: pytest.MonkeyPatch
-                                                          ) -> None:
+def test_an_invalid_byte_across_a_block_boundary_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(csvsource, "_CHECK_BLOCK", 16)
     good = ("url,label\n" + "".join(f"http://a/{i}é.jpg,Positive\n" for i in range(20))).encode()
     assert to_utf8(good) == good  # é split across blocks is fine
@@ -76,6 +81,7 @@ def test_local_files_are_capped(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ CSVs fetched over http
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -131,12 +137,14 @@ def test_a_csv_url_goes_through_the_address_policy(csv_server: str) -> None:
 
 def test_a_csv_url_is_capped_and_bounded_in_time(csv_server: str) -> None:
     with pytest.raises(PipelineError, match="larger than the 1000 bytes allowed"):
-        read_bytes(f"{csv_server}/big.csv", SourceLimits(max_bytes=1000,
-                                                         allow_networks=("127.0.0.0/8",)))
+        read_bytes(
+            f"{csv_server}/big.csv", SourceLimits(max_bytes=1000, allow_networks=("127.0.0.0/8",))
+        )
     started = time.monotonic()
     with pytest.raises(PipelineError, match="timeout"):
-        read_bytes(f"{csv_server}/slow.csv", SourceLimits(deadline=1.0,
-                                                          allow_networks=("127.0.0.0/8",)))
+        read_bytes(
+            f"{csv_server}/slow.csv", SourceLimits(deadline=1.0, allow_networks=("127.0.0.0/8",))
+        )
     assert time.monotonic() - started < 2.5
 
 
@@ -169,8 +177,10 @@ def test_rows_are_numbered_across_chunks() -> None:
 
     records, rejected, _, total = read_records("\n".join(lines).encode(), "t.csv", chunk_rows=2)
     assert total == 7 and len(records) == 5
-    assert rejected[["row", "reason"]].values.tolist() == [[5, "duplicate_url"],
-                                                            [6, "unsupported_scheme"]]
+    assert rejected[["row", "reason"]].values.tolist() == [
+        [5, "duplicate_url"],
+        [6, "unsupported_scheme"],
+    ]
     assert rejected["detail"][0] == "same URL as row 1"
     frame = parse_csv("\n".join(lines).encode())
     same, same_rejected = validate_rows(frame, find_columns(list(frame.columns)))

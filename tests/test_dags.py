@@ -26,8 +26,7 @@ from tests.helpers import labelled_urls, plain_csv
 DAG_FILES = sorted((REPO / "dags").glob("*.py"))
 HEAVY = ("torch", "mlflow", "pandas", "boto3", "numpy", "PIL", "sklearn", "pyarrow")
 #: The pipeline's modules a DAG file may load at parse time: declarations, standard library only.
-LIGHT_ML = {"ml", "ml.errors", "ml.labels", "ml.params", "ml.containment", "ml.redact",
-            "ml.uri"}
+LIGHT_ML = {"ml", "ml.errors", "ml.labels", "ml.params", "ml.containment", "ml.redact", "ml.uri"}
 
 PARSE = """
 import importlib.util, json, sys, time
@@ -53,8 +52,12 @@ print(json.dumps({"seconds": elapsed, "modules": sorted(added)}))
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     home = Path(os.environ["AIRFLOW_HOME"])
-    done = subprocess.run([str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "airflow"), "db", "migrate"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return home
 
@@ -68,8 +71,13 @@ def dagbag(airflow_db: Path) -> Any:
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_dag_file_parses_fast_and_light(path: Path) -> None:
-    done = subprocess.run([sys.executable, "-c", PARSE, str(path)], capture_output=True,
-                          text=True, check=False, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", PARSE, str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     loaded = set(report["modules"])
@@ -95,8 +103,15 @@ def test_pipeline_shape(dagbag: Any) -> None:
     dag = dagbag.dags["image_sentiment"]
     assert dag.max_active_runs == 1 and dag.catchup is False and dag.doc_md
     assert [t.task_id for t in dag.topological_sort()] == [
-        "preflight", "ingest", "plan_batches", "download_batch", "collect_manifest", "split",
-        "train", "register"]
+        "preflight",
+        "ingest",
+        "plan_batches",
+        "download_batch",
+        "collect_manifest",
+        "split",
+        "train",
+        "register",
+    ]
     train = dag.get_task("train")
     assert (train.queue, train.pool) == ("gpu", "gpu") and train.execution_timeout
     # The preflight runs where training will, but takes no GPU slot from a training job.
@@ -105,8 +120,7 @@ def test_pipeline_shape(dagbag: Any) -> None:
     assert dag.get_task("ingest").upstream_task_ids == {"preflight"}
     assert dag.get_task("download_batch").max_active_tis_per_dag >= 1
     outlets = {t.task_id: [a.name for a in t.outlets] for t in dag.tasks if t.outlets}
-    assert outlets == {"ingest": ["image_sentiment_dataset"],
-                       "register": ["image_sentiment_model"]}
+    assert outlets == {"ingest": ["image_sentiment_dataset"], "register": ["image_sentiment_model"]}
     inference = dagbag.dags["image_sentiment_batch_inference"]
     condition = inference.timetable.asset_condition
     assert [asset.name for asset in condition.objects] == ["image_sentiment_model"]
@@ -118,8 +132,14 @@ def test_trigger_form_refuses_bad_values(dagbag: Any) -> None:
     params = dagbag.dags["image_sentiment"].params
     form = {k: params[k] for k in params}
     ParamsDict(dict(params.items())).validate()  # the defaults are valid
-    for name, bad in (("epochs", 0), ("optimizer", "rmsprop"), ("ratios", "eighty,twenty"),
-                      ("min_confidence", 1.5), ("device", "tpu"), ("csv", "")):
+    for name, bad in (
+        ("epochs", 0),
+        ("optimizer", "rmsprop"),
+        ("ratios", "eighty,twenty"),
+        ("min_confidence", 1.5),
+        ("device", "tpu"),
+        ("csv", ""),
+    ):
         candidate = ParamsDict(dict(params.items()))
         with pytest.raises(Exception, match=name):
             candidate[name] = bad
@@ -145,10 +165,14 @@ def test_mlflow_link_urls() -> None:
         from mlflow_links import mlflow_url
     finally:
         sys.path.remove(str(REPO / "plugins"))
-    assert mlflow_url("train", {"run_id": "abc"}, "http://mlflow:5000/") == \
-        "http://mlflow:5000/#/runs/abc"
-    assert mlflow_url("register", {"model": "m", "version": 3, "run_id": "abc"},
-                      "http://m") == "http://m/#/models/m/versions/3"
+    assert (
+        mlflow_url("train", {"run_id": "abc"}, "http://mlflow:5000/")
+        == "http://mlflow:5000/#/runs/abc"
+    )
+    assert (
+        mlflow_url("register", {"model": "m", "version": 3, "run_id": "abc"}, "http://m")
+        == "http://m/#/models/m/versions/3"
+    )
     assert mlflow_url("train", {}, "http://m") == ""
 
 
@@ -160,14 +184,21 @@ def test_plugin_is_loaded(airflow_db: Path) -> None:
 
 
 @pytest.fixture
-def pipeline_env(store: ObjectStore, mlflow_server: str, monkeypatch: pytest.MonkeyPatch,
-                 image_server: ImageServer, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def pipeline_env(
+    store: ObjectStore,
+    mlflow_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    image_server: ImageServer,
+    tmp_path: Path,
+) -> Iterator[dict[str, Any]]:
     bucket = f"dag-{uuid.uuid4().hex[:8]}"
     store.ensure_bucket(bucket)
     rows = labelled_urls(image_server, dict.fromkeys(LABELS, 8), prefix="dag", w=96, h=80)
-    faults = [(image_server.url("dag/missing.jpg", fault="404"), "Positive"),
-              (image_server.url("dag/page.jpg", fault="html"), "Neutral"),
-              (image_server.url("dag/evil.jpg", fault="redirect-blocked"), "Negative")]
+    faults = [
+        (image_server.url("dag/missing.jpg", fault="404"), "Positive"),
+        (image_server.url("dag/page.jpg", fault="html"), "Neutral"),
+        (image_server.url("dag/evil.jpg", fault="redirect-blocked"), "Negative"),
+    ]
     csv = S3Uri(bucket, "input/images.csv")
     store.put_bytes(csv, plain_csv(rows + faults))
     monkeypatch.setenv("ML_STORE", f"s3://{bucket}/pipeline")
@@ -180,8 +211,9 @@ def pipeline_env(store: ObjectStore, mlflow_server: str, monkeypatch: pytest.Mon
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_dag_runs_end_to_end(pipeline_env: dict[str, Any], airflow_db: Path,
-                             store: ObjectStore) -> None:
+def test_dag_runs_end_to_end(
+    pipeline_env: dict[str, Any], airflow_db: Path, store: ObjectStore
+) -> None:
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.models.pool import Pool
@@ -192,9 +224,19 @@ def test_dag_runs_end_to_end(pipeline_env: dict[str, Any], airflow_db: Path,
     Pool.create_or_update_pool("gpu", slots=1, description="one GPU", include_deferred=False)
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["image_sentiment"]
     model = f"dag-model-{uuid.uuid4().hex[:6]}"
-    conf = {"csv": pipeline_env["csv"], "epochs": 1, "batch_size": 8, "image_size": 64,
-            "weights": "none", "device": "cpu", "workers": 0, "learning_rate": 0.03,
-            "download_batch_size": 15, "model_name": model, "patience": 0}
+    conf = {
+        "csv": pipeline_env["csv"],
+        "epochs": 1,
+        "batch_size": 8,
+        "image_size": 64,
+        "weights": "none",
+        "device": "cpu",
+        "workers": 0,
+        "learning_rate": 0.03,
+        "download_batch_size": 15,
+        "model_name": model,
+        "patience": 0,
+    }
     run = dag.test(run_conf=conf)
     assert str(run.state) in ("success", "DagRunState.SUCCESS"), run.state
 
@@ -202,35 +244,54 @@ def test_dag_runs_end_to_end(pipeline_env: dict[str, Any], airflow_db: Path,
     from airflow.models.xcom import XComModel
 
     with create_session() as session:
-        states = {(ti.task_id, ti.map_index): str(ti.state) for ti in session.scalars(
-            select(TaskInstance).where(TaskInstance.run_id == run.run_id))}
+        states = {
+            (ti.task_id, ti.map_index): str(ti.state)
+            for ti in session.scalars(select(TaskInstance).where(TaskInstance.run_id == run.run_id))
+        }
         assert all("success" in s for s in states.values()), states
         assert sum(1 for t, _ in states if t == "download_batch") == 3
 
         def value(task_id: str) -> Any:
-            row = session.execute(XComModel.get_many(
-                key="return_value", run_id=run.run_id, dag_ids=dag.dag_id, task_ids=task_id,
-                map_indexes=-1).with_only_columns(XComModel.value)).first()
+            row = session.execute(
+                XComModel.get_many(
+                    key="return_value",
+                    run_id=run.run_id,
+                    dag_ids=dag.dag_id,
+                    task_ids=task_id,
+                    map_indexes=-1,
+                ).with_only_columns(XComModel.value)
+            ).first()
             return json.loads(row[0]) if isinstance(row[0], str) else row[0]
 
         manifest = value("collect_manifest")
         split = value("split")
         registered = value("register")
-        events = {name: extra for name, extra in session.execute(
-            select(AssetModel.name, AssetEvent.extra).join(
-                AssetEvent, AssetEvent.asset_id == AssetModel.id))}
+        events = {
+            name: extra
+            for name, extra in session.execute(
+                select(AssetModel.name, AssetEvent.extra).join(
+                    AssetEvent, AssetEvent.asset_id == AssetModel.id
+                )
+            )
+        }
 
-    assert manifest["statuses"] == {"ok": pipeline_env["rows"], "http_error": 1,
-                                    "not_image": 1, "blocked": 1}
+    assert manifest["statuses"] == {
+        "ok": pipeline_env["rows"],
+        "http_error": 1,
+        "not_image": 1,
+        "blocked": 1,
+    }
     assert sum(sum(c.values()) for c in split["splits"].values()) == pipeline_env["rows"]
-    assert all(split["splits"][s][label] >= 1 for s in ("train", "valid", "test")
-               for label in LABELS)
+    assert all(
+        split["splits"][s][label] >= 1 for s in ("train", "valid", "test") for label in LABELS
+    )
     assert registered["model"] == model and registered["version"] == 1
     assert registered["aliases"] == ["challenger", "champion"]
     version = MlflowClient().get_model_version(model, "1")
     assert version.tags["orchestrator_run_id"] == run.run_id
     assert events["image_sentiment_dataset"]["dataset"].startswith(
-        f"s3://{pipeline_env['bucket']}/pipeline/datasets/ds-")
+        f"s3://{pipeline_env['bucket']}/pipeline/datasets/ds-"
+    )
     assert events["image_sentiment_model"]["version"] == 1
     checkpoint = store.list_keys(S3Uri(pipeline_env["bucket"], "pipeline/runs"))
     assert any(k.endswith("training/last.pt") for k in checkpoint)  # partitioned by run

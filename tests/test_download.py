@@ -36,8 +36,15 @@ from tests.helpers import labelled_urls, plain_csv
 pytestmark = pytest.mark.integration
 
 LOOPBACK = ("127.0.0.0/8",)
-FAST = FetchConfig(connect_timeout=1.0, read_timeout=1.0, deadline=2.5, retries=1,
-                   backoff_base=0.05, max_retry_after=1.0, max_bytes=2 * 1024 * 1024)
+FAST = FetchConfig(
+    connect_timeout=1.0,
+    read_timeout=1.0,
+    deadline=2.5,
+    retries=1,
+    backoff_base=0.05,
+    max_retry_after=1.0,
+    max_bytes=2 * 1024 * 1024,
+)
 CONFIG = DownloadConfig(download_concurrency=8, allow_networks=LOOPBACK, fetch=FAST, flush_rows=10)
 
 FAULTS = {
@@ -55,8 +62,7 @@ FAULTS = {
 }
 
 
-def _ingest(store_uri: str, store: ObjectStore, tmp_path: Path,
-            rows: list[tuple[str, str]]) -> str:
+def _ingest(store_uri: str, store: ObjectStore, tmp_path: Path, rows: list[tuple[str, str]]) -> str:
     path = tmp_path / "in.csv"
     path.write_bytes(plain_csv(rows))
     return ingest(str(path), store_uri, store=store).dataset
@@ -71,11 +77,14 @@ def _images(store: ObjectStore, dataset: str) -> list[str]:
     return store.list_keys(layout.store.child("images"))
 
 
-def test_each_fault_gets_its_status(store_uri: str, store: ObjectStore, tmp_path: Path,
-                                    image_server: ImageServer) -> None:
+def test_each_fault_gets_its_status(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
     good = labelled_urls(image_server, {"Positive": 3, "Negative": 2}, prefix="faults-ok")
-    bad = [(image_server.url(f"faults/{i}-{status.strip()}.jpg", **query), "Neutral")
-           for i, (status, query) in enumerate(FAULTS.items())]
+    bad = [
+        (image_server.url(f"faults/{i}-{status.strip()}.jpg", **query), "Neutral")
+        for i, (status, query) in enumerate(FAULTS.items())
+    ]
     dataset = _ingest(store_uri, store, tmp_path, good + bad)
     summary = download(dataset, CONFIG, store=store)
 
@@ -102,8 +111,9 @@ def test_each_fault_gets_its_status(store_uri: str, store: ObjectStore, tmp_path
     assert failed.set_index("status").loc["http_error", "http_status"] == 404
 
 
-def test_invalid_url_in_records_is_a_status(store_uri: str, store: ObjectStore,
-                                            tmp_path: Path, image_server: ImageServer) -> None:
+def test_invalid_url_in_records_is_a_status(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
     # Ingest rejects such URLs; records written by other tools still get a status, not a crash.
     dataset = _ingest(store_uri, store, tmp_path, labelled_urls(image_server, {"Neutral": 1}))
     layout = DatasetLayout.parse(dataset)
@@ -114,8 +124,9 @@ def test_invalid_url_in_records_is_a_status(store_uri: str, store: ObjectStore,
     assert result["statuses"] == {"ok": 1, "invalid_url": 1}
 
 
-def test_rerun_fetches_only_what_is_missing(store_uri: str, store: ObjectStore, tmp_path: Path,
-                                            image_server: ImageServer) -> None:
+def test_rerun_fetches_only_what_is_missing(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
     good = labelled_urls(image_server, {"Positive": 6, "Neutral": 4}, prefix="rerun")
     missing = (image_server.url("rerun/missing.jpg", fault="404"), "Neutral")
     dataset = _ingest(store_uri, store, tmp_path, [*good, missing])
@@ -131,8 +142,9 @@ def test_rerun_fetches_only_what_is_missing(store_uri: str, store: ObjectStore, 
     assert len(_images(store, dataset)) == 10
 
 
-def test_same_picture_at_two_urls_is_stored_once(store_uri: str, store: ObjectStore,
-                                                 tmp_path: Path, image_server: ImageServer) -> None:
+def test_same_picture_at_two_urls_is_stored_once(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
     rows = [(image_server.url(f"dup/{i}.jpg", content="shared"), "Positive") for i in range(3)]
     dataset = _ingest(store_uri, store, tmp_path, rows)
     result = download(dataset, CONFIG, store=store)
@@ -148,8 +160,9 @@ def test_conditional_put_never_overwrites(store_uri: str, store: ObjectStore) ->
     assert store.get_bytes(key) == b"first"
 
 
-def test_batches_cover_the_dataset_and_merge(store_uri: str, store: ObjectStore, tmp_path: Path,
-                                             image_server: ImageServer) -> None:
+def test_batches_cover_the_dataset_and_merge(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
     rows = labelled_urls(image_server, {"Positive": 12, "Negative": 9}, prefix="batches")
     dataset = _ingest(store_uri, store, tmp_path, rows)
     plan = plan_batches(dataset, batch_size=5, store=store)
@@ -178,26 +191,47 @@ def test_concurrency_is_bounded(store_uri: str, store: ObjectStore, tmp_path: Pa
         assert server.peak == 3
 
 
-def test_store_down_is_a_clear_error(store_uri: str, store: ObjectStore, tmp_path: Path,
-                                     image_server: ImageServer,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_down_is_a_clear_error(
+    store_uri: str,
+    store: ObjectStore,
+    tmp_path: Path,
+    image_server: ImageServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     dataset = _ingest(store_uri, store, tmp_path, labelled_urls(image_server, {"Neutral": 2}))
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     with pytest.raises(PipelineError, match="cannot reach the object store at http://127.0.0.1:9"):
         download(dataset, CONFIG, store=ObjectStore())
 
 
-def test_killed_run_resumes_without_losing_rows(store_uri: str, store: ObjectStore,
-                                                tmp_path: Path, s3_endpoint: str) -> None:
+def test_killed_run_resumes_without_losing_rows(
+    store_uri: str, store: ObjectStore, tmp_path: Path, s3_endpoint: str
+) -> None:
     with ImageServer() as server:
-        rows = labelled_urls(server, {"Positive": 30, "Negative": 30}, prefix="killed",
-                             delay="0.15")
+        rows = labelled_urls(
+            server, {"Positive": 30, "Negative": 30}, prefix="killed", delay="0.15"
+        )
         dataset = _ingest(store_uri, store, tmp_path, rows)
         layout = DatasetLayout.parse(dataset)
         child = subprocess.Popen(
-            [sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset,
-             "--allow-network", "127.0.0.0/8", "--download-concurrency", "2", "--flush-rows", "4"],
-            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "ml",
+                "-q",
+                "download",
+                "--dataset",
+                dataset,
+                "--allow-network",
+                "127.0.0.0/8",
+                "--download-concurrency",
+                "2",
+                "--flush-rows",
+                "4",
+            ],
+            env=os.environ.copy(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 60
         while len(store.list_keys(layout.download_parts)) < 2:
@@ -211,8 +245,11 @@ def test_killed_run_resumes_without_losing_rows(store_uri: str, store: ObjectSto
         assert 8 <= len(done_before) < 60
         hits_before = dict(server.hits)
 
-        result = download(dataset, DownloadConfig(download_concurrency=8, allow_networks=LOOPBACK,
-                                                  fetch=FAST), store=store)
+        result = download(
+            dataset,
+            DownloadConfig(download_concurrency=8, allow_networks=LOOPBACK, fetch=FAST),
+            store=store,
+        )
 
         assert result["statuses"] == {"ok": 60}
         assert result["skipped_existing"] == len(done_before)
@@ -223,14 +260,26 @@ def test_killed_run_resumes_without_losing_rows(store_uri: str, store: ObjectSto
         assert set(parts_before) <= set(store.list_keys(layout.download_parts))
 
 
-def test_cli_download_prints_summary(store_uri: str, store: ObjectStore, tmp_path: Path,
-                                     image_server: ImageServer) -> None:
-    dataset = _ingest(store_uri, store, tmp_path,
-                      labelled_urls(image_server, {"Positive": 3}, prefix="cli"))
+def test_cli_download_prints_summary(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
+    dataset = _ingest(
+        store_uri, store, tmp_path, labelled_urls(image_server, {"Positive": 3}, prefix="cli")
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "ml", "download", "--dataset", dataset,
-         "--allow-network", "127.0.0.0/8"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ml",
+            "download",
+            "--dataset",
+            dataset,
+            "--allow-network",
+            "127.0.0.0/8",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -239,9 +288,9 @@ def test_cli_download_prints_summary(store_uri: str, store: ObjectStore, tmp_pat
     assert "download: 3/3 done" in done.stderr
 
 
-def test_without_allow_network_loopback_is_blocked(store_uri: str, store: ObjectStore,
-                                                   tmp_path: Path,
-                                                   image_server: ImageServer) -> None:
+def test_without_allow_network_loopback_is_blocked(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
     rows = labelled_urls(image_server, {"Positive": 2}, prefix="noallow")
     dataset = _ingest(store_uri, store, tmp_path, rows)
     hits = sum(image_server.hits.values())
@@ -252,9 +301,13 @@ def test_without_allow_network_loopback_is_blocked(store_uri: str, store: Object
 
 # ------------------------------------------------- objects this project did not write
 
+
 def test_foreign_objects_among_the_parts_never_crash_a_stage(
-    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer,
-    caplog: pytest.LogCaptureFixture
+    store_uri: str,
+    store: ObjectStore,
+    tmp_path: Path,
+    image_server: ImageServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     rows = labelled_urls(image_server, {"Positive": 6, "Neutral": 6}, prefix="foreign")
     dataset = _ingest(store_uri, store, tmp_path, rows)
@@ -262,7 +315,7 @@ def test_foreign_objects_among_the_parts_never_crash_a_stage(
     parts = layout.download_parts
     download(dataset, CONFIG, store=store)
     junk = {
-        parts.child("00000000-00000012") .key + "/": b"",  # an S3 console folder marker
+        parts.child("00000000-00000012").key + "/": b"",  # an S3 console folder marker
         parts.child("00000000-00000012", "empty.parquet").key: b"",
         parts.child("00000000-00000012", "junk.parquet").key: b"PAR1 not really parquet",
         parts.child("00000000-00000012", "notes.txt").key: b"hello",
@@ -308,11 +361,18 @@ def test_a_damaged_records_file_is_one_clear_error(
     layout = DatasetLayout.parse(dataset)
     records = store.get_bytes(layout.records)
     store.put_bytes(layout.records, records[:100])
-    with pytest.raises(PipelineError, match=r"records\.parquet is not a readable Parquet file.*"
-                       r"run ingest again"):
+    with pytest.raises(
+        PipelineError,
+        match=r"records\.parquet is not a readable Parquet file.*"
+        r"run ingest again",
+    ):
         plan_batches(dataset, store=store)
-    done = subprocess.run([sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "ml", "-q", "download", "--dataset", dataset],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: ") and "records.parquet" in done.stderr
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

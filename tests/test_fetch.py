@@ -13,8 +13,15 @@ from devkit.imageserver import ImageServer
 from ml.fetch import FetchConfig, Fetcher, FetchError, parse_retry_after
 from ml.netpolicy import AddressPolicy
 
-CONFIG = FetchConfig(connect_timeout=1.0, read_timeout=1.0, deadline=3.0, retries=2,
-                     backoff_base=0.05, max_retry_after=2.0, max_bytes=1024 * 1024)
+CONFIG = FetchConfig(
+    connect_timeout=1.0,
+    read_timeout=1.0,
+    deadline=3.0,
+    retries=2,
+    backoff_base=0.05,
+    max_retry_after=2.0,
+    max_bytes=1024 * 1024,
+)
 
 
 @pytest.fixture
@@ -63,8 +70,14 @@ def test_ok(fetcher: Fetcher, image_server: ImageServer) -> None:
         ({"fault": "reset"}, "connection_error", None, 3),
     ],
 )
-def test_fault_statuses(fetcher: Fetcher, image_server: ImageServer, query: dict[str, str],
-                        status: str, http_status: int | None, attempts: int) -> None:
+def test_fault_statuses(
+    fetcher: Fetcher,
+    image_server: ImageServer,
+    query: dict[str, str],
+    status: str,
+    http_status: int | None,
+    attempts: int,
+) -> None:
     error = _error(fetcher, image_server.url(f"fault/{status}/{len(query)}.jpg", **query))
     assert (error.status, error.http_status, error.attempts) == (status, http_status, attempts)
 
@@ -191,8 +204,9 @@ def test_per_host_cap_bounds_connections() -> None:
 
 # --- one deadline for everything a fetch does -------------------------------------------------
 
-SLOW = FetchConfig(connect_timeout=1.0, read_timeout=10.0, deadline=2.0, retries=2,
-                   backoff_base=0.05, per_host=1)
+SLOW = FetchConfig(
+    connect_timeout=1.0, read_timeout=10.0, deadline=2.0, retries=2, backoff_base=0.05, per_host=1
+)
 
 
 @pytest.mark.parametrize("fault", ["slow-headers", "stall", "slow"])
@@ -201,8 +215,7 @@ def test_trickled_status_line_headers_or_body_end_at_the_deadline(
 ) -> None:
     fetcher = Fetcher(SLOW, AddressPolicy.from_cidrs(["127.0.0.0/8"]))
     started = time.monotonic()
-    error = _error(fetcher, image_server.url(f"deadline/{fault}.jpg", fault=fault,
-                                             interval="0.3"))
+    error = _error(fetcher, image_server.url(f"deadline/{fault}.jpg", fault=fault, interval="0.3"))
     elapsed = time.monotonic() - started
     assert error.status == "timeout" and "deadline" in str(error)
     assert SLOW.deadline - 0.2 <= elapsed < SLOW.deadline + 1.0
@@ -221,8 +234,10 @@ def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> No
         except FetchError as exc:
             results[name] = exc.status
 
-    stuck = threading.Thread(target=run, args=("stuck", image_server.url(
-        "slot/stuck.jpg", fault="slow-headers", interval="0.5")))
+    stuck = threading.Thread(
+        target=run,
+        args=("stuck", image_server.url("slot/stuck.jpg", fault="slow-headers", interval="0.5")),
+    )
     stuck.start()
     time.sleep(0.3)
     good = threading.Thread(target=run, args=("good", image_server.url("slot/good.jpg")))
@@ -239,8 +254,10 @@ def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> No
 def test_waiting_for_a_pool_slot_is_bounded(image_server: ImageServer) -> None:
     import threading
 
-    fetcher = Fetcher(FetchConfig(deadline=1.0, per_host=1, retries=0),
-                      AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    fetcher = Fetcher(
+        FetchConfig(deadline=1.0, per_host=1, retries=0), AddressPolicy.from_cidrs(["127.0.0.0/8"])
+    )
+
     def hog_slot() -> None:
         with pytest.raises(FetchError):
             fetcher.fetch(image_server.url("pool/hog.jpg", fault="stall"), deadline=3.0)
@@ -277,8 +294,10 @@ def test_a_trickled_tls_handshake_ends_at_the_deadline() -> None:
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    fetcher = Fetcher(FetchConfig(connect_timeout=5.0, read_timeout=10.0, deadline=1.5,
-                                  retries=0), AddressPolicy.from_cidrs(["127.0.0.0/8"]))
+    fetcher = Fetcher(
+        FetchConfig(connect_timeout=5.0, read_timeout=10.0, deadline=1.5, retries=0),
+        AddressPolicy.from_cidrs(["127.0.0.0/8"]),
+    )
     started = time.monotonic()
     try:
         error = _error(fetcher, f"https://127.0.0.1:{listener.getsockname()[1]}/x.jpg")
@@ -330,15 +349,25 @@ def _self_signed(folder):  # type: ignore[no-untyped-def]
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(1)
-            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     cert_path, key_path = folder / "cert.pem", folder / "key.pem"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(cert_path), str(key_path)
 
 

@@ -149,8 +149,14 @@ def test_decode_memory_stays_within_the_budget_across_threads(tmp_path: Path) ->
         "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "print(len(done), base // 1024, peak // 1024)\n"
     )
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     count, base_mb, peak_mb = (int(v) for v in out.stdout.split())
     assert count == 8
     assert peak_mb - base_mb < 512, (base_mb, peak_mb)

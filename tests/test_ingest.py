@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -39,9 +40,9 @@ def _validate(data: bytes) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_bare_cr_records_with_newlines_inside_quotes() -> None:
     data = (
-        b'imageurl,label,note\r'
+        b"imageurl,label,note\r"
         b'http://a.example/1.jpg,Positive,"two\nlines"\r'
-        b'http://a.example/2.jpg,Negative,plain'
+        b"http://a.example/2.jpg,Negative,plain"
     )
     records, rejected = _validate(data)
     assert records["url"].tolist() == ["http://a.example/1.jpg", "http://a.example/2.jpg"]
@@ -99,8 +100,13 @@ def test_rejections_have_row_numbers_and_reasons() -> None:
 
 
 def test_stratified_sample_keeps_proportions_and_every_label() -> None:
-    labels = ["Positive"] * 550 + ["Neutral"] * 270 + ["Negative"] * 140 + [
-        "Highly positive"] * 25 + ["Highly negative"] * 15
+    labels = (
+        ["Positive"] * 550
+        + ["Neutral"] * 270
+        + ["Negative"] * 140
+        + ["Highly positive"] * 25
+        + ["Highly negative"] * 15
+    )
     records = pd.DataFrame({"url": [f"u{i}" for i in range(1000)], "label": labels})
     sample = stratified_sample(records, 100, seed=1)
     counts = sample["label"].value_counts().to_dict()
@@ -114,8 +120,9 @@ def test_stratified_sample_keeps_proportions_and_every_label() -> None:
 
 
 def test_dataset_id_depends_only_on_content() -> None:
-    a = pd.DataFrame({"id": ["1"], "url": ["u"], "label": ["Neutral"], "confidence": [1.0],
-                      "golden": [False]})
+    a = pd.DataFrame(
+        {"id": ["1"], "url": ["u"], "label": ["Neutral"], "confidence": [1.0], "golden": [False]}
+    )
     assert dataset_id(a) == dataset_id(a.copy())
     assert dataset_id(a) != dataset_id(a.assign(label="Positive"))
 
@@ -137,11 +144,27 @@ def test_real_csv_ingests_all_rows(real_csv: Path, store_uri: str, store: Object
 
 @pytest.mark.integration
 def test_real_csv_options(real_csv: Path, store_uri: str, store: ObjectStore) -> None:
-    result = ingest(str(real_csv), store_uri, store=store, exclude_golden=True,
-                    min_confidence=0.6, sample=500, seed=3)
+    result = ingest(
+        str(real_csv),
+        store_uri,
+        store=store,
+        exclude_golden=True,
+        min_confidence=0.6,
+        sample=500,
+        seed=3,
+    )
+    # Expected counts read independently of our code, with the csv module (ANALYSIS.md: records
+    # end with a bare CR, which csv handles with newline="").
+    with real_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    confidence = "which_of_these_sentiment_scores_does_the_above_image_fit_into_best:confidence"
+    kept = [r for r in rows if float(r[confidence]) >= 0.6]
     assert result.rows == 500
-    assert result.filtered["golden_excluded"] == 613 or result.filtered["golden_excluded"] > 0
-    assert result.filtered["below_min_confidence"] > 0
+    assert result.filtered == {
+        "below_min_confidence": len(rows) - len(kept),  # 1,724: the low-agreement rows
+        "golden_excluded": sum(r["_golden"] == "TRUE" for r in kept),  # 412 of the 613
+    }
+    assert result.filtered["golden_excluded"] == 412
     assert all(v >= 1 for v in result.labels.values())
     records = store.read_parquet(DatasetLayout.parse(result.dataset).records)
     assert not records["golden"].any()
@@ -150,8 +173,13 @@ def test_real_csv_options(real_csv: Path, store_uri: str, store: ObjectStore) ->
 
 @pytest.mark.integration
 def test_csv_from_s3_and_rejected_rows_are_stored(store_uri: str, store: ObjectStore) -> None:
-    data = plain_csv([("http://a.example/1.jpg", "positive"), ("nope", "Neutral"),
-                      ("http://a.example/2.jpg", "bad")])
+    data = plain_csv(
+        [
+            ("http://a.example/1.jpg", "positive"),
+            ("nope", "Neutral"),
+            ("http://a.example/2.jpg", "bad"),
+        ]
+    )
     source = S3Uri.parse(store_uri).child("in.csv")
     store.put_bytes(source, data)
     result = ingest(str(source), store_uri, store=store)
@@ -182,9 +210,22 @@ def test_missing_bucket_is_a_clear_error(store: ObjectStore, tmp_path: Path) -> 
 @pytest.mark.integration
 def test_cli_prints_one_json_line(real_csv: Path, store_uri: str, s3_endpoint: str) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "ml", "ingest", str(real_csv), "--store", store_uri,
-         "--sample", "50", "--seed", "1"],
-        capture_output=True, text=True, check=False,
+        [
+            sys.executable,
+            "-m",
+            "ml",
+            "ingest",
+            str(real_csv),
+            "--store",
+            store_uri,
+            "--sample",
+            "50",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
@@ -205,8 +246,9 @@ def test_cli_prints_one_json_line(real_csv: Path, store_uri: str, s3_endpoint: s
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], message: str, s3_endpoint: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "ml", "-q", *args], capture_output=True,
-                          text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "ml", "-q", *args], capture_output=True, text=True, check=False
+    )
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip().startswith("error: ") and message in done.stderr
@@ -214,9 +256,21 @@ def test_cli_errors_are_one_line(args: list[str], message: str, s3_endpoint: str
 
 
 def test_cli_refuses_bad_parameters() -> None:
-    done = subprocess.run([sys.executable, "-m", "ml", "download", "--dataset", "s3://b/d",
-                           "--download-concurrency", "0"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ml",
+            "download",
+            "--dataset",
+            "s3://b/d",
+            "--download-concurrency",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 2
     assert "--download-concurrency: must be at least 1 and at most 512, got '0'" in done.stderr
 
@@ -227,8 +281,9 @@ def test_csv_from_an_http_url(store_uri: str, store: ObjectStore, tmp_path: Path
     import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
-    (tmp_path / "images.csv").write_bytes(plain_csv([("http://a.example/1.jpg", "neutral"),
-                                                     ("http://a.example/2.jpg", "Positive")]))
+    (tmp_path / "images.csv").write_bytes(
+        plain_csv([("http://a.example/1.jpg", "neutral"), ("http://a.example/2.jpg", "Positive")])
+    )
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *args: None  # type: ignore[method-assign, assignment]
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -32,16 +32,24 @@ def test_uris_round_trip() -> None:
     assert CheckpointLayout.best_epoch(checkpoint.last.key) is None
 
 
-@pytest.mark.parametrize("uri", [f"{ROOT}/datasets/ds-1/records.parquet",
-                                 f"{ROOT}/splits/x/splits.parquet", "s3://b/splits.parquet"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"{ROOT}/datasets/ds-1/records.parquet",
+        f"{ROOT}/splits/x/splits.parquet",
+        "s3://b/splits.parquet",
+    ],
+)
 def test_a_uri_of_another_kind_is_a_clear_error(uri: str) -> None:
     with pytest.raises(PipelineError, match="is not a split URI"):
         SplitLayout.parse(uri)
 
 
-KEY_LITERALS = re.compile(r"""["'](records|rejected|manifest|splits)\.(parquet|json)["']|"""
-                          r"""["']/?(splits|runs|training|downloads)/|"""
-                          r"""["'](last\.pt|result\.json|dataset\.json)["']|best-e\{""")
+KEY_LITERALS = re.compile(
+    r"""["'](records|rejected|manifest|splits)\.(parquet|json)["']|"""
+    r"""["']/?(splits|runs|training|downloads)/|"""
+    r"""["'](last\.pt|result\.json|dataset\.json)["']|best-e\{"""
+)
 
 
 def test_no_other_module_builds_store_keys() -> None:

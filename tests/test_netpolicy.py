@@ -59,8 +59,11 @@ def test_resolver_result_is_checked() -> None:
 
     def resolver(host: str, port: int) -> list[str]:
         calls.append((host, port))
-        return {"public.test": ["93.184.215.14"], "internal.test": ["10.0.0.7"],
-                "mixed.test": ["93.184.215.14", "169.254.169.254"]}[host]
+        return {
+            "public.test": ["93.184.215.14"],
+            "internal.test": ["10.0.0.7"],
+            "mixed.test": ["93.184.215.14", "169.254.169.254"],
+        }[host]
 
     policy = AddressPolicy(resolver=resolver)
     assert policy.resolve("public.test", 80) == ["93.184.215.14"]
@@ -112,8 +115,17 @@ def test_allow_list_opens_a_refused_row_on_purpose(network: str, reason: str) ->
     AddressPolicy.from_cidrs([network]).check(str(net[net.num_addresses // 2]))
 
 
-@pytest.mark.parametrize("address", ["1.1.1.1", "100.128.0.1", "192.0.1.1", "198.20.0.1",
-                                     "2001:4860:4860::8888", "2a00:1450:4001::1"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "1.1.1.1",
+        "100.128.0.1",
+        "192.0.1.1",
+        "198.20.0.1",
+        "2001:4860:4860::8888",
+        "2a00:1450:4001::1",
+    ],
+)
 def test_neighbours_of_refused_rows_pass(address: str) -> None:
     assert blocked_reason(ipaddress.ip_address(address)) is None
 

@@ -46,8 +46,11 @@ def test_download_options_and_config_come_from_the_same_declarations() -> None:
 
 def test_one_name_per_parameter_everywhere() -> None:
     """Every form parameter means the same thing on the CLI and in the configs."""
-    stage_options = {name for stage in ("ingest", "download", "split", "train", "register")
-                     for name in _options(stage)}
+    stage_options = {
+        name
+        for stage in ("ingest", "download", "split", "train", "register")
+        for name in _options(stage)
+    }
     for parameter in FORM:
         if parameter.name in ("csv", "download_batch_size"):  # a positional; a form-only knob
             continue
@@ -59,8 +62,9 @@ def test_the_form_is_derived_from_the_declarations(monkeypatch: pytest.MonkeyPat
     import importlib.util
 
     monkeypatch.setenv("ML_SAMPLE", "250")
-    spec = importlib.util.spec_from_file_location("dag_params", REPO / "dags" /
-                                                  "image_sentiment.py")
+    spec = importlib.util.spec_from_file_location(
+        "dag_params", REPO / "dags" / "image_sentiment.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -75,10 +79,17 @@ def test_the_form_is_derived_from_the_declarations(monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize(
     ("name", "value", "message"),
-    [("epochs", 0, "at least 1"), ("learning_rate", 0, "above 0"), ("optimizer", "rmsprop",
-     "one of sgd, adamw"), ("device", "tpu", "of the form"), ("exclude_golden", "maybe",
-     "true or false"), ("epochs", 2.5, "a whole number"), ("min_confidence", math.nan, "finite"),
-     ("model_name", "a b", "of the form"), ("csv", "", "cannot be empty")],
+    [
+        ("epochs", 0, "at least 1"),
+        ("learning_rate", 0, "above 0"),
+        ("optimizer", "rmsprop", "one of sgd, adamw"),
+        ("device", "tpu", "of the form"),
+        ("exclude_golden", "maybe", "true or false"),
+        ("epochs", 2.5, "a whole number"),
+        ("min_confidence", math.nan, "finite"),
+        ("model_name", "a b", "of the form"),
+        ("csv", "", "cannot be empty"),
+    ],
 )
 def test_values_are_checked_against_their_declaration(name: str, value: Any, message: str) -> None:
     with pytest.raises(ParameterError, match=f"parameter '{name}' must be.*{message}"):
@@ -86,8 +97,9 @@ def test_values_are_checked_against_their_declaration(name: str, value: Any, mes
 
 
 def test_settings_expose_every_form_parameter() -> None:
-    settings = PipelineSettings.from_params({"csv": "s3://b/p/in.csv", "epochs": "3"},
-                                            {"ML_STORE": "s3://b/p"})
+    settings = PipelineSettings.from_params(
+        {"csv": "s3://b/p/in.csv", "epochs": "3"}, {"ML_STORE": "s3://b/p"}
+    )
     assert settings.epochs == 3 and settings.learning_rate == 0.01
     assert set(settings.values) == {p.name for p in FORM}
     with pytest.raises(AttributeError):

@@ -21,9 +21,12 @@ SECRETS = ("hunter2", "tok-123", "SIG456", "AKIAEXAMPLE", "pa55", "sess789")
     [
         ("https://user:hunter2@host/a.jpg", "https://***@host/a.jpg"),
         ("https://host/a.jpg?token=tok-123&w=2", "https://host/a.jpg?token=***&w=2"),
-        ("https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIAEXAMPLE"
-         "&X-Amz-Signature=SIG456", "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=***"
-         "&X-Amz-Credential=***&X-Amz-Signature=***"),
+        (
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIAEXAMPLE"
+            "&X-Amz-Signature=SIG456",
+            "https://b.s3.amazonaws.com/k.jpg?X-Amz-Algorithm=***"
+            "&X-Amz-Credential=***&X-Amz-Signature=***",
+        ),
         ("http://h/x?api_key=1&password=pa55&sig=2", "http://h/x?api_key=***&password=***&sig=***"),
         ("http://h/x?Signature=SIG456&Key-Pair-Id=k", "http://h/x?Signature=***&Key-Pair-Id=***"),
         ("http://h/x?session_token=sess789", "http://h/x?session_token=***"),
@@ -36,8 +39,10 @@ def test_redact_url(url: str, expected: str) -> None:
 
 
 def test_redact_text_finds_every_url_and_dsn() -> None:
-    text = ("fetching https://u:hunter2@a/x.jpg then http://b/y?token=tok-123 failed; "
-            "db postgresql+psycopg2://airflow:pa55@postgres/airflow")
+    text = (
+        "fetching https://u:hunter2@a/x.jpg then http://b/y?token=tok-123 failed; "
+        "db postgresql+psycopg2://airflow:pa55@postgres/airflow"
+    )
     clean = redact_text(text)
     assert not any(s in clean for s in SECRETS)
     assert "https://***@a/x.jpg" in clean and "postgres/airflow" in clean
@@ -68,8 +73,11 @@ def _secret_csv(path: Path, server_url: str) -> None:
 
 @pytest.mark.integration
 def test_no_secret_reaches_the_store_summaries_or_logs(
-    store_uri: str, store: object, tmp_path: Path, image_server: object,
-    caplog: pytest.LogCaptureFixture
+    store_uri: str,
+    store: object,
+    tmp_path: Path,
+    image_server: object,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from devkit.imageserver import ImageServer
     from ml.download import DownloadConfig, download
@@ -86,13 +94,18 @@ def test_no_secret_reaches_the_store_summaries_or_logs(
     with caplog.at_level(logging.INFO):
         result = ingest(source, store_uri, store=store)
         layout = DatasetLayout.parse(result.dataset)
-        summary = download(result.dataset, DownloadConfig(
-            allow_networks=("127.0.0.0/8",), fetch=FetchConfig(retries=0)), store=store)
+        summary = download(
+            result.dataset,
+            DownloadConfig(allow_networks=("127.0.0.0/8",), fetch=FetchConfig(retries=0)),
+            store=store,
+        )
         splits = make_splits(result.dataset, ratios="1,0,0", store=store)
     # The records keep the real URLs: the downloader needs them.
     assert any("hunter2" in u for u in store.read_parquet(layout.records)["url"])
     public = [
-        json.dumps(result.to_json()), json.dumps(summary), json.dumps(splits),
+        json.dumps(result.to_json()),
+        json.dumps(summary),
+        json.dumps(splits),
         store.get_bytes(layout.info).decode(),
         store.read_parquet(layout.download_manifest).to_json(),
         store.read_parquet(layout.rejected).to_json(),
@@ -125,8 +138,9 @@ def test_store_errors_never_show_endpoint_credentials(monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("endpoint", ["localhost:9000", "ftp://h", "http://[::1", "http://h:99999"])
-def test_a_malformed_endpoint_is_one_clear_error(monkeypatch: pytest.MonkeyPatch,
-                                                 endpoint: str) -> None:
+def test_a_malformed_endpoint_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str
+) -> None:
     from ml.storage import ObjectStore
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
@@ -164,9 +178,12 @@ def test_mlflow_params_and_tags_are_redacted(mlflow_server: str) -> None:
     from ml.train_config import TrainConfig
     from ml.uri import S3Uri
 
-    cfg = TrainConfig(split="s3://b/p/datasets/d/splits/s/splits.parquet",
-                      weights="s3://b/w.pth", orchestrator_run_id="https://u:hunter2@h/?x=1",
-                      experiment="redact")
+    cfg = TrainConfig(
+        split="s3://b/p/datasets/d/splits/s/splits.parquet",
+        weights="s3://b/w.pth",
+        orchestrator_run_id="https://u:hunter2@h/?x=1",
+        experiment="redact",
+    )
     loaders = Loaders(None, None, None, None)  # type: ignore[arg-type]
     rt = Runtime(0, 1, 0, torch.device("cpu"))
     mlflow.set_experiment("redact")

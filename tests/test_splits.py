@@ -23,26 +23,38 @@ def _images(counts: dict[str, int], duplicates: int = 0) -> pd.DataFrame:
     rows = []
     for label, n in counts.items():
         for i in range(n):
-            rows.append({"url": f"http://x/{label}/{i}", "label": label,
-                         "sha256": f"{label}-{i}"})
+            rows.append({"url": f"http://x/{label}/{i}", "label": label, "sha256": f"{label}-{i}"})
     for j in range(duplicates):  # same picture behind a second URL
-        rows.append({"url": f"http://mirror/{j}", "label": rows[j]["label"],
-                     "sha256": rows[j]["sha256"]})
+        rows.append(
+            {"url": f"http://mirror/{j}", "label": rows[j]["label"], "sha256": rows[j]["sha256"]}
+        )
     return pd.DataFrame(rows)
 
 
 @pytest.mark.parametrize(
     ("n", "expected"),
-    [(100, [80, 15, 5]), (3, [1, 1, 1]), (4, [2, 1, 1]), (2, [1, 1, 0]), (1, [1, 0, 0]),
-     (0, [0, 0, 0]), (21, [17, 3, 1])],
+    [
+        (100, [80, 15, 5]),
+        (3, [1, 1, 1]),
+        (4, [2, 1, 1]),
+        (2, [1, 1, 0]),
+        (1, [1, 0, 0]),
+        (0, [0, 0, 0]),
+        (21, [17, 3, 1]),
+    ],
 )
 def test_allocate(n: int, expected: list[int]) -> None:
     assert allocate(n, (0.8, 0.15, 0.05)) == expected
 
 
 def test_splits_are_stratified() -> None:
-    counts = {"Positive": 550, "Neutral": 270, "Negative": 135, "Highly positive": 28,
-              "Highly negative": 17}
+    counts = {
+        "Positive": 550,
+        "Neutral": 270,
+        "Negative": 135,
+        "Highly positive": 28,
+        "Highly negative": 17,
+    }
     table = assign_splits(_images(counts), (0.8, 0.15, 0.05), seed=0)
     per = table.groupby(["label", "split"]).size().unstack(fill_value=0)
     for label, n in counts.items():
@@ -82,22 +94,36 @@ def test_bad_ratios(text: str) -> None:
 
 
 @pytest.mark.integration
-def test_split_stage_end_to_end(store_uri: str, store: ObjectStore, tmp_path: Path,
-                                image_server: ImageServer) -> None:
-    rows = labelled_urls(image_server, {"Positive": 20, "Neutral": 10, "Negative": 6,
-                                        "Highly positive": 3, "Highly negative": 2},
-                         prefix="split-e2e")
+def test_split_stage_end_to_end(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
+    rows = labelled_urls(
+        image_server,
+        {"Positive": 20, "Neutral": 10, "Negative": 6, "Highly positive": 3, "Highly negative": 2},
+        prefix="split-e2e",
+    )
     # Two more URLs serve the same pictures as Positive/0 and Positive/1.
-    rows += [(image_server.url(f"split-e2e/copy{i}.jpg", content=f"/split-e2e/Positive/{i}.jpg",
-                               label="Positive"), "Positive") for i in range(2)]
+    rows += [
+        (
+            image_server.url(
+                f"split-e2e/copy{i}.jpg", content=f"/split-e2e/Positive/{i}.jpg", label="Positive"
+            ),
+            "Positive",
+        )
+        for i in range(2)
+    ]
     rows.append((image_server.url("split-e2e/gone.jpg", fault="404"), "Neutral"))
     path = tmp_path / "in.csv"
     path.write_bytes(plain_csv(rows))
     dataset = ingest(str(path), store_uri, store=store).dataset
     download(dataset, CONFIG, store=store)
 
-    done = subprocess.run([sys.executable, "-m", "ml", "split", "--dataset", dataset,
-                           "--seed", "4"], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "ml", "split", "--dataset", dataset, "--seed", "4"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     splits = summary["splits"]

@@ -22,16 +22,27 @@ def _listening(port: int) -> bool:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("AIRFLOW", "MLFLOW", "S3", "IMAGES", "WORKER_LOG",
-                                            "TRIGGER_LOG")}
-    env = {**os.environ, "STACK_DIR": str(tmp_path / "stack"),
-           **{f"STACK_{k}_PORT": str(v) for k, v in ports.items()}}
+    ports = {
+        name: free_port()
+        for name in ("AIRFLOW", "MLFLOW", "S3", "IMAGES", "WORKER_LOG", "TRIGGER_LOG")
+    }
+    env = {
+        **os.environ,
+        "STACK_DIR": str(tmp_path / "stack"),
+        **{f"STACK_{k}_PORT": str(v) for k, v in ports.items()},
+    }
     for key in ("AIRFLOW_HOME", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "ML_STORE"):
         env.pop(key, None)  # the stack sets its own; nothing leaks in from the test session
     try:
-        demo = subprocess.run(["bash", "scripts/demo", "--sample", "60", "--epochs", "1"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-                              check=False)
+        demo = subprocess.run(
+            ["bash", "scripts/demo", "--sample", "60", "--epochs", "1"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         summary = json.loads(demo.stdout.strip().splitlines()[-1])
         assert summary["state"] == "success"
@@ -42,11 +53,20 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         assert summary["inference"]["predicted"] >= 15, summary["inference"]
         marker = json.loads((tmp_path / "stack" / "state.json").read_text())["marker"]
         # Nothing listens wider than it must: every socket of every service is on loopback.
-        status = subprocess.run([str(REPO / ".venv" / "bin" / "python"), "scripts/stack.py",
-                                 "status"], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=60, check=True)
-        listening = [line.split(" on ", 1)[1] for line in status.stdout.splitlines()
-                     if line.startswith("listening:")]
+        status = subprocess.run(
+            [str(REPO / ".venv" / "bin" / "python"), "scripts/stack.py", "status"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        listening = [
+            line.split(" on ", 1)[1]
+            for line in status.stdout.splitlines()
+            if line.startswith("listening:")
+        ]
         assert len(listening) >= 4, status.stdout
         for address in listening:
             host = address.rsplit(":", 1)[0]
@@ -54,8 +74,15 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         for port in (ports["AIRFLOW"], ports["MLFLOW"], ports["S3"], ports["IMAGES"]):
             assert f"127.0.0.1:{port}" in listening
     finally:
-        stop = subprocess.run(["bash", "scripts/stop"], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=300, check=False)
+        stop = subprocess.run(
+            ["bash", "scripts/stop"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
     assert stop.returncode == 0, stop.stdout + stop.stderr
     assert "nothing left running" in stop.stdout
     needle = f"STACK_MARKER={marker}".encode()

@@ -42,6 +42,7 @@ LOOPBACK = DownloadConfig(allow_networks=("127.0.0.0/8",))
 
 # ---------------------------------------------------------------- unit tests (no servers)
 
+
 def test_lr_schedule_warms_up_then_decays() -> None:
     factors = [lr_factor(step, total=100, warmup=10) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
@@ -111,8 +112,9 @@ def test_resnet152_has_a_new_five_way_head() -> None:
     assert info.transforms["crop_size"] == 224 and info.transforms["resize_size"] == 232
 
 
-def test_missing_weights_offline_says_how_to_stage_them(tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_weights_offline_says_how_to_stage_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(PipelineError) as info:
         build_model("IMAGENET1K_V2")
@@ -123,8 +125,9 @@ def test_missing_weights_offline_says_how_to_stage_them(tmp_path: Path,
         build_model("IMAGENET9K")
 
 
-def test_weights_file_from_cache_is_hash_checked(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weights_file_from_cache_is_hash_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     model, _ = build_model("none", arch="resnet18", num_classes=1000)
     raw = tmp_path / "raw.pth"
@@ -142,8 +145,9 @@ def test_weights_file_from_cache_is_hash_checked(tmp_path: Path,
 
 
 @pytest.mark.integration
-def test_weights_staged_in_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     store_uri: str, store: ObjectStore) -> None:
+def test_weights_staged_in_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, store_uri: str, store: ObjectStore
+) -> None:
     model, _ = build_model("none", arch="resnet18", num_classes=1000)
     raw = tmp_path / "w.pth"
     torch.save(model.state_dict(), raw)
@@ -159,9 +163,11 @@ def test_weights_staged_in_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 # ------------------------------------------------------- integration: real MLflow server
 
+
 @pytest.fixture(scope="module")
-def learn_split(s3_endpoint: str, image_server: ImageServer,
-                tmp_path_factory: pytest.TempPathFactory) -> str:
+def learn_split(
+    s3_endpoint: str, image_server: ImageServer, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """100 small labelled images (colour tint per class), downloaded and split 60/20/20."""
     store = ObjectStore()
     bucket = f"learn-{uuid.uuid4().hex[:8]}"
@@ -175,17 +181,29 @@ def learn_split(s3_endpoint: str, image_server: ImageServer,
 
 
 def _config(split: str, cache: Path, **changes: Any) -> TrainConfig:
-    base = TrainConfig(split=split, weights="none", epochs=6, batch_size=12, optimizer="sgd",
-                       learning_rate=0.03, warmup_epochs=0.5, image_size=64, workers=0, patience=0,
-                       cache_dir=str(cache), experiment="tests")
+    base = TrainConfig(
+        split=split,
+        weights="none",
+        epochs=6,
+        batch_size=12,
+        optimizer="sgd",
+        learning_rate=0.03,
+        warmup_epochs=0.5,
+        image_size=64,
+        workers=0,
+        patience=0,
+        cache_dir=str(cache),
+        experiment="tests",
+    )
     for key, value in changes.items():
         setattr(base, key, value)
     return base
 
 
 @pytest.fixture(scope="module")
-def trained(learn_split: str, mlflow_server: str,
-            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def trained(
+    learn_split: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     config = _config(learn_split, tmp_path_factory.mktemp("cache"))
     return {"config": config, "result": fine_tune(config)}
 
@@ -209,8 +227,12 @@ def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None
     assert run.data.params["epochs"] == "6" and run.data.params["weights"] == "none"
     assert run.data.tags["pretrained"] == "false" and "random weights" in run.data.tags["warning"]
     artifacts = {a.path for a in client.list_artifacts(result["run_id"], "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/training_curves.png",
-            "evaluation/MODEL_CARD.md", "evaluation/test_report.json"} <= artifacts
+    assert {
+        "evaluation/confusion_matrix.png",
+        "evaluation/training_curves.png",
+        "evaluation/MODEL_CARD.md",
+        "evaluation/test_report.json",
+    } <= artifacts
     data = {a.path for a in client.list_artifacts(result["run_id"], "data")}
     assert data == {"data/label_map.json", "data/split_counts.json"}
 
@@ -225,20 +247,49 @@ def test_finished_training_is_not_repeated(trained: dict[str, Any]) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_server: str,
-                                                   tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_killed_training_resumes_at_the_next_epoch(
+    learn_split: str, mlflow_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = _config(learn_split, tmp_path, epochs=2, seed=7)
     store = ObjectStore()
     folder = config.checkpoint_dir(load_split(learn_split, store)[1])
     last = folder.child("last.pt")
-    args = [sys.executable, "-m", "ml", "-q", "train", "--split", learn_split, "--weights",
-            "none", "--epochs", "2", "--batch-size", "12", "--optimizer", "sgd",
-            "--learning-rate", "0.03",
-            "--warmup-epochs", "0.5", "--image-size", "64", "--workers", "0", "--patience", "0",
-            "--cache-dir", str(tmp_path), "--experiment", "tests", "--seed", "7"]
-    child = subprocess.Popen(args, env=os.environ.copy(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+    args = [
+        sys.executable,
+        "-m",
+        "ml",
+        "-q",
+        "train",
+        "--split",
+        learn_split,
+        "--weights",
+        "none",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "12",
+        "--optimizer",
+        "sgd",
+        "--learning-rate",
+        "0.03",
+        "--warmup-epochs",
+        "0.5",
+        "--image-size",
+        "64",
+        "--workers",
+        "0",
+        "--patience",
+        "0",
+        "--cache-dir",
+        str(tmp_path),
+        "--experiment",
+        "tests",
+        "--seed",
+        "7",
+    ]
+    child = subprocess.Popen(
+        args, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
     while not store.exists(last):
         assert child.poll() is None, child.communicate()[1][-2000:]
@@ -270,8 +321,9 @@ def test_killed_training_resumes_at_the_next_epoch(learn_split: str, mlflow_serv
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_registry_promotion_and_prediction(trained: dict[str, Any], learn_split: str,
-                                           image_server: ImageServer, tmp_path: Path) -> None:
+def test_registry_promotion_and_prediction(
+    trained: dict[str, Any], learn_split: str, image_server: ImageServer, tmp_path: Path
+) -> None:
     name = f"sentiment-{uuid.uuid4().hex[:6]}"
     good = trained["result"]
     first = register_model(good["run_id"], name=name, orchestrator_run_id="manual__1")
@@ -280,8 +332,9 @@ def test_registry_promotion_and_prediction(trained: dict[str, Any], learn_split:
     again = register_model(good["run_id"], name=name)
     assert (again["version"], again["created"], again["promoted"]) == (1, False, False)
 
-    weak = fine_tune(_config(learn_split, tmp_path, epochs=1, max_steps_per_epoch=1,
-                             learning_rate=1e-4, seed=3))
+    weak = fine_tune(
+        _config(learn_split, tmp_path, epochs=1, max_steps_per_epoch=1, learning_rate=1e-4, seed=3)
+    )
     assert weak["test"]["macro_f1"] < good["test"]["macro_f1"]
     second = register_model(weak["run_id"], name=name, margin=0.0)
     assert (second["version"], second["promoted"]) == (2, False)
@@ -301,12 +354,16 @@ def test_registry_promotion_and_prediction(trained: dict[str, Any], learn_split:
     probs = np.asarray(model.predict(np.random.rand(4, 3, 64, 64).astype(np.float32)))
     assert probs.shape == (4, 5) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
 
-    rows = labelled_urls(image_server, {"Negative": 2, "Highly positive": 2}, prefix="predict",
-                         w=96, h=80)
+    rows = labelled_urls(
+        image_server, {"Negative": 2, "Highly positive": 2}, prefix="predict", w=96, h=80
+    )
     csv = tmp_path / "predict.csv"
-    csv.write_bytes(plain_csv([(u,) for u, _ in rows]
-                              + [(image_server.url("predict/gone.jpg", fault="404"),)],
-                              header=("url",)))
+    csv.write_bytes(
+        plain_csv(
+            [(u,) for u, _ in rows] + [(image_server.url("predict/gone.jpg", fault="404"),)],
+            header=("url",),
+        )
+    )
     out = tmp_path / "predictions.parquet"
     summary = predict(f"models:/{name}@champion", str(csv), str(out), config=LOOPBACK)
     assert summary["rows"] == 5 and summary["predicted"] == 4
@@ -325,11 +382,41 @@ def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: 
     torchrun = str(Path(sys.executable).parent / "torchrun")
     experiment = f"ddp-{uuid.uuid4().hex[:6]}"
     done = subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "ml", "-q",
-         "train", "--split", learn_split, "--arch", "resnet18", "--weights", "none", "--epochs",
-         "1", "--batch-size", "8", "--image-size", "64", "--workers", "0", "--device", "cpu",
-         "--cache-dir", str(tmp_path), "--experiment", experiment],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "ml",
+            "-q",
+            "train",
+            "--split",
+            learn_split,
+            "--arch",
+            "resnet18",
+            "--weights",
+            "none",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--image-size",
+            "64",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--cache-dir",
+            str(tmp_path),
+            "--experiment",
+            experiment,
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -344,14 +431,16 @@ def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: 
 
 # ------------------------------------------------- a rerun never returns a stale result
 
+
 def _tiny(split: str, cache: Path, **changes: Any) -> TrainConfig:
     return _config(split, cache, arch="resnet18", epochs=1, max_steps_per_epoch=1, **changes)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_forced_folder_with_other_settings_fails_clearly(learn_split: str, mlflow_server: str,
-                                                            tmp_path: Path) -> None:
+def test_a_forced_folder_with_other_settings_fails_clearly(
+    learn_split: str, mlflow_server: str, tmp_path: Path
+) -> None:
     folder = learn_split.rsplit("/splits/", 1)[0] + f"/forced/{uuid.uuid4().hex[:8]}"
     first = fine_tune(_tiny(learn_split, tmp_path, checkpoint=folder))
     assert first["checkpoint"] == folder
@@ -364,8 +453,9 @@ def test_a_forced_folder_with_other_settings_fails_clearly(learn_split: str, mlf
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_rewritten_split_starts_a_fresh_training(learn_split: str, mlflow_server: str,
-                                                   tmp_path: Path) -> None:
+def test_a_rewritten_split_starts_a_fresh_training(
+    learn_split: str, mlflow_server: str, tmp_path: Path
+) -> None:
     store = ObjectStore()
     source = store.read_parquet(S3Uri.parse(learn_split))
     copy = S3Uri.parse(learn_split.replace("/splits/", f"/splits-{uuid.uuid4().hex[:6]}/"))
@@ -378,8 +468,10 @@ def test_a_rewritten_split_starts_a_fresh_training(learn_split: str, mlflow_serv
     from mlflow import MlflowClient
 
     params = MlflowClient().get_run(second["run_id"]).data.params
-    assert params["split_sha256"] != MlflowClient().get_run(first["run_id"]).data.params[
-        "split_sha256"]
+    assert (
+        params["split_sha256"]
+        != MlflowClient().get_run(first["run_id"]).data.params["split_sha256"]
+    )
 
 
 @pytest.mark.integration
@@ -410,8 +502,16 @@ def test_a_finished_training_killed_before_its_result_does_not_train_again(
     from mlflow import MlflowClient
 
     folder = learn_split.rsplit("/splits/", 1)[0] + f"/finished/{uuid.uuid4().hex[:8]}"
-    config = _config(learn_split, tmp_path, arch="resnet18", epochs=6, max_steps_per_epoch=1,
-                     patience=1, learning_rate=1e-6, checkpoint=folder)
+    config = _config(
+        learn_split,
+        tmp_path,
+        arch="resnet18",
+        epochs=6,
+        max_steps_per_epoch=1,
+        patience=1,
+        learning_rate=1e-6,
+        checkpoint=folder,
+    )
     first = fine_tune(config)
     assert first["epochs_run"] < 6  # early stopped
     store = ObjectStore()

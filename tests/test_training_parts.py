@@ -41,10 +41,17 @@ CPU = Runtime(0, 1, 0, torch.device("cpu"))
 
 # ------------------------------------------------------------------------- device choice
 
+
 @pytest.mark.parametrize(
     ("preference", "cuda", "expected"),
-    [("auto", True, "cuda:0"), ("auto", False, "cpu"), ("cpu", True, "cpu"),
-     ("cuda", True, "cuda:0"), ("cuda:3", True, "cuda:3"), ("CUDA", True, "cuda:0")],
+    [
+        ("auto", True, "cuda:0"),
+        ("auto", False, "cpu"),
+        ("cpu", True, "cpu"),
+        ("cuda", True, "cuda:0"),
+        ("cuda:3", True, "cuda:3"),
+        ("CUDA", True, "cuda:0"),
+    ],
 )
 def test_the_device_is_chosen_at_load_time(preference: str, cuda: bool, expected: str) -> None:
     assert str(choose_device(preference, cuda_available=lambda: cuda)) == expected
@@ -68,9 +75,15 @@ def _served(tmp_path: Path, decide: Any, device: str = "auto") -> SentimentModel
 
     preprocessing = Preprocessing(crop_size=32, resize_size=36)
     classifier = Classifier(architecture("resnet18"), preprocessing.mean, preprocessing.std)
-    artifacts = export(classifier, tmp_path, {"arch": "resnet18",
-                                              "labels": ["a", "b", "c", "d", "e"],
-                                              "preprocessing": preprocessing.to_dict()})
+    artifacts = export(
+        classifier,
+        tmp_path,
+        {
+            "arch": "resnet18",
+            "labels": ["a", "b", "c", "d", "e"],
+            "preprocessing": preprocessing.to_dict(),
+        },
+    )
 
     class Context:
         def __init__(self) -> None:
@@ -103,6 +116,7 @@ def test_the_logged_model_moves_its_weights_to_the_chosen_device(tmp_path: Path)
 
 # ------------------------------------------------------------------ head-only warm-up
 
+
 def _batches(n: int = 16, size: int = 32) -> DataLoader[Any]:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
@@ -111,16 +125,21 @@ def _batches(n: int = 16, size: int = 32) -> DataLoader[Any]:
 
 def _step(model: nn.Module, cfg: TrainConfig, steps: int) -> Step:
     optimizer = make_optimizer(model, cfg)
-    return Step(optimizer, make_scheduler(optimizer, cfg, steps), torch.amp.GradScaler(
-        "cuda", enabled=False), nn.CrossEntropyLoss(), Normalizer(
-        [0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=False))
+    return Step(
+        optimizer,
+        make_scheduler(optimizer, cfg, steps),
+        torch.amp.GradScaler("cuda", enabled=False),
+        nn.CrossEntropyLoss(),
+        Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=False),
+    )
 
 
 def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
     torch.manual_seed(0)
     model = architecture("resnet18")
-    cfg = TrainConfig(split="s3://b/x", epochs=4, head_epochs=1, warmup_epochs=2.0,
-                      learning_rate=0.1)
+    cfg = TrainConfig(
+        split="s3://b/x", epochs=4, head_epochs=1, warmup_epochs=2.0, learning_rate=0.1
+    )
     step = _step(model, cfg, steps=2)
     assert {g["role"]: g["lr"] for g in step.optimizer.param_groups}["backbone"] == 0.0
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,8 +168,9 @@ def test_a_frozen_backbone_does_not_move_and_thaws_with_clean_state() -> None:
 
 def test_schedule_gives_the_backbone_its_own_warmup() -> None:
     model = architecture("resnet18")
-    cfg = TrainConfig(split="s3://b/x", epochs=10, head_epochs=2, warmup_epochs=1.0,
-                      learning_rate=1.0)
+    cfg = TrainConfig(
+        split="s3://b/x", epochs=10, head_epochs=2, warmup_epochs=1.0, learning_rate=1.0
+    )
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
     backbone, head = [], []
@@ -177,6 +197,7 @@ def test_no_weight_decay_on_batchnorm_and_biases() -> None:
 
 # ----------------------------------------------------------- evaluation preprocessing
 
+
 def test_evaluation_resize_follows_the_chosen_weights(tmp_path: Path) -> None:
     from torchvision.models import ResNet152_Weights
 
@@ -186,9 +207,11 @@ def test_evaluation_resize_follows_the_chosen_weights(tmp_path: Path) -> None:
     assert Preprocessing.from_preset(v1, 224).resize_size == 256
     assert Preprocessing.from_preset(v2, 64).resize_size == 66
     assert known_weights("resnet152", tmp_path / "resnet152-394f9c45.pth") == (
-        ResNet152_Weights.IMAGENET1K_V1)
+        ResNet152_Weights.IMAGENET1K_V1
+    )
     assert known_weights("resnet152", tmp_path / "resnet152-f82ba261.pth") == (
-        ResNet152_Weights.IMAGENET1K_V2)
+        ResNet152_Weights.IMAGENET1K_V2
+    )
     assert known_weights("resnet152", tmp_path / "mine.pth") is None
 
 
@@ -196,13 +219,15 @@ def test_normalizer_matches_the_reference_formula() -> None:
     batch = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     reference = (batch.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
-        std).view(1, 3, 1, 1)
+        std
+    ).view(1, 3, 1, 1)
     out = Normalizer(mean, std, torch.device("cpu"))(batch)
     assert torch.allclose(out, reference, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 # ------------------------------------------------------------------------- checkpoints
+
 
 class _SlowStore:
     """An in-memory store whose writes take a while (to see them leave the loop's path)."""
@@ -266,8 +291,7 @@ def test_last_and_best_can_never_disagree_after_a_kill() -> None:
     # Killed after the next best was written but before the last.pt that names it:
     from ml.checkpoint import serialize
 
-    store.objects["ck/best-e2.pt"] = serialize({"model": {"w": torch.full((2,), 2.0)},
-                                                "epoch": 2})
+    store.objects["ck/best-e2.pt"] = serialize({"model": {"w": torch.full((2,), 2.0)}, "epoch": 2})
     resumed = Checkpoints(store, folder, {"a": 1})  # type: ignore[arg-type]
     saved = resumed.load()
     assert saved is not None and saved["state"]["best_epoch"] == 1
@@ -278,7 +302,8 @@ def test_a_checkpoint_of_another_world_size_or_identity_is_refused() -> None:
     store = _SlowStore()
     folder = S3Uri("b", "ck")
     Checkpoints(store, folder, {"lr": 0.1}, world=2, background=False).save(  # type: ignore[arg-type]
-        _payload(0, 0), (0, {"w": torch.zeros(2)}))
+        _payload(0, 0), (0, {"w": torch.zeros(2)})
+    )
     with pytest.raises(PipelineError, match="2 process"):
         Checkpoints(store, folder, {"lr": 0.1}, world=1).load()  # type: ignore[arg-type]
     with pytest.raises(PipelineError, match="differs in: lr"):
@@ -294,19 +319,28 @@ def test_cpu_copy_is_detached_from_training() -> None:
 
 # ------------------------------------------------------------------------ random streams
 
+
 def test_every_random_stream_is_saved_and_restored() -> None:
     generators = {"shuffle": torch.Generator().manual_seed(3)}
     saved = rng_state(generators)
-    first = (random.random(), np.random.rand(), torch.rand(1).item(),
-             torch.rand(1, generator=generators["shuffle"]).item())
+    first = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=generators["shuffle"]).item(),
+    )
     import io
 
     buffer = io.BytesIO()
     torch.save(saved, buffer)  # it must survive a weights_only load
     buffer.seek(0)
     restore_rng(torch.load(buffer, weights_only=True), generators)
-    again = (random.random(), np.random.rand(), torch.rand(1).item(),
-             torch.rand(1, generator=generators["shuffle"]).item())
+    again = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(1).item(),
+        torch.rand(1, generator=generators["shuffle"]).item(),
+    )
     assert first == again
 
 
@@ -319,8 +353,13 @@ class _Draw(torch.utils.data.Dataset[float]):
 
 
 def test_loader_workers_draw_their_own_numpy_streams() -> None:
-    loader = DataLoader(_Draw(), batch_size=1, num_workers=2, worker_init_fn=seed_worker,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        _Draw(),
+        batch_size=1,
+        num_workers=2,
+        worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(0),
+    )
     values = [float(v) for v in loader]
     assert len(set(values)) == len(values)
 
@@ -331,8 +370,11 @@ def test_the_collective_timeout_is_set_deliberately(monkeypatch: pytest.MonkeyPa
     seen: dict[str, Any] = {}
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(ml.runtime.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(ml.runtime.dist, "init_process_group",
-                        lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(
+        ml.runtime.dist,
+        "init_process_group",
+        lambda backend, **kw: seen.update(backend=backend, **kw),
+    )
     ml.runtime.setup_runtime("cpu", timeout_minutes=45)
     assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() == 45 * 60
 
@@ -345,12 +387,14 @@ def test_the_gpu_benchmarks_trainer_row_runs(tmp_path: Path) -> None:
     from benchmarks.train_throughput import bench_trainer_defaults, make_images
 
     make_images(tmp_path, 20)
-    row = bench_trainer_defaults(tmp_path, 2, device="cpu", arch="resnet18", image_size=32,
-                                 batch_size=4, workers=0)
+    row = bench_trainer_defaults(
+        tmp_path, 2, device="cpu", arch="resnet18", image_size=32, batch_size=4, workers=0
+    )
     assert row["images_per_s"] > 0 and row["batch"] == 4
 
 
 # ------------------------------------------------------------- the training worker's side
+
 
 def test_a_gpu_worker_pins_cuda_for_auto() -> None:
     from ml.pipeline import train_device
@@ -364,8 +408,9 @@ def test_a_gpu_worker_pins_cuda_for_auto() -> None:
     assert train_device(cpu, {"ML_TRAIN_DEVICE": "cuda"}) == "cpu"  # asked for explicitly
 
 
-def test_preflight_fails_at_once_without_weights_or_gpu(tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preflight_fails_at_once_without_weights_or_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ml.pipeline import preflight_step
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty weights cache
@@ -375,23 +420,24 @@ def test_preflight_fails_at_once_without_weights_or_gpu(tmp_path: Path,
         preflight_step(params, env)
     assert preflight_step({**params, "weights": "none"}, env)["device"] == "cpu"
     with pytest.raises(PipelineError, match="no GPU"):
-        preflight_step({**params, "device": "auto", "weights": "none"},
-                       {**env, "ML_TRAIN_DEVICE": "cuda"})
+        preflight_step(
+            {**params, "device": "auto", "weights": "none"}, {**env, "ML_TRAIN_DEVICE": "cuda"}
+        )
 
 
 def test_several_gpus_train_under_torchrun() -> None:
     from ml.pipeline import run_torchrun, torchrun_command
 
-    config = TrainConfig(split="s3://b/d/splits/s/splits.parquet", compile=False,
-                         learning_rate=0.02)
+    config = TrainConfig(
+        split="s3://b/d/splits/s/splits.parquet", compile=False, learning_rate=0.02
+    )
     command = torchrun_command(config, 4)
-    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                            "4"]
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
     assert "--no-compile" in command and command[command.index("--learning-rate") + 1] == "0.02"
     assert "--channels-last" in command  # every field travels, booleans included
     from ml.cli import build_parser
 
-    parsed = build_parser().parse_args(command[command.index("train"):])
+    parsed = build_parser().parse_args(command[command.index("train") :])
     assert parsed.learning_rate == 0.02 and parsed.compile is False and parsed.split == config.split
 
     class Done:
