@@ -7,9 +7,10 @@
 #   worker-gpu  Celery worker on the gpu queue (training): torch with CUDA 13 (NVIDIA driver
 #               580 or newer, a GPU of compute capability 7.5 or newer)
 #
-# What each target installs is declared once, as dependency groups in pyproject.toml; exact
-# versions come from the lock (requirements.txt, used as pip constraints). Built by
-# docker-compose.yaml; ML_CODE_VERSION (the git commit) is baked in at build time.
+# What each target installs is declared once, as dependency groups in pyproject.toml, and locked
+# with hashes by scripts/lock: requirements.txt (the GPU worker's runtime) and deploy/locks/*.txt
+# (the other images); pip checks every file against its hash. Built by docker-compose.yaml;
+# ML_CODE_VERSION (the git commit) is baked in at build time.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
@@ -29,13 +30,13 @@ RUN apt-get update \
     && mkdir -p /opt/airflow/logs /opt/airflow/secrets /home/airflow/.cache/torch \
         /var/lib/mlflow-auth \
     && chown -R airflow:0 /opt/airflow /home/airflow /var/lib/mlflow-auth
-COPY requirements.txt pyproject.toml deploy/extras.py /tmp/build/
+COPY requirements.txt deploy/locks /tmp/build/
 WORKDIR /opt/airflow
 ARG ML_CODE_VERSION=unknown
 ENV ML_CODE_VERSION=${ML_CODE_VERSION}
 
 FROM base AS airflow
-RUN pip install -c /tmp/build/requirements.txt $(python /tmp/build/extras.py airflow)
+RUN pip install --require-hashes -r /tmp/build/airflow.txt
 COPY --chown=airflow:0 dags ./dags
 COPY --chown=airflow:0 plugins ./plugins
 COPY --chown=airflow:0 deploy ./deploy
@@ -43,20 +44,21 @@ COPY --chown=airflow:0 ml ./ml
 USER airflow
 
 FROM base AS mlflow
-RUN pip install -c /tmp/build/requirements.txt $(python /tmp/build/extras.py mlflow-server)
+RUN pip install --require-hashes -r /tmp/build/mlflow.txt
 COPY --chown=airflow:0 deploy ./deploy
 USER airflow
 
 FROM airflow AS worker
 USER root
 # The CPU-only build of the pinned torch: the default-queue worker scores images but never
-# trains on a GPU, so it does without the CUDA libraries (about 5 GB).
+# trains on a GPU, so it does without the CUDA libraries (about 5 GB). PyTorch's own index
+# serves it (pinned by version; the only install here without a hash in the lock).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu \
         "torch==2.14.1+cpu" "torchvision==0.29.1+cpu" \
-    && pip install -c /tmp/build/requirements.txt $(python /tmp/build/extras.py core)
+    && pip install --require-hashes -r /tmp/build/worker.txt
 USER airflow
 
 FROM airflow AS worker-gpu
 USER root
-RUN pip install -c /tmp/build/requirements.txt $(python /tmp/build/extras.py core torch)
+RUN pip install --require-hashes -r /tmp/build/requirements.txt
 USER airflow

@@ -36,7 +36,9 @@ def _code_reads() -> set[str]:
     sys.path.insert(0, str(REPO / "deploy"))
     from check_env import SECRETS  # read by name from a table
 
-    return names | set(SECRETS)
+    from ml.params import PARAMETERS  # form defaults the deployment sets
+
+    return names | set(SECRETS) | {p.env for p in PARAMETERS.values() if p.env}
 
 
 def test_every_long_running_service_has_a_healthcheck() -> None:
@@ -106,24 +108,54 @@ def _target_block(name: str) -> str:
     return rest[: following.start()] if following else rest
 
 
+def _locked(path: str) -> dict[str, str]:
+    """Package -> version of a hashed lock (every entry must carry a hash)."""
+    text = (REPO / path).read_text()
+    pins = dict(re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", text, re.M))
+    assert pins and text.count("--hash=sha256:") >= len(pins), path
+    return {name.lower().replace("_", "-"): version for name, version in pins.items()}
+
+
 def test_only_the_gpu_target_installs_cuda_torch() -> None:
+    """Each image installs a hashed lock of its own; only the GPU worker's has CUDA's torch."""
+    installs = {
+        target: re.findall(r"--require-hashes -r /tmp/build/(\S+)", _target_block(target))
+        for target in ("airflow", "mlflow", "worker", "worker-gpu")
+    }
+    assert installs == {
+        "airflow": ["airflow.txt"],
+        "mlflow": ["mlflow.txt"],
+        "worker": ["worker.txt"],
+        "worker-gpu": ["requirements.txt"],
+    }
+    for lock in ("deploy/locks/airflow.txt", "deploy/locks/mlflow.txt", "deploy/locks/worker.txt"):
+        pins = _locked(lock)
+        assert not {"torch", "torchvision"} & set(pins), lock
+        assert not any(name.startswith("nvidia-") for name in pins), lock
+        assert not {"pytest", "moto", "mypy", "ruff"} & set(pins), lock
+    runtime = _locked("requirements.txt")
+    assert runtime["torch"] == "2.14.1" and "pytest" not in runtime and "moto" not in runtime
+    assert "download.pytorch.org/whl/cpu" in _target_block("worker")
+    assert "FROM airflow AS worker" in (REPO / "Dockerfile").read_text()
+
+
+def test_the_locks_agree_and_follow_pyproject() -> None:
     sys.path.insert(0, str(REPO / "deploy"))
     from extras import requirements
 
-    pyproject = REPO / "pyproject.toml"
-    groups = {
-        target: re.findall(r"extras\.py ([a-z -]+)\)", _target_block(target))
-        for target in ("airflow", "mlflow", "worker", "worker-gpu")
-    }
-    installed = {
-        target: requirements(found[0].split(), pyproject) if found else []
-        for target, found in groups.items()
-    }
-    assert not any(r.startswith("torch") for r in installed["airflow"] + installed["mlflow"])
-    assert not any(r.startswith("torch") for r in installed["worker"])
-    assert "download.pytorch.org/whl/cpu" in _target_block("worker")
-    assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(installed["worker-gpu"])
-    assert "FROM airflow AS worker" in (REPO / "Dockerfile").read_text()
+    dev = _locked("requirements-dev.txt")
+    for lock in (
+        "requirements.txt",
+        "deploy/locks/airflow.txt",
+        "deploy/locks/mlflow.txt",
+        "deploy/locks/worker.txt",
+    ):
+        for name, version in _locked(lock).items():
+            assert dev[name] == version, (lock, name)
+    groups = ("core", "torch", "airflow", "mlflow-server", "dev")
+    for spec in requirements(list(groups), REPO / "pyproject.toml"):
+        name = re.split(r"[=<>\[ ]", spec, maxsplit=1)[0].lower().replace("_", "-")
+        assert name in dev, f"{spec} is declared in pyproject.toml but not in the lock"
 
 
 def test_every_mounted_folder_exists_in_the_image_with_its_owner() -> None:
@@ -345,7 +377,7 @@ def test_images_carry_the_code_and_the_lock() -> None:
         words = line.split()
         if words[:1] == ["COPY"]:
             copied.update(w for w in words[1:-1] if not w.startswith("--"))
-    assert {"dags", "plugins", "ml", "deploy", "requirements.txt", "pyproject.toml"} <= copied
+    assert {"dags", "plugins", "ml", "deploy", "requirements.txt", "deploy/locks"} <= copied
     assert "COPY --chown=airflow:0 ml ./ml" in _target_block("airflow")
 
 
