@@ -55,13 +55,19 @@ def _write_one(job: tuple[Path, int]) -> None:
     small.save(folder / "stored" / f"c{i % CLASSES}" / f"{i}.jpg", format="JPEG", quality=90)
 
 
-def make_images(folder: Path, count: int) -> None:
-    """``count`` JPEGs at 500x375 (like the source photos) and at 341x256 (as we store them)."""
+def make_images(folder: Path, count: int, processes: int = 0) -> None:
+    """``count`` JPEGs at 500x375 (like the source photos) and at 341x256 (as we store them);
+    ``processes=1`` writes them in this process (no fork: safe in a threaded program)."""
     for kind in ("original", "stored"):
         for c in range(CLASSES):
             (folder / kind / f"c{c}").mkdir(parents=True, exist_ok=True)
-    with Pool(os.cpu_count() or 1) as pool:
-        pool.map(_write_one, [(folder, i) for i in range(count)], chunksize=64)
+    jobs = [(folder, i) for i in range(count)]
+    if processes == 1:
+        for job in jobs:
+            _write_one(job)
+        return
+    with Pool(processes or os.cpu_count() or 1) as pool:
+        pool.map(_write_one, jobs, chunksize=64)
 
 
 class JpegFiles(Dataset[tuple[torch.Tensor, int]]):

@@ -386,7 +386,7 @@ def test_the_gpu_benchmarks_trainer_row_runs(tmp_path: Path) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from benchmarks.train_throughput import bench_trainer_defaults, make_images
 
-    make_images(tmp_path, 20)
+    make_images(tmp_path, 20, processes=1)  # no fork inside the threaded test process
     row = bench_trainer_defaults(
         tmp_path, 2, device="cpu", arch="resnet18", image_size=32, batch_size=4, workers=0
     )
