@@ -8,6 +8,7 @@ Usage: ``metrics = compute_metrics(y_true, y_pred)``; ``plot_confusion(metrics, 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -102,5 +103,102 @@ def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibration(probs: np.ndarray, y_true: Sequence[int], bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins, and the bins themselves
+    (how often the top class was right, against how sure the model was)."""
+    truth = np.asarray(y_true, dtype=int)
+    if len(truth) == 0:
+        return {"ece": 0.0, "bins": []}
+    confidence = probs.max(axis=1)
+    right = probs.argmax(axis=1) == truth
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows, ece = [], 0.0
+    for low, high in itertools.pairwise(edges):
+        inside = (confidence > low) & (confidence <= high) if low > 0 else confidence <= high
+        count = int(inside.sum())
+        if count:
+            accuracy, mean_conf = float(right[inside].mean()), float(confidence[inside].mean())
+            ece += count / len(truth) * abs(accuracy - mean_conf)
+            rows.append(
+                {
+                    "low": float(low),
+                    "high": float(high),
+                    "count": count,
+                    "accuracy": accuracy,
+                    "confidence": mean_conf,
+                }
+            )
+    return {"ece": float(ece), "bins": rows}
+
+
+def plot_reliability(report: dict[str, Any], path: Path) -> Path:
+    """The reliability diagram: accuracy per confidence bin against the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for row in report["bins"]:
+        ax.bar(
+            row["low"],
+            row["accuracy"],
+            width=row["high"] - row["low"],
+            align="edge",
+            alpha=0.7,
+            edgecolor="black",
+            color="tab:blue",
+        )
+    ax.set_xlabel("confidence (top class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability on test (ECE {report['ece']:.3f})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def confidently_wrong(probs: np.ndarray, y_true: Sequence[int], limit: int = 16) -> list[int]:
+    """Indices of the wrong predictions the model was surest of, surest first."""
+    truth = np.asarray(y_true, dtype=int)
+    if len(truth) == 0:
+        return []
+    wrong = np.flatnonzero(probs.argmax(axis=1) != truth)
+    order = wrong[np.argsort(-probs[wrong].max(axis=1), kind="stable")]
+    return [int(i) for i in order[:limit]]
+
+
+def plot_image_grid(
+    images: Sequence[bytes], captions: Sequence[str], path: Path, title: str
+) -> Path:
+    """Images (encoded) in a grid with a caption under each."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    columns = 4
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, data, caption in zip(axes.flat, images, captions, strict=False):
+        ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
+        ax.set_title(caption, fontsize=8)
+    if not images:
+        axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

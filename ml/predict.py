@@ -25,13 +25,13 @@ from ml.containment import OUTPUT_SUFFIXES, check_model_uri, inside_s3
 from ml.download import DownloadConfig
 from ml.errors import PipelineError
 from ml.fetch import Fetcher
-from ml.imaging import normalize_image
 from ml.labels import LABELS
 from ml.netpolicy import AddressPolicy
 from ml.redact import get_logger, redact_text, redact_url
+from ml.serving import IMAGE_COLUMN, ImageClassifier
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
-from ml.transforms import Preprocessing, decode
+from ml.transforms import Preprocessing
 
 log = get_logger(__name__)
 
@@ -87,7 +87,7 @@ def _input_column(frame: pd.DataFrame) -> str:
 
 
 class _Loader:
-    """Bytes of one input (URL, s3 URI or object key), as a normalized JPEG."""
+    """The bytes of one input (URL, s3 URI or object key), as fetched (the model checks them)."""
 
     def __init__(
         self,
@@ -117,7 +117,7 @@ class _Loader:
                 body = self.store.get_bytes(uri, max_bytes=self.config.fetch.max_bytes)
             else:
                 raise Rejected(Status.INVALID_URL, "an object key needs --bucket")
-            return normalize_image(body, self.config.image).data, Status.OK, ""
+            return body, Status.OK, ""
         except Rejected as exc:
             return None, exc.status, str(exc)
         except PipelineError as exc:  # the store refused or failed
@@ -152,14 +152,15 @@ def predict(
         csvsource.to_utf8(csvsource.read_bytes(csv, limits, store), name), name
     )
     values = [str(v).strip() for v in frame[_input_column(frame)]]
-    model, labels, preprocessing = load_registered(model_uri)
+    model = load_registered(model_uri)
     loader = _Loader(config, store, bucket, s3_roots)
     with ThreadPoolExecutor(max_workers=config.download_concurrency) as pool:
         loaded = list(pool.map(loader, values))
-    probs = _score(model, [data for data, _, _ in loaded], len(labels), preprocessing, batch_size)
-    result = _result_frame(values, loaded, probs, labels)
+    ready = [i for i, (data, _, _) in enumerate(loaded) if data is not None]
+    scored = classify(model, [loaded[i][0] or b"" for i in ready], config.image, batch_size)
+    result = _result_frame(values, loaded, ready, scored)
     _write(result, out, store)
-    has = ~np.isnan(probs[:, 0])
+    has = result["label"].notna()
     counts = result.loc[has, "label"].value_counts().to_dict()
     failed = result.loc[~has, "status"].value_counts().to_dict()
     log.info("predicted %d of %d images (%s)", int(has.sum()), len(result), failed or "no failures")
@@ -173,68 +174,77 @@ def predict(
     }
 
 
-def load_registered(model_uri: str) -> tuple[Any, list[str], Preprocessing]:
-    """The registered model, its labels and its preprocessing (from the model's metadata)."""
+def load_registered(model_uri: str) -> Any:
+    """The registered model (a pyfunc); one clear error when it cannot be loaded."""
     import mlflow
 
     from ml.registry import check_tracking_server
 
     check_tracking_server()
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:
         first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
         raise PipelineError(
             f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
         ) from None
+
+
+def takes_images(model: Any) -> bool:
+    """Whether a registered model takes encoded images (versions logged before that took
+    preprocessed float tensors)."""
+    schema = model.metadata.get_input_schema()
+    return schema is not None and not schema.is_tensor_spec()
+
+
+def classify(model: Any, images: Sequence[bytes], image: Any, batch_size: int) -> pd.DataFrame:
+    """One row per image (label, confidence, p_<class>, status, error) from a registered
+    model, whichever input it takes."""
+    if takes_images(model):
+        frames = [
+            model.predict(pd.DataFrame({IMAGE_COLUMN: list(images[i : i + batch_size])}))
+            for i in range(0, len(images), batch_size)
+        ]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     meta = model.metadata.metadata or {}
+    labels = list(meta.get("labels", LABELS))
     if "preprocessing" in meta:
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-    else:  # versions logged before the preprocessing was recorded whole
+    else:
         size = int(meta.get("image_size", 224))
-        preprocessing = Preprocessing(
-            crop_size=size, resize_size=int(meta.get("resize_size", size))
-        )
-    return model, list(meta.get("labels", LABELS)), preprocessing
+        preprocessing = Preprocessing(size, int(meta.get("resize_size", size)))
 
+    def forward(batch: torch.Tensor) -> np.ndarray:  # the tensor-taking pyfunc's own pass
+        return np.asarray(model.predict(batch.numpy()), dtype=np.float32)
 
-def _score(
-    model: Any,
-    images: Sequence[bytes | None],
-    classes: int,
-    preprocessing: Preprocessing,
-    batch_size: int,
-) -> np.ndarray:
-    """Class probabilities per image (NaN rows where an image could not be read)."""
-    prepare = preprocessing.eval_transform()
-    probs = np.full((len(images), classes), np.nan, dtype=np.float32)
-    ready = [i for i, data in enumerate(images) if data is not None]
-    for start in range(0, len(ready), batch_size):
-        chunk = ready[start : start + batch_size]
-        batch = torch.stack([prepare(decode(images[i] or b"")) for i in chunk])
-        probs[chunk] = np.asarray(model.predict(batch.float().div_(255.0).numpy()), np.float32)
-    return probs
+    return ImageClassifier(forward, preprocessing, labels, image).images(list(images))
 
 
 def _result_frame(
     values: Sequence[str],
     loaded: Sequence[tuple[bytes | None, str, str]],
-    probs: np.ndarray,
-    labels: Sequence[str],
+    ready: Sequence[int],
+    scored: pd.DataFrame,
 ) -> pd.DataFrame:
+    """One row per input: what was read (status, error), then the model's row where it ran."""
     result = pd.DataFrame(
         {
             "input": [redact_url(v) for v in values],
-            "status": [s for _, s, _ in loaded],
+            "status": [str(s) for _, s, _ in loaded],
             "error": [e for _, _, e in loaded],
         }
     )
-    has = ~np.isnan(probs[:, 0])
-    best = probs.argmax(axis=1)
-    result["label"] = [labels[int(b)] if ok else None for b, ok in zip(best, has, strict=True)]
-    result["confidence"] = probs.max(axis=1)  # NaN where the image could not be read
-    for j, name in enumerate(labels):
-        result[f"p_{name.lower().replace(' ', '_')}"] = probs[:, j]
+    columns = [c for c in scored.columns if c not in ("status", "error")]
+    for column in columns:
+        result[column] = None if column == "label" else np.nan
+    if len(ready):
+        rows = list(ready)
+        result.loc[rows, columns] = scored[columns].to_numpy()
+        result.loc[rows, "status"] = scored["status"].to_numpy()
+        result.loc[rows, "error"] = scored["error"].to_numpy()
+    for column in columns:
+        if column != "label":
+            result[column] = result[column].astype("float64")
     return result
 
 

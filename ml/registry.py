@@ -16,12 +16,21 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ml.containment import check_name
 from ml.errors import PipelineError
+from ml.imaging import ImageConfig
+from ml.labels import LABELS
+from ml.predict import classify, load_registered
+from ml.promotion import FALLBACKS, Comparison, compare, decide
 from ml.redact import get_logger, redact_text, redact_url
+from ml.serving import probability_column
+from ml.uri import S3Uri
 
 log = get_logger(__name__)
 
@@ -165,10 +174,14 @@ def register_model(
     *,
     name: str = DEFAULT_MODEL_NAME,
     margin: float = 0.0,
+    resamples: int = 1000,
+    confidence: float = 0.95,
     orchestrator_run_id: str = "",
     client: Any | None = None,
+    store: Any | None = None,
 ) -> dict[str, Any]:
-    """Create (or find) the version for ``run_id``; set challenger; maybe promote to champion."""
+    """Create (or find) the version for ``run_id``; set challenger; promote it to champion only
+    when it beats the champion on the same test images beyond noise (see ml.promotion)."""
     check_name(name, "model_name")
     if not _RUN_ID.fullmatch(run_id or ""):
         raise PipelineError(f"--run-id must be an MLflow run id (32 hex digits), got {run_id!r}")
@@ -178,25 +191,147 @@ def register_model(
     run, model_uri, score = _finished_run(client, run_id)
     _ensure_registered_model(client, name)
     version, created = _version_for_run(client, name, run_id, model_uri)
-    if created:
-        _describe_version(client, name, version, run, orchestrator_run_id)
-    else:
-        log.info("run %s is version %s of %s", run_id, version, name)
     client.set_registered_model_alias(name, "challenger", version)
-    promoted = _promote(client, name, version, score, margin)
+    if not created:
+        log.info("run %s is version %s of %s", run_id, version, name)
+        decision = _recorded_decision(client, name, version)
+    else:
+        decision = _decide(client, name, version, run, (margin, resamples, confidence), store)
+        _describe_version(client, name, version, run, orchestrator_run_id, decision)
+        if decision.promoted:
+            client.set_registered_model_alias(name, "champion", version)
+        log.info(
+            "version %s of %s: %s (%s)",
+            version,
+            name,
+            "champion" if decision.promoted else "stays challenger",
+            decision.reason,
+        )
     aliases = sorted(client.get_model_version(name, version).aliases)
     current = _alias(client, name, "champion")
     return {
         "model": name,
         "version": int(version),
         "aliases": aliases,
-        "promoted": promoted,
+        "promoted": decision.promoted and created,
         "created": created,
         "run_id": run_id,
         "metrics": {"test_macro_f1": score, "test_accuracy": run.data.metrics.get("test_accuracy")},
+        "promotion": decision.to_json(),
         "champion_version": int(current.version) if current else None,
         "model_uri": f"models:/{name}@champion",
     }
+
+
+@dataclass
+class Decision:
+    """Whether a new version becomes champion, why, and the comparison it rests on."""
+
+    promoted: bool
+    reason: str
+    champion_version: int | None = None
+    comparison: Comparison | None = None
+    rule: str = "same test images, paired bootstrap"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "promoted": self.promoted,
+            "reason": self.reason,
+            "rule": self.rule,
+            "champion_version": self.champion_version,
+            "comparison": self.comparison.to_json() if self.comparison else None,
+        }
+
+
+def _decide(
+    client: Any,
+    name: str,
+    version: str,
+    run: Any,
+    settings: tuple[float, int, float],
+    store: Any | None,
+) -> Decision:
+    margin, resamples, confidence = settings
+    champion = _alias(client, name, "champion")
+    if champion is None:
+        return Decision(True, "the first version of the model becomes champion")
+    if champion.version == version:
+        return Decision(True, "already the champion", int(champion.version))
+    number = int(champion.version)
+    scored = _score_both(client, name, champion, run, store)
+    if isinstance(scored, Decision):
+        return scored
+    truth, new_probs, old_probs = scored
+    comparison = compare(truth, new_probs, old_probs, resamples=resamples, confidence=confidence)
+    promoted, reason = decide(comparison, margin)
+    return Decision(promoted, f"against champion v{number}: {reason}", number, comparison)
+
+
+def _score_both(
+    client: Any, name: str, champion: Any, run: Any, store: Any | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Decision:
+    """(true classes, new probabilities, champion probabilities) on the new version's test
+    images, or the fallback Decision when the champion cannot be scored there."""
+    number = int(champion.version)
+    predictions = _test_predictions(client, run.info.run_id)
+    if predictions is None:
+        score = float(run.data.metrics["test_macro_f1"])
+        old = client.get_run(champion.run_id).data.metrics.get("test_macro_f1")
+        promoted = old is None or score > float(old)
+        return Decision(
+            promoted,
+            f"{FALLBACKS['no_predictions']}: {score:.4f} against "
+            f"{old if old is None else f'{old:.4f}'}",
+            number,
+            rule="recorded test scores (fallback)",
+        )
+    try:
+        model = load_registered(f"models:/{name}/{number}")
+    except PipelineError as exc:
+        return Decision(True, f"{FALLBACKS['unloadable']} ({exc})", number, rule="fallback")
+    labels = list((model.metadata.metadata or {}).get("labels", LABELS))
+    if labels != list(LABELS):
+        return Decision(False, f"{FALLBACKS['labels']}: {labels}", number, rule="fallback")
+    bucket = S3Uri.parse(run.data.tags["split"]).bucket
+    images = _read_images(store, bucket, list(predictions["object_key"]))
+    rows = classify(model, images, ImageConfig(), 32)
+    usable = (rows["status"] == "ok").to_numpy()
+    columns = [probability_column(label) for label in LABELS]
+    return (
+        predictions["label_index"].to_numpy()[usable],
+        predictions[columns].to_numpy()[usable],
+        rows[columns].to_numpy(dtype=np.float64)[usable],
+    )
+
+
+def _test_predictions(client: Any, run_id: str) -> Any:
+    """The run's per-image test predictions (evaluation/test_predictions.parquet), or None."""
+    import pandas as pd
+
+    try:
+        path = client.download_artifacts(run_id, "evaluation/test_predictions.parquet")
+    except Exception:  # logged by older code, or removed: the caller falls back
+        return None
+    return pd.read_parquet(path)
+
+
+def _read_images(store: Any | None, bucket: str, keys: list[str]) -> list[bytes]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ml.storage import ObjectStore
+
+    store = store or ObjectStore()
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(lambda key: store.get_bytes(S3Uri(bucket, key)), keys))
+
+
+def _recorded_decision(client: Any, name: str, version: str) -> Decision:
+    """The decision made when the version was created (registering again changes nothing)."""
+    tags = client.get_model_version(name, version).tags
+    return Decision(
+        tags.get("promotion_decision") == "promoted",
+        tags.get("promotion_reason", "registered before"),
+    )
 
 
 def _finished_run(client: Any, run_id: str) -> tuple[Any, str, float]:
@@ -225,55 +360,69 @@ def _finished_run(client: Any, run_id: str) -> tuple[Any, str, float]:
 
 
 def _describe_version(
-    client: Any, name: str, version: str, run: Any, orchestrator_run_id: str
+    client: Any,
+    name: str,
+    version: str,
+    run: Any,
+    orchestrator_run_id: str,
+    decision: Decision,
 ) -> None:
-    """Tags and description of a new version: where it came from and how it scored."""
+    """Tags and description of a new version: where it came from, how it scored, and the
+    promotion decision with both scores on the same images and the interval."""
     metrics = run.data.metrics
     tags = {
         "dataset": run.data.tags.get("dataset", ""),
         "split": run.data.tags.get("split", ""),
         "split_counts": _split_counts(client, run.info.run_id),
         "code_version": code_version(),
+        "training_key": run.data.tags.get("training_key", ""),
         "test_macro_f1": f"{metrics['test_macro_f1']:.6f}",
         "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.6f}",
         "weights": run.data.tags.get("weights", ""),
+        "promotion_decision": "promoted" if decision.promoted else "kept champion",
+        "promotion_reason": decision.reason[:5000],
+        "promotion_rule": decision.rule,
     }
+    c = decision.comparison
+    if c is not None:
+        tags.update(
+            compared_with_version=str(decision.champion_version),
+            same_data_images=str(c.images),
+            same_data_macro_f1=f"{c.new_score:.6f}",
+            same_data_champion_macro_f1=f"{c.champion_score:.6f}",
+            gain_interval=f"{c.low:+.6f}..{c.high:+.6f} ({c.confidence:.0%}, {c.resamples} "
+            "paired resamples)",
+        )
     orchestrator = orchestrator_run_id or run.data.tags.get("orchestrator_run_id", "")
     if orchestrator:
         tags["orchestrator_run_id"] = orchestrator
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(
-        name,
-        version,
-        description=f"Run {run.info.run_id}: test macro-F1 {metrics['test_macro_f1']:.4f}, "
-        f"accuracy {metrics.get('test_accuracy', float('nan')):.4f}.",
-    )
+    client.update_model_version(name, version, description=_description(run, decision))
 
 
-def _promote(client: Any, name: str, version: str, score: float, margin: float) -> bool:
-    """Move ``champion`` to ``version`` when it beats the champion by ``margin``."""
-    champion = _alias(client, name, "champion")
-    if champion is not None and champion.version == version:
-        return False
-    champion_score = (
-        None
-        if champion is None
-        else client.get_run(champion.run_id).data.metrics.get("test_macro_f1")
-    )
-    if champion is not None and champion_score is not None and score <= champion_score + margin:
-        log.info(
-            "version %s stays challenger: macro-F1 %.4f does not beat champion %s (%.4f) by %.4f",
-            version,
-            score,
-            champion.version,
-            champion_score,
-            margin,
+def _description(run: Any, decision: Decision) -> str:
+    metrics = run.data.metrics
+    lines = [
+        f"Run {run.info.run_id}: test macro-F1 {metrics['test_macro_f1']:.4f}, accuracy "
+        f"{metrics.get('test_accuracy', float('nan')):.4f}, calibration error (ECE) "
+        f"{metrics.get('test_ece', float('nan')):.3f}, on its own test split.",
+    ]
+    c = decision.comparison
+    if c is not None:
+        lines.append(
+            f"Against champion v{decision.champion_version} on the same {c.images} test images: "
+            f"macro-F1 {c.new_score:.4f} vs {c.champion_score:.4f}, gain {c.gain:+.4f} "
+            f"({c.confidence:.0%} interval {c.low:+.4f} to {c.high:+.4f}, {c.resamples} paired "
+            "bootstrap resamples)."
         )
-        return False
-    client.set_registered_model_alias(name, "champion", version)
-    log.info("version %s of %s is the new champion (test macro-F1 %.4f)", version, name, score)
-    return True
+    verdict = "Became champion" if decision.promoted else "Stays challenger"
+    lines.append(f"{verdict}: {decision.reason}.")
+    lines.append(
+        "Report: the run's evaluation/ artifacts (per-class metrics, confusion matrix, "
+        "reliability diagram, confidently wrong test images)."
+    )
+    return "\n\n".join(lines)
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:

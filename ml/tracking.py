@@ -17,6 +17,7 @@ import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,28 @@ import torch
 
 from ml.data import Loaders
 from ml.errors import PipelineError
-from ml.evaluate import plot_confusion, plot_curves
+from ml.evaluate import (
+    calibration,
+    confidently_wrong,
+    plot_confusion,
+    plot_curves,
+    plot_image_grid,
+    plot_reliability,
+)
 from ml.labels import LABELS
 from ml.layout import SplitLayout
 from ml.model import Classifier, WeightsInfo
 from ml.redact import get_logger, redact_text
 from ml.runtime import Runtime
-from ml.serving import ENTRY, PACKAGE, export
+from ml.serving import (
+    ENTRY,
+    IMAGE_COLUMN,
+    PACKAGE,
+    ImageClassifier,
+    export,
+    network_forward,
+    probability_column,
+)
 from ml.train_config import TrainConfig
 from ml.transforms import Preprocessing
 
@@ -120,27 +136,41 @@ def test_metrics(test: dict[str, Any], best_epoch: int) -> dict[str, float]:
     return metrics
 
 
+@dataclass
+class TestOutcome:
+    """What the test split said: metrics, class probabilities per image, and the images."""
+
+    metrics: dict[str, Any]
+    probs: np.ndarray
+    images: Any  # ml.data.SplitImages: keys, hashes, targets and read(i)
+
+
 def log_end(
     cfg: TrainConfig,
     classifier: Classifier,
-    test: dict[str, Any],
+    test: TestOutcome,
     history: list[dict[str, Any]],
     best_epoch: int,
     loaders: Loaders,
     preprocessing: Preprocessing,
     weights: WeightsInfo,
-    run: Any,
 ) -> str:
-    """Test metrics, evaluation artifacts, model card and the served model; its URI."""
+    """Test metrics, the evaluation report (per class, confusion, calibration, confidently
+    wrong images), per-image test predictions, model card and the served model; its URI."""
     import mlflow
 
-    mlflow.log_metrics(test_metrics(test, best_epoch))
+    calibrated = calibration(test.probs, test.images.targets)
+    mlflow.log_metrics({**test_metrics(test.metrics, best_epoch), "test_ece": calibrated["ece"]})
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        plot_confusion(test, tmp / "confusion_matrix.png")
+        plot_confusion(test.metrics, tmp / "confusion_matrix.png")
         plot_curves(history, tmp / "training_curves.png")
-        (tmp / "test_report.json").write_text(json.dumps(test, indent=2))
-        card = model_card(cfg, test, loaders.counts, preprocessing, weights, best_epoch)
+        plot_reliability(calibrated, tmp / "reliability.png")
+        _plot_wrong(test, tmp / "confidently_wrong.png")
+        report = {**test.metrics, "calibration": calibrated}
+        (tmp / "test_report.json").write_text(json.dumps(report, indent=2))
+        test_predictions(test).to_parquet(tmp / "test_predictions.parquet", index=False)
+        card = model_card(cfg, test.metrics, loaders.counts, preprocessing, weights, best_epoch)
         (tmp / "MODEL_CARD.md").write_text(card)
         mlflow.log_artifacts(str(tmp), "evaluation")
     model_uri = log_model(cfg, classifier, preprocessing)
@@ -148,16 +178,65 @@ def log_end(
     return model_uri
 
 
+def test_predictions(test: TestOutcome) -> Any:
+    """One row per test image: which image, its true class, the probability of each class.
+    The registry scores the champion on the same images from this."""
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {
+            "object_key": list(test.images.keys),
+            "sha256": list(test.images.hashes),
+            "label_index": list(test.images.targets),
+        }
+    )
+    for j, label in enumerate(LABELS):
+        frame[probability_column(label)] = test.probs[:, j] if len(test.probs) else []
+    return frame
+
+
+def _plot_wrong(test: TestOutcome, path: Path) -> None:
+    indices = confidently_wrong(test.probs, test.images.targets)
+    images, captions = [], []
+    for i in indices:
+        predicted = int(test.probs[i].argmax())
+        images.append(test.images.read(i))
+        captions.append(
+            f"true: {LABELS[test.images.targets[i]]}\n"
+            f"predicted: {LABELS[predicted]} ({test.probs[i][predicted]:.2f})"
+        )
+    plot_image_grid(images, captions, path, "Test images the model was surest of, and wrong")
+
+
+def example_images(count: int = 2, size: int = 96) -> list[bytes]:
+    """Small JPEGs for the logged model's input example (random pixels, seeded)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        out = io.BytesIO()
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").save(out, "JPEG", quality=85)
+        images.append(out.getvalue())
+    return images
+
+
 def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preprocessing) -> str:
-    """Log the served model (models from code, plain weights, the ``ml`` package as code)."""
+    """Log the served model (models from code, plain weights, the ``ml`` package as code):
+    encoded images in, a label and the five class probabilities out."""
     import mlflow
+    import pandas as pd
     from mlflow.models import infer_signature
 
     classifier = classifier.to("cpu").float().eval()
-    size = preprocessing.crop_size
-    example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)
-    with torch.no_grad():
-        output = classifier(torch.from_numpy(example)).numpy()
+    example = pd.DataFrame({IMAGE_COLUMN: example_images()})
+    served = ImageClassifier(
+        network_forward(classifier, torch.device("cpu")), preprocessing, LABELS
+    )
+    output = served.images(list(example[IMAGE_COLUMN]))
     config = {
         "arch": cfg.arch,
         "labels": list(LABELS),
@@ -176,14 +255,17 @@ def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preproces
                 f"torch=={_version('torch')}",
                 f"torchvision=={_version('torchvision')}",
                 f"numpy=={np.__version__}",
+                f"pandas=={_version('pandas')}",
                 f"pillow=={_version('pillow')}",
             ],
             metadata={
                 "labels": list(LABELS),
-                "image_size": size,
+                "image_size": preprocessing.crop_size,
                 "resize_size": preprocessing.resize_size,
                 "preprocessing": preprocessing.to_dict(),
-                "input": "float32 RGB in [0, 1], shape (N, 3, H, W); output: probabilities",
+                "input": "column 'image': encoded images (bytes, or base64 text in JSON); or "
+                "float32 RGB in [0, 1] shaped (N, 3, H, W)",
+                "output": "label, confidence, p_<class> per class, status, error",
             },
         )
     return str(info.model_uri)

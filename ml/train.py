@@ -303,7 +303,7 @@ def _finish(
         model.load_state_dict(session.best[1])
     elif saved is not None:  # resumed with no better epoch since: the saved best stands
         model.load_state_dict(session.checkpoints.best_weights(saved))
-    test, _ = evaluate(model, session.loaders.test, cfg, session.rt, session.step.normalizer)
+    test, probs = evaluate(model, session.loaders.test, cfg, session.rt, session.step.normalizer)
     classifier = Classifier(
         model.to("cpu").float().to(memory_format=torch.contiguous_format),
         preprocessing.mean,
@@ -312,13 +312,12 @@ def _finish(
     model_uri = tracking.log_end(
         cfg,
         classifier,
-        test,
+        tracking.TestOutcome(test, probs, session.loaders.test.dataset),
         state.history,
         state.best_epoch,
         session.loaders,
         preprocessing,
         weights,
-        run,
     )
     return {
         "run_id": run.info.run_id,

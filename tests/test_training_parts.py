@@ -105,10 +105,10 @@ def test_the_logged_model_moves_its_weights_to_the_chosen_device(tmp_path: Path)
 
     model = _served(tmp_path, decide, device="cuda")
     assert asked == ["cuda"]
-    assert model.model is not None
-    assert {p.device.type for p in model.model.parameters()} == {"meta"}
+    assert {p.device.type for p in model.network.parameters()} == {"meta"}
     cpu = _served(tmp_path, lambda p: choose_device(p, cuda_available=lambda: False))
-    probs = cpu.predict(None, np.random.rand(2, 3, 32, 32).astype(np.float32))
+    rows = cpu.predict(None, np.random.rand(2, 3, 32, 32).astype(np.float32))
+    probs = rows[[c for c in rows.columns if c.startswith("p_")]].to_numpy()
     assert probs.shape == (2, 5) and np.allclose(probs.sum(1), 1, atol=1e-5)
     with pytest.raises(PipelineError, match="no GPU"):
         _served(tmp_path, lambda p: choose_device(p, cuda_available=lambda: False), "cuda")
@@ -448,3 +448,49 @@ def test_several_gpus_train_under_torchrun() -> None:
     assert ok == {"run_id": "r1"}
     with pytest.raises(PipelineError, match="the split is empty"):
         run_torchrun(config, 4, lambda *a, **k: Done(2, "", "x\nerror: the split is empty\n"))
+
+
+def test_the_logged_model_takes_encoded_images_of_any_size(tmp_path: Path) -> None:
+    import base64
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from devkit.imageserver import png_bomb, scan_bomb
+
+    model = _served(tmp_path, lambda p: choose_device(p, cuda_available=lambda: False))
+    images = []
+    for size, fmt in (((640, 480), "JPEG"), ((50, 90), "PNG"), ((300, 300), "WEBP")):
+        out = io.BytesIO()
+        Image.new("RGB", size, (200, 30, 30)).save(out, fmt)
+        images.append(out.getvalue())
+    text = base64.b64encode(images[0]).decode()  # what a JSON request carries
+    rows = model.predict(
+        None,
+        pd.DataFrame(
+            {
+                "image": [
+                    *images,
+                    text,
+                    b"<html>not an image</html>",
+                    png_bomb(),
+                    scan_bomb(500, 512),
+                ]
+            }
+        ),
+    )
+    labels = ["a", "b", "c", "d", "e"]
+    assert list(rows.columns) == [
+        "label",
+        "confidence",
+        *[f"p_{x}" for x in labels],
+        "status",
+        "error",
+    ]
+    ok = rows["status"] == "ok"
+    assert ok.tolist() == [True] * 4 + [False] * 3
+    assert set(rows.loc[ok, "label"]) <= set(labels) and rows.loc[~ok, "label"].isna().all()
+    assert np.allclose(rows.loc[ok, [f"p_{x}" for x in labels]].sum(axis=1), 1, atol=1e-5)
+    assert rows["status"].tolist()[4:] == ["not_image", "too_many_pixels", "too_complex"]
+    assert rows.loc[0, "label"] == rows.loc[3, "label"]  # base64 text is the same picture
