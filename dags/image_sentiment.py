@@ -5,7 +5,7 @@ Retrains the image-sentiment classifier end to end from a CSV of image URLs with
 sentiment labels:
 
 `preflight` (GPU queue) → `ingest` → `plan_batches` → `download_batch` (mapped) →
-`collect_manifest` → `split` → `train` (GPU queue) → `register`
+`collect_manifest` → `split` → `changes` → `train` (GPU queue) → `register` (GPU queue)
 
 - **preflight** checks, on the training worker, that its device is there and the initial
   weights are (downloading them where `ML_DOWNLOAD_WEIGHTS` allows), before any download work.
@@ -13,11 +13,15 @@ sentiment labels:
 - **ingest** validates the CSV and writes its canonical records (outlet: the dataset asset).
 - **download_batch** fetches images safely (address policy, byte cap, deadline, image checks)
   into the store; reruns fetch only what is missing.
-- **split** makes a stratified, deterministic, leak-free train/valid/test split.
+- **split** makes a stratified, deterministic, leak-free train/valid/test split (identical
+  bytes and near-duplicate pictures stay in one split).
+- **changes** skips `train` and `register` when the split's content and the training settings
+  equal those of the current champion (nothing new to learn); `force_retrain` overrides it.
 - **train** fine-tunes ResNet-152 and logs everything to MLflow; a retry resumes from the last
   epoch's checkpoint.
-- **register** creates a model version with alias `challenger`, and moves `champion` only when
-  it beats the current champion's test macro-F1 by the promotion margin (outlet: the model asset).
+- **register** creates a model version with alias `challenger`, scores the current champion on
+  the new version's test images, and moves `champion` only when the macro-F1 gain exceeds the
+  promotion margin and a paired bootstrap's lower bound is above zero (outlet: the model asset).
 
 Deployment settings come from the environment: `ML_STORE` (s3://BUCKET/PREFIX),
 `ML_ALLOW_NETWORKS`, `MLFLOW_TRACKING_URI`, `AWS_*`, `ML_SCHEDULE` (default `@weekly`; `none`
@@ -131,13 +135,23 @@ def image_sentiment() -> None:
 
         return split_step(params, ingested)
 
+    @task.short_circuit
+    def changes(split: dict[str, Any], *, params: dict[str, Any], run_id: str) -> bool:
+        """False (train and register are skipped) when there is nothing new to train."""
+        from ml.pipeline import change_step
+        from ml.redact import get_logger
+
+        plan = change_step(params, split, run_id)
+        get_logger("ml.pipeline").info("%s", plan["reason"])
+        return bool(plan["train"])
+
     @task(queue=GPU_QUEUE, pool="gpu", execution_timeout=TRAIN_TIMEOUT)
     def train(split: dict[str, Any], *, params: dict[str, Any], run_id: str) -> dict[str, Any]:
         from ml.pipeline import train_step
 
         return train_step(params, split, run_id)
 
-    @task(outlets=[MODEL_ASSET])
+    @task(queue=GPU_QUEUE, outlets=[MODEL_ASSET])  # scores the champion: a model pass
     def register(trained: dict[str, Any], *, params: dict[str, Any], run_id: str) -> Any:
         from ml.pipeline import register_step
 
@@ -160,7 +174,9 @@ def image_sentiment() -> None:
     manifest = collect_manifest(ingested, results)
     splits = split(ingested)
     manifest >> splits
-    register(train(splits))
+    trained = train(splits)
+    changes(splits) >> trained
+    register(trained)
 
 
 image_sentiment()

@@ -6,6 +6,9 @@ several URLs can share one picture). Query parameters change the answer:
 =========================  ===================================================================
 ``label=Positive``         draw that label's colour patch (learnable synthetic data)
 ``w=320&h=240``            image size; ``fmt=png|webp|gif|jpeg`` the format
+``scale=0.5``              the same picture resized (a near duplicate of the original)
+``crop=0.03``              the same picture with that fraction cut from every side
+``quality=30``             JPEG/WebP quality (default 85)
 ``delay=0.5``              wait before answering (plus the server-wide ``latency``)
 ``fault=404``              answer 404
 ``fault=500&fail=2``       500 for the first 2 requests of this URL, then the image (no
@@ -82,6 +85,20 @@ def render_image(
         patch = colour + rng.normal(0.0, 10.0, size=(ph, pw, 3))
         pixels[top : top + ph, left : left + pw] = np.clip(patch, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, "RGB")
+
+
+def variant(image: Image.Image, query: dict[str, str]) -> Image.Image:
+    """``image`` cropped by ``crop`` (fraction per side), then resized by ``scale``."""
+    crop = float(query.get("crop", 0))
+    if crop > 0:
+        w, h = image.size
+        dx, dy = round(w * crop), round(h * crop)
+        image = image.crop((dx, dy, w - dx, h - dy))
+    scale = float(query.get("scale", 1))
+    if scale != 1:
+        w, h = image.size
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+    return image
 
 
 def encode(image: Image.Image, fmt: str = "jpeg", quality: int = 85) -> bytes:
@@ -189,7 +206,9 @@ class _Handler(BaseHTTPRequestHandler):
             height=int(query.get("h", 240)),
             label=label,
         )
-        return encode(image, query.get("fmt", "jpeg"))
+        return encode(
+            variant(image, query), query.get("fmt", "jpeg"), int(query.get("quality", 85))
+        )
 
     def _answer(self, path: str, query: dict[str, str]) -> None:
         fault = query.get("fault", "")

@@ -201,6 +201,8 @@ def _run_register(args: argparse.Namespace) -> dict[str, Any]:
         args.run_id,
         name=args.model_name,
         margin=args.promotion_margin,
+        resamples=args.promotion_resamples,
+        confidence=args.promotion_confidence,
         orchestrator_run_id=args.orchestrator_run_id,
     )
 
@@ -210,10 +212,20 @@ def _register_parser(stages: Stages) -> None:
         "register",
         help="register a training run in the MLflow registry",
         description="Create a model version for the run (once), alias it challenger, and "
-        "promote it to champion if it beats the champion's test macro-F1 by the margin.",
+        "promote it to champion only if, scored with the champion on the same test images, "
+        "its macro-F1 gain exceeds the margin and a paired bootstrap's lower bound is above 0.",
     )
     p.add_argument("--run-id", required=True, help="the run_id that train printed")
-    add_options(p, ["model_name", "promotion_margin", "orchestrator_run_id"])
+    add_options(
+        p,
+        [
+            "model_name",
+            "promotion_margin",
+            "promotion_resamples",
+            "promotion_confidence",
+            "orchestrator_run_id",
+        ],
+    )
     p.set_defaults(run=_run_register)
 
 

@@ -49,6 +49,7 @@ MANIFEST_COLUMNS = (
     "sha256",
     "width",
     "height",
+    "phash",
     "object_key",
     "attempts",
     "elapsed_s",
@@ -342,6 +343,7 @@ class _Worker:
             sha256=image.sha256,
             width=image.width,
             height=image.height,
+            phash=image.phash,
             object_key=key.key,
             stored_new=written,
             **facts,
@@ -465,7 +467,8 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
         if frames
         else pd.DataFrame(columns=list(MANIFEST_COLUMNS))
     )
-    manifest = manifest.sort_values("row", kind="stable")[list(MANIFEST_COLUMNS)]
+    # reindex: parts written before a column existed (phash) leave it empty
+    manifest = manifest.sort_values("row", kind="stable").reindex(columns=list(MANIFEST_COLUMNS))
     manifest = manifest.astype(_DTYPES).reset_index(drop=True)
     store.write_parquet(layout.download_manifest, manifest)
     statuses = {k: int(v) for k, v in manifest["status"].value_counts().items()}

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from ml.dedup import perceptual_hash
 from ml.statuses import Rejected, Status
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit before decoding, with a clear status
@@ -184,6 +185,8 @@ class NormalizedImage:
     source_format: str
     source_width: int
     source_height: int
+    #: 64-bit perceptual hash (hex) of the stored pixels, for near-duplicate grouping.
+    phash: str = ""
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -234,6 +237,7 @@ def normalize_image(
             image = _render(opened, config.max_side)
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=config.jpeg_quality)
+            phash = perceptual_hash(image)
     except Exception as exc:
         raise ImageRejected(Status.UNDECODABLE, f"{fmt} could not be decoded: {exc}") from None
     encoded = out.getvalue()
@@ -245,6 +249,7 @@ def normalize_image(
         source_format=fmt,
         source_width=width,
         source_height=height,
+        phash=phash,
     )
 
 

@@ -543,7 +543,34 @@ _DECLARED = (
         "Promotion margin",
         minimum=0,
         maximum=1,
-        description="Test macro-F1 a new version must gain over the champion to become champion.",
+        description="Macro-F1 a new version must gain over the champion, both scored on the "
+        "new version's test images, to become champion.",
+    ),
+    _p(
+        "promotion_resamples",
+        int,
+        1000,
+        "Bootstrap resamples",
+        minimum=100,
+        maximum=100_000,
+        description="Paired bootstrap resamples of the test images for the gain's interval.",
+    ),
+    _p(
+        "promotion_confidence",
+        float,
+        0.95,
+        "Bootstrap confidence",
+        minimum=0.5,
+        maximum=0.999,
+        description="Confidence of the gain's interval; its lower end must be above 0 to promote.",
+    ),
+    _p(
+        "force_retrain",
+        bool,
+        False,
+        "Force retraining",
+        description="Train and register even when the dataset content and training settings "
+        "equal the current champion's (otherwise such a run trains nothing).",
     ),
 )
 PARAMETERS: dict[str, Parameter] = {p.name: p for p in _DECLARED}

@@ -150,6 +150,45 @@ def train_step(
     return result
 
 
+def change_step(
+    params: Mapping[str, Any],
+    split: Mapping[str, Any],
+    run_id: str = "",
+    *,
+    env: Mapping[str, str] | None = None,
+    champion: Callable[[str], dict[str, Any] | None] | None = None,
+) -> dict[str, Any]:
+    """Whether this run has anything to train: not when the split's content and the training
+    settings equal those the current champion was trained on (unless ``force_retrain``)."""
+    from ml.data import load_split
+    from ml.registry import champion_training
+    from ml.storage import ObjectStore
+
+    env = os.environ if env is None else env
+    s = PipelineSettings.from_params(params, env)
+    config = train_config(s, split["split"], run_id, env)
+    key = config.key(load_split(config.split, ObjectStore())[1])
+    plan: dict[str, Any] = {"train": True, "training_key": key, "model": s.model_name}
+    if s.force_retrain:
+        return {**plan, "reason": "force_retrain is set: training whatever the champion is"}
+    current = (champion or champion_training)(s.model_name)
+    if current is None:
+        return {**plan, "reason": f"{s.model_name} has no champion yet"}
+    plan["champion_version"] = current["version"]
+    if current["training_key"] != key:
+        return {
+            **plan,
+            "reason": f"the data or settings differ from champion v{current['version']}'s",
+        }
+    return {
+        **plan,
+        "train": False,
+        "reason": f"the dataset content and training settings equal champion "
+        f"v{current['version']}'s (training key {key}): nothing new to train or register; "
+        "set force_retrain on the form to train anyway",
+    }
+
+
 def torchrun_command(config: Any, processes: int) -> list[str]:
     """``torchrun --standalone --nproc-per-node N -m ml train ...`` for ``config``."""
     import dataclasses
@@ -202,7 +241,12 @@ def register_step(
 
     s = PipelineSettings.from_params(params)
     return register_model(
-        trained["run_id"], name=s.model_name, margin=s.promotion_margin, orchestrator_run_id=run_id
+        trained["run_id"],
+        name=s.model_name,
+        margin=s.promotion_margin,
+        resamples=s.promotion_resamples,
+        confidence=s.promotion_confidence,
+        orchestrator_run_id=run_id,
     )
 
 

@@ -425,6 +425,27 @@ def _description(run: Any, decision: Decision) -> str:
     return "\n\n".join(lines)
 
 
+def champion_training(name: str, client: Any | None = None) -> dict[str, Any] | None:
+    """The current champion's version, run and training key (dataset content and training
+    settings, see :meth:`ml.train_config.TrainConfig.key`); None without a champion."""
+    check_name(name, "model_name")
+    if client is None:
+        check_tracking_server()
+        client = _client()
+    champion = _alias(client, name, "champion")
+    if champion is None:
+        return None
+    key = champion.tags.get("training_key") or ""
+    if not key and champion.run_id:  # a version registered before the tag existed
+        from mlflow.exceptions import MlflowException
+
+        try:
+            key = client.get_run(champion.run_id).data.tags.get("training_key", "")
+        except MlflowException:
+            key = ""
+    return {"version": int(champion.version), "run_id": champion.run_id, "training_key": key}
+
+
 def _alias(client: Any, name: str, alias: str) -> Any | None:
     from mlflow.exceptions import MlflowException
 

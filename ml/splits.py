@@ -1,10 +1,12 @@
 """Split: stratified, deterministic train/valid/test over the images that downloaded ok.
 
-Images are grouped by content hash first, so the same picture behind two URLs always lands in one
-split (no leakage). Groups are ordered by a hash of (seed, content hash), which makes the split
-independent of row order and stable for the same input and seed. Within each label the group
-counts follow the ratios by largest remainder, and a class with at least as many groups as splits
-gets at least one group in every split.
+Images are grouped first, so one picture never lands in two splits (no leakage): identical bytes
+(the same file behind two URLs) and near-duplicate pixels (the same photo at another size, JPEG
+quality or a slight crop: perceptual hashes within a few bits, see :mod:`ml.dedup`), joined
+transitively. Groups are ordered by a hash of (seed, the group's smallest content hash), which
+makes the split independent of row order and stable for the same input and seed. Within each
+label the group counts follow the ratios by largest remainder, and a class with at least as many
+groups as splits gets at least one group in every split.
 
 Usage: ``make_splits(dataset_uri, ratios=(0.8, 0.15, 0.05), seed=0)``.
 """
@@ -12,12 +14,15 @@ Usage: ``make_splits(dataset_uri, ratios=(0.8, 0.15, 0.05), seed=0)``.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+from PIL import Image
 
+from ml.dedup import groups, perceptual_hash
 from ml.download import MANIFEST_COLUMNS, collect_manifest
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS
@@ -25,7 +30,7 @@ from ml.layout import DatasetLayout, split_name
 from ml.progress import Progress
 from ml.redact import get_logger
 from ml.statuses import Status
-from ml.storage import ObjectStore
+from ml.storage import ObjectStore, S3Uri
 
 log = get_logger(__name__)
 
@@ -39,8 +44,12 @@ SPLIT_COLUMNS = (
     "object_key",
     "width",
     "height",
+    "phash",
+    "group",
     "split",
 )
+#: Manifest columns a split can do without (written by newer downloads; filled in here).
+OPTIONAL_COLUMNS = ("phash",)
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
@@ -81,15 +90,42 @@ def _order_key(seed: int, sha256: str) -> str:
     return hashlib.sha256(f"{seed}:{sha256}".encode()).hexdigest()
 
 
+def with_groups(images: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``images`` with a ``group`` column (see :func:`ml.dedup.groups`; near duplicates only
+    where a ``phash`` column has them) and counts of what was grouped."""
+    phashes = images["phash"].tolist() if "phash" in images else [None] * len(images)
+    ids, pairs = groups(images["sha256"].tolist(), phashes)
+    grouped = images.assign(group=ids)
+    distinct = grouped.drop_duplicates("sha256")
+    sizes = distinct.groupby("group").size()
+    near = sizes[sizes > 1]
+    report = {
+        "groups": int(sizes.size),
+        "near_duplicate_groups": int(near.size),
+        "near_duplicate_images": int(near.sum()),
+        "near_duplicate_pairs": pairs,
+        "largest_group": int(sizes.max()) if sizes.size else 0,
+    }
+    return grouped, report
+
+
 def assign_splits(images: pd.DataFrame, ratios: Sequence[float], seed: int) -> pd.DataFrame:
-    """Add a ``split`` column to ok manifest rows (url, label, sha256, ...)."""
+    """Add ``group`` and ``split`` columns to ok manifest rows (url, label, sha256, and
+    optionally phash); every group lands in one split."""
+    if "group" not in images:
+        images = with_groups(images)[0]
     groups = (
-        images.groupby("sha256")["label"]
-        .agg(lambda s: sorted(s.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0][0])
-        .rename("group_label")
+        images.groupby("group")
+        .agg(
+            group_label=(
+                "label",
+                lambda s: sorted(s.value_counts().items(), key=lambda kv: (-kv[1], kv[0]))[0][0],
+            ),
+            first=("sha256", "min"),
+        )
         .reset_index()
     )
-    groups["order"] = [_order_key(seed, sha) for sha in groups["sha256"]]
+    groups["order"] = [_order_key(seed, sha) for sha in groups["first"]]
     groups["split"] = ""
     for label in LABELS:
         members = groups.index[groups["group_label"] == label]
@@ -98,7 +134,7 @@ def assign_splits(images: pd.DataFrame, ratios: Sequence[float], seed: int) -> p
         for name, count in zip(SPLITS, allocate(len(ordered), ratios), strict=True):
             groups.loc[ordered[start : start + count], "split"] = name
             start += count
-    return images.merge(groups[["sha256", "split"]], on="sha256", how="left")
+    return images.merge(groups[["group", "split"]], on="group", how="left")
 
 
 def _read_manifest(dataset: str, layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
@@ -109,7 +145,7 @@ def _read_manifest(dataset: str, layout: DatasetLayout, store: ObjectStore) -> p
         )
     try:
         manifest = store.read_parquet(layout.download_manifest)
-        if set(MANIFEST_COLUMNS) <= set(manifest.columns):
+        if set(MANIFEST_COLUMNS) - set(OPTIONAL_COLUMNS) <= set(manifest.columns):
             return manifest
         problem = "lacks the manifest's columns"
     except PipelineError:
@@ -140,6 +176,8 @@ def make_splits(
             f"(statuses: {manifest['status'].value_counts().to_dict()})"
         )
     images["label_index"] = images["label"].map(LABEL_INDEX).astype("int64")
+    images["phash"] = fill_hashes(images, layout.store.bucket, store)
+    images, grouping = with_groups(images)
     with Progress(len(images), "split") as bar:
         table = assign_splits(images, fractions, seed)[list(SPLIT_COLUMNS)]
         for name in table["split"]:
@@ -159,11 +197,46 @@ def make_splits(
         "seed": seed,
         "ratios": list(fractions),
         "images": len(table),
-        "groups": int(table["sha256"].nunique()),
+        **grouping,
         "splits": counts,
     }
     store.write_parquet(split.manifest, table)
     store.write_json(split.summary, summary)
+    log.info(
+        "%d near-duplicate groups hold %d distinct images (largest group: %d); each group is in "
+        "one split",
+        grouping["near_duplicate_groups"],
+        grouping["near_duplicate_images"],
+        grouping["largest_group"],
+    )
     for s in SPLITS:
         log.info("%s: %d images %s", s, sum(counts[s].values()), counts[s])
     return summary
+
+
+def fill_hashes(images: pd.DataFrame, bucket: str, store: ObjectStore) -> list[str | None]:
+    """The manifest's perceptual hashes, computed from the stored image for rows downloaded
+    before the manifest had them (None where that image cannot be read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    known = images["phash"] if "phash" in images else pd.Series([None] * len(images))
+    hashes: list[str | None] = [h if isinstance(h, str) and h else None for h in known]
+    missing = [i for i, h in enumerate(hashes) if h is None]
+    if not missing:
+        return hashes
+    keys = images["object_key"].tolist()
+    log.info(
+        "computing perceptual hashes of %d images stored before the manifest had them", len(missing)
+    )
+
+    def compute(i: int) -> str | None:
+        try:
+            with Image.open(io.BytesIO(store.get_bytes(S3Uri(bucket, keys[i])))) as image:
+                return perceptual_hash(image)
+        except Exception:  # unreadable: this image groups by its bytes only
+            return None
+
+    with ThreadPoolExecutor(16) as pool:
+        for i, value in zip(missing, pool.map(compute, missing), strict=True):
+            hashes[i] = value
+    return hashes

@@ -97,6 +97,7 @@ def log_start(
         "device": str(rt.device),
         "world_size": str(rt.world),
         "checkpoint": str(folder),
+        "training_key": cfg.key(split_sha256),
         **({"orchestrator_run_id": cfg.orchestrator_run_id} if cfg.orchestrator_run_id else {}),
         **(
             {"warning": "trained from random weights (--weights none)"}

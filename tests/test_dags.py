@@ -109,11 +109,16 @@ def test_pipeline_shape(dagbag: Any) -> None:
         "download_batch",
         "collect_manifest",
         "split",
+        "changes",
         "train",
         "register",
     ]
     train = dag.get_task("train")
     assert (train.queue, train.pool) == ("gpu", "gpu") and train.execution_timeout
+    assert train.upstream_task_ids == {"split", "changes"}
+    # register scores the champion on the new test images (a model pass): the GPU worker.
+    assert dag.get_task("register").queue == "gpu"
+    assert dag.get_task("changes").queue != "gpu"
     # The preflight runs where training will, but takes no GPU slot from a training job.
     preflight = dag.get_task("preflight")
     assert preflight.queue == "gpu" and preflight.pool != "gpu"
@@ -295,3 +300,18 @@ def test_dag_runs_end_to_end(
     assert events["image_sentiment_model"]["version"] == 1
     checkpoint = store.list_keys(S3Uri(pipeline_env["bucket"], "pipeline/runs"))
     assert any(k.endswith("training/last.pt") for k in checkpoint)  # partitioned by run
+
+    # The same data and settings again (a scheduled run with nothing new): nothing trains,
+    # nothing registers, and the run still succeeds.
+    again = dag.test(run_conf=conf)
+    assert str(again.state) in ("success", "DagRunState.SUCCESS"), again.state
+    with create_session() as session:
+        states = {
+            ti.task_id: str(ti.state)
+            for ti in session.scalars(
+                select(TaskInstance).where(TaskInstance.run_id == again.run_id)
+            )
+        }
+    assert "success" in states["changes"], states
+    assert "skipped" in states["train"] and "skipped" in states["register"], states
+    assert [v.version for v in MlflowClient().search_model_versions(f"name='{model}'")] == ["1"]
