@@ -92,41 +92,47 @@ def near_pairs(
         order = np.argsort(keys, kind="stable")
         ordered = keys[order]
         for mask in masks:
-            wanted = keys ^ mask
+            # Each pair whose keys differ by ``mask`` is looked up once, from the key with the
+            # mask's top bit clear (pairs with equal keys are ordered by index instead).
+            top = np.uint64(1 << (int(mask).bit_length() - 1)) if mask else np.uint64(0)
+            queries = np.flatnonzero((keys & top) == 0) if mask else np.arange(len(keys))
+            wanted = keys[queries] ^ mask
             start = np.searchsorted(ordered, wanted, side="left")
             counts = np.searchsorted(ordered, wanted, side="right") - start
-            found.extend(_verified(hashes, order, start, counts, max_distance, chunk))
+            found.extend(_verified(hashes, queries, order, start, counts, max_distance, chunk))
     if not found:
         return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+    return np.unique(np.concatenate(found).astype(np.int64), axis=0)
 
 
 def _verified(
     hashes: np.ndarray,
+    queries: np.ndarray,
     order: np.ndarray,
     start: np.ndarray,
     counts: np.ndarray,
     max_distance: int,
     chunk: int,
 ) -> list[np.ndarray]:
-    """The candidate pairs of one block lookup whose full hashes are within the distance,
-    expanded ``chunk`` candidates at a time (bounded memory)."""
-    queries = np.flatnonzero(counts)
+    """The candidate pairs of one block lookup whose full hashes are within the distance, as
+    (smaller index, larger index), expanded ``chunk`` candidates at a time (bounded memory)."""
+    hits = np.flatnonzero(counts)
     out = []
-    ends = np.cumsum(counts[queries])
+    ends = np.cumsum(counts[hits])
     begin = 0
-    while begin < len(queries):
+    while begin < len(hits):
         stop = int(np.searchsorted(ends, (ends[begin - 1] if begin else 0) + chunk, "right"))
         stop = max(stop, begin + 1)
-        part = queries[begin:stop]
+        part = hits[begin:stop]
         sizes = counts[part]
-        left = np.repeat(part, sizes)
+        left = np.repeat(queries[part], sizes)
         offsets = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         right = order[np.repeat(start[part], sizes) + offsets]
-        keep = left < right
+        keep = left != right
         left, right = left[keep], right[keep]
         close = np.bitwise_count(hashes[left] ^ hashes[right]) <= max_distance
-        out.append(np.stack([left[close], right[close]], axis=1).astype(np.int64))
+        left, right = left[close], right[close]
+        out.append(np.stack([np.minimum(left, right), np.maximum(left, right)], axis=1))
         begin = stop
     return out
 
