@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -268,7 +269,12 @@ def _decide(
 
 
 def _score_both(
-    client: Any, name: str, champion: Any, run: Any, store: Any | None
+    client: Any,
+    name: str,
+    champion: Any,
+    run: Any,
+    store: Any | None,
+    load: Callable[[str], Any] = load_registered,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Decision:
     """(true classes, new probabilities, champion probabilities) on the new version's test
     images, or the fallback Decision when the champion cannot be scored there."""
@@ -286,7 +292,7 @@ def _score_both(
             rule="recorded test scores (fallback)",
         )
     try:
-        model = load_registered(f"models:/{name}/{number}")
+        model = load(f"models:/{name}/{number}")
     except PipelineError as exc:
         return Decision(True, f"{FALLBACKS['unloadable']} ({exc})", number, rule="fallback")
     labels = list((model.metadata.metadata or {}).get("labels", LABELS))

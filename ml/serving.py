@@ -12,7 +12,8 @@ as JSON carries them), any size. Each passes the download stage's checks (format
 bytes, pixel, scan and decode-memory limits), is stored-size normalized as training data was,
 and gets the evaluation preprocessing. A float32 array (N, 3, H, W) in [0, 1] is accepted too.
 **Output**: one row per input: ``label``, ``confidence``, ``p_<class>`` for each of the five
-classes, ``status`` (``ok`` or why the image was refused) and ``error``.
+classes, ``status`` (``ok`` or why the image was refused) and ``error``. A refused image's label,
+confidence and probabilities are None (``null`` in a served answer, which stays strict JSON).
 
 Usage::
 
@@ -135,6 +136,20 @@ class ImageClassifier:
         return out[output_columns(self.labels)]
 
 
+def with_nulls(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with None where a value is missing (a refused image's label and
+    probabilities), so a served answer is strict JSON (``null``, never ``NaN``); columns with
+    nothing missing keep their types."""
+    missing = [c for c in frame.columns if frame[c].isna().any()]
+    if not missing:
+        return frame
+    out = frame.copy()
+    for column in missing:
+        values = frame[column].astype(object)
+        out[column] = values.where(frame[column].notna(), None)
+    return out
+
+
 def _as_bytes(value: Any) -> bytes:
     """An input cell as bytes: bytes as they are, text as base64 (what JSON carries)."""
     if isinstance(value, bytes | bytearray | memoryview):
@@ -201,7 +216,7 @@ class SentimentModel(PythonModel):
                 f"expected a column '{IMAGE_COLUMN}' of encoded images, or a float array "
                 "(N, 3, H, W)"
             )
-        return self.model.images(values)
+        return with_nulls(self.model.images(values))
 
 
 def export(classifier: Classifier, folder: Path, config: dict[str, Any]) -> dict[str, str]:

@@ -14,12 +14,15 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from devkit.imageserver import ImageServer
 from devkit.servers import local_s3
+from ml.labels import LABELS
 from ml.storage import ObjectStore
+from tests.helpers import labelled_urls, plain_csv, small_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,3 +114,46 @@ def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
     with start_mlflow(folder, free_port(), s3_endpoint, "s3://mlflow/artifacts") as url:
         os.environ["MLFLOW_TRACKING_URI"] = url
         yield url
+
+
+# ------------------------------------------ a small labelled split and a model trained on it
+
+
+@pytest.fixture(scope="session")
+def learn_split(
+    s3_endpoint: str, image_server: ImageServer, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """100 small labelled images (colour tint per class), downloaded and split 60/20/20."""
+    return labelled_split(image_server, dict.fromkeys(LABELS, 20), "learn", tmp_path_factory)
+
+
+def labelled_split(
+    image_server: ImageServer,
+    per_label: dict[str, int],
+    prefix: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """A bucket of its own with ``per_label`` images per class, downloaded and split 60/20/20."""
+    from ml.download import DownloadConfig, download
+    from ml.ingest import ingest
+    from ml.splits import make_splits
+
+    store = ObjectStore()
+    bucket = f"learn-{uuid.uuid4().hex[:8]}"
+    store.ensure_bucket(bucket)
+    rows = labelled_urls(image_server, per_label, prefix=prefix, w=96, h=80)
+    path = tmp_path_factory.mktemp(prefix) / f"{prefix}.csv"
+    path.write_bytes(plain_csv(rows))
+    dataset = ingest(str(path), f"s3://{bucket}/p", store=store).dataset
+    download(dataset, DownloadConfig(allow_networks=("127.0.0.0/8",)), store=store)
+    return str(make_splits(dataset, ratios="0.6,0.2,0.2", seed=0, store=store)["split"])
+
+
+@pytest.fixture(scope="session")
+def trained(
+    learn_split: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    from ml.train import fine_tune
+
+    config = small_config(learn_split, tmp_path_factory.mktemp("cache"))
+    return {"config": config, "result": fine_tune(config)}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
 from devkit.imageserver import ImageServer
+from ml.train_config import TrainConfig
 
 
 def plain_csv(rows: Iterable[Sequence[object]], header: Sequence[str] = ("url", "label")) -> bytes:
@@ -15,6 +18,15 @@ def plain_csv(rows: Iterable[Sequence[object]], header: Sequence[str] = ("url", 
     writer.writerow(header)
     writer.writerows(rows)
     return out.getvalue().encode()
+
+
+def image_server_bytes(server: ImageServer, path: str, **query: object) -> bytes:
+    """The bytes the image server answers for ``path`` (a client's own picture)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.url(path, **query), timeout=10) as response:
+        data: bytes = response.read()
+    return data
 
 
 def labelled_urls(
@@ -27,3 +39,24 @@ def labelled_urls(
             path = f"{prefix}/{label.replace(' ', '_')}/{i}.jpg"
             rows.append((server.url(path, label=label, **query), label))
     return rows
+
+
+def small_config(split: str, cache: Path, **changes: Any) -> TrainConfig:
+    """A ResNet-152 training small enough for a CPU: 64 px, 6 epochs, no pretrained weights."""
+    base = TrainConfig(
+        split=split,
+        weights="none",
+        epochs=6,
+        batch_size=12,
+        optimizer="sgd",
+        learning_rate=0.03,
+        warmup_epochs=0.5,
+        image_size=64,
+        workers=0,
+        patience=0,
+        cache_dir=str(cache),
+        experiment="tests",
+    )
+    for key, value in changes.items():
+        setattr(base, key, value)
+    return base

@@ -22,20 +22,18 @@ import torch
 from devkit.imageserver import ImageServer
 from devkit.servers import free_port
 from ml.data import balanced_class_weights, load_split
-from ml.download import DownloadConfig, download
+from ml.download import DownloadConfig
 from ml.errors import PipelineError
 from ml.evaluate import compute_metrics
-from ml.ingest import ingest
 from ml.labels import LABELS
 from ml.loop import lr_factor
 from ml.model import Classifier, build_model, sha256_of, stage_weights
 from ml.predict import predict
 from ml.registry import register_model
-from ml.splits import make_splits
 from ml.storage import ObjectStore, S3Uri
 from ml.train import fine_tune
 from ml.train_config import TrainConfig
-from tests.helpers import labelled_urls, plain_csv
+from tests.helpers import image_server_bytes, labelled_urls, plain_csv, small_config
 
 LOOPBACK = DownloadConfig(allow_networks=("127.0.0.0/8",))
 
@@ -164,50 +162,6 @@ def test_weights_staged_in_the_store(
 # ------------------------------------------------------- integration: real MLflow server
 
 
-@pytest.fixture(scope="module")
-def learn_split(
-    s3_endpoint: str, image_server: ImageServer, tmp_path_factory: pytest.TempPathFactory
-) -> str:
-    """100 small labelled images (colour tint per class), downloaded and split 60/20/20."""
-    store = ObjectStore()
-    bucket = f"learn-{uuid.uuid4().hex[:8]}"
-    store.ensure_bucket(bucket)
-    rows = labelled_urls(image_server, dict.fromkeys(LABELS, 20), prefix="learn", w=96, h=80)
-    path = tmp_path_factory.mktemp("learn") / "learn.csv"
-    path.write_bytes(plain_csv(rows))
-    dataset = ingest(str(path), f"s3://{bucket}/p", store=store).dataset
-    download(dataset, LOOPBACK, store=store)
-    return str(make_splits(dataset, ratios="0.6,0.2,0.2", seed=0, store=store)["split"])
-
-
-def _config(split: str, cache: Path, **changes: Any) -> TrainConfig:
-    base = TrainConfig(
-        split=split,
-        weights="none",
-        epochs=6,
-        batch_size=12,
-        optimizer="sgd",
-        learning_rate=0.03,
-        warmup_epochs=0.5,
-        image_size=64,
-        workers=0,
-        patience=0,
-        cache_dir=str(cache),
-        experiment="tests",
-    )
-    for key, value in changes.items():
-        setattr(base, key, value)
-    return base
-
-
-@pytest.fixture(scope="module")
-def trained(
-    learn_split: str, mlflow_server: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
-    config = _config(learn_split, tmp_path_factory.mktemp("cache"))
-    return {"config": config, "result": fine_tune(config)}
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None:
@@ -250,7 +204,7 @@ def test_finished_training_is_not_repeated(trained: dict[str, Any]) -> None:
 def test_killed_training_resumes_at_the_next_epoch(
     learn_split: str, mlflow_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = _config(learn_split, tmp_path, epochs=2, seed=7)
+    config = small_config(learn_split, tmp_path, epochs=2, seed=7)
     store = ObjectStore()
     folder = config.checkpoint_dir(load_split(learn_split, store)[1])
     last = folder.child("last.pt")
@@ -311,7 +265,7 @@ def test_killed_training_resumes_at_the_next_epoch(
 
     # Exact resume: an uninterrupted twin (same settings, its own folder) ends identically.
     twin_folder = str(folder).replace("/training/", "/training-twin/")
-    twin = fine_tune(_config(learn_split, tmp_path, epochs=2, seed=7, checkpoint=twin_folder))
+    twin = fine_tune(small_config(learn_split, tmp_path, epochs=2, seed=7, checkpoint=twin_folder))
     for metric in ("train_loss", "valid_loss", "valid_macro_f1"):
         resumed = [m.value for m in client.get_metric_history(result["run_id"], metric)]
         straight = [m.value for m in client.get_metric_history(twin["run_id"], metric)]
@@ -324,35 +278,68 @@ def test_killed_training_resumes_at_the_next_epoch(
 def test_registry_promotion_and_prediction(
     trained: dict[str, Any], learn_split: str, image_server: ImageServer, tmp_path: Path
 ) -> None:
+    """A weak first version is champion; a clearly better one replaces it, judged on the same
+    test images with a bootstrap interval above zero, recorded on the version."""
     name = f"sentiment-{uuid.uuid4().hex[:6]}"
     good = trained["result"]
-    first = register_model(good["run_id"], name=name, orchestrator_run_id="manual__1")
-    assert (first["version"], first["promoted"], first["created"]) == (1, True, True)
-    assert first["aliases"] == ["challenger", "champion"]
-    again = register_model(good["run_id"], name=name)
-    assert (again["version"], again["created"], again["promoted"]) == (1, False, False)
-
     weak = fine_tune(
-        _config(learn_split, tmp_path, epochs=1, max_steps_per_epoch=1, learning_rate=1e-4, seed=3)
+        small_config(
+            learn_split, tmp_path, epochs=1, max_steps_per_epoch=1, learning_rate=1e-4, seed=3
+        )
     )
     assert weak["test"]["macro_f1"] < good["test"]["macro_f1"]
-    second = register_model(weak["run_id"], name=name, margin=0.0)
-    assert (second["version"], second["promoted"]) == (2, False)
-    assert second["aliases"] == ["challenger"] and second["champion_version"] == 1
+    first = register_model(weak["run_id"], name=name, orchestrator_run_id="manual__1")
+    assert (first["version"], first["promoted"], first["created"]) == (1, True, True)
+    assert first["aliases"] == ["challenger", "champion"]
+    assert "first version" in first["promotion"]["reason"]
+    again = register_model(weak["run_id"], name=name)
+    assert (again["version"], again["created"], again["promoted"]) == (1, False, False)
+
+    second = register_model(good["run_id"], name=name, resamples=2000)
+    assert (second["version"], second["promoted"]) == (2, True)
+    assert second["aliases"] == ["challenger", "champion"] and second["champion_version"] == 2
+    comparison = second["promotion"]["comparison"]
+    assert comparison["images"] == 20 and comparison["resamples"] == 2000
+    assert comparison["new_score"] == pytest.approx(good["test"]["macro_f1"], abs=1e-6)
+    assert comparison["champion_score"] < comparison["new_score"]
+    assert 0 < comparison["low"] <= comparison["gain"] <= comparison["high"]
 
     from mlflow import MlflowClient
 
-    version = MlflowClient().get_model_version(name, "1")
-    assert version.tags["orchestrator_run_id"] == "manual__1"
-    assert version.tags["dataset"] in learn_split
-    assert json.loads(version.tags["split_counts"]) == {"train": 60, "valid": 20, "test": 20}
-    assert version.tags["code_version"]
+    client = MlflowClient()
+    version = client.get_model_version(name, "2")
+    assert version.tags["promotion_decision"] == "promoted"
+    assert version.tags["compared_with_version"] == "1"
+    assert float(version.tags["same_data_champion_macro_f1"]) == pytest.approx(
+        comparison["champion_score"], abs=1e-5
+    )
+    assert "Against champion v1 on the same 20 test images" in version.description
+    assert version.tags["training_key"] == client.get_run(good["run_id"]).data.tags["training_key"]
+    first_version = client.get_model_version(name, "1")
+    assert first_version.tags["orchestrator_run_id"] == "manual__1"
+    assert first_version.tags["dataset"] in learn_split
+    assert json.loads(first_version.tags["split_counts"]) == {"train": 60, "valid": 20, "test": 20}
+    assert first_version.tags["code_version"]
 
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_registered_model_takes_images_and_predicts_a_csv(
+    trained: dict[str, Any], image_server: ImageServer, tmp_path: Path
+) -> None:
     import mlflow
 
+    name = f"images-{uuid.uuid4().hex[:6]}"
+    register_model(trained["result"]["run_id"], name=name)
+
     model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    probs = np.asarray(model.predict(np.random.rand(4, 3, 64, 64).astype(np.float32)))
-    assert probs.shape == (4, 5) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    jpeg = image_server_bytes(image_server, "predict/direct.jpg", label="Highly positive")
+    rows = model.predict(pd.DataFrame({"image": [jpeg, jpeg[:100]]}))
+    assert rows.loc[0, "status"] == "ok" and rows.loc[0, "label"] in LABELS
+    assert rows.loc[1, "status"] != "ok" and rows.loc[1, "label"] is None
+    probs = rows.loc[[0], [c for c in rows.columns if c.startswith("p_")]].to_numpy()
+    assert probs.shape == (1, 5) and np.allclose(probs.sum(1), 1.0, atol=1e-4)
+    assert model.metadata.get_input_schema().input_names() == ["image"]
 
     rows = labelled_urls(
         image_server, {"Negative": 2, "Highly positive": 2}, prefix="predict", w=96, h=80
@@ -433,7 +420,7 @@ def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: 
 
 
 def _tiny(split: str, cache: Path, **changes: Any) -> TrainConfig:
-    return _config(split, cache, arch="resnet18", epochs=1, max_steps_per_epoch=1, **changes)
+    return small_config(split, cache, arch="resnet18", epochs=1, max_steps_per_epoch=1, **changes)
 
 
 @pytest.mark.integration
@@ -504,7 +491,7 @@ def test_a_finished_training_killed_before_its_result_does_not_train_again(
     from mlflow import MlflowClient
 
     folder = learn_split.rsplit("/splits/", 1)[0] + f"/finished/{uuid.uuid4().hex[:8]}"
-    config = _config(
+    config = small_config(
         learn_split,
         tmp_path,
         arch="resnet18",
