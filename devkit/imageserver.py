@@ -97,7 +97,9 @@ def variant(image: Image.Image, query: dict[str, str]) -> Image.Image:
     scale = float(query.get("scale", 1))
     if scale != 1:
         w, h = image.size
-        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.LANCZOS)
+        image = image.resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS
+        )
     return image
 
 

@@ -341,10 +341,12 @@ def _progress(tasks: list[dict[str, Any]]) -> str:
         "download_batch",
         "collect_manifest",
         "split",
+        "changes",
         "train",
         "register",
     ]
     marks = {
+        "skipped": "skipped",
         "success": "done",
         "running": "running",
         "failed": "FAILED",
@@ -384,9 +386,36 @@ def demo(args: argparse.Namespace) -> int:
             "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ..."
         )
     prepare_demo_csv(args.csv, args.real)
+    first = run_and_report(conf, args.timeout, f"synthetic images, {args.epochs} CPU epochs")
+    if first is None:
+        return 1
+    runs = [first]
+    if args.retrain:
+        say(
+            "\nretraining with one more epoch, as an experiment would; the registry scores the "
+            "champion on the new version's test images and promotes only a gain beyond noise ..."
+        )
+        retrain = {**conf, "epochs": args.epochs + 1}
+        second = run_and_report(retrain, args.timeout, f"{args.epochs + 1} CPU epochs")
+        if second is None:
+            return 1
+        runs.append(second)
+    scored = wait_inference(120)
+    if scored:
+        say(
+            f"  inference  : the champion triggered {INFERENCE_DAG_ID}; "
+            f"{scored.get('predicted', 0)} images scored -> {scored.get('predictions')}"
+        )
+    say("The stack stays up for browsing. Stop it with: bash scripts/stop")
+    print(json.dumps({"runs": runs, "inference": scored}), flush=True)
+    return 0
+
+
+def run_and_report(conf: dict[str, Any], timeout: float, note: str) -> dict[str, Any] | None:
+    """Trigger one run, wait, and print what it did; None when it did not succeed."""
     run_id = trigger(conf)
     say(f"triggered {DAG_ID} run {run_id}; waiting (Ctrl-C stops waiting, not the stack) ...")
-    result = wait(run_id, args.timeout)
+    result = wait(run_id, timeout)
     run_link = f"http://localhost:{PORTS['airflow']}/dags/{DAG_ID}/runs/" + urllib.parse.quote(
         run_id, safe=""
     )
@@ -396,45 +425,54 @@ def demo(args: argparse.Namespace) -> int:
             f"\nthe run ended {result}{' in ' + ', '.join(failed) if failed else ''}; logs: "
             f"{run_link} (stack left up; stop it with: bash scripts/stop)"
         )
-        return 1
+        return None
     manifest = xcom(run_id, "collect_manifest")
-    registered = xcom(run_id, "register")
-    metrics = registered.get("metrics", {})
+    split = xcom(run_id, "split")
     say("\nrun succeeded")
     say(f"  Airflow UI : {run_link}")
+    say(f"  downloads  : {manifest['statuses']}")
+    say(
+        f"  split      : {split['groups']} groups; {split['near_duplicate_groups']} "
+        f"near-duplicate groups of {split['near_duplicate_images']} images kept in one split"
+    )
+    states = {t["task_id"]: t["state"] for t in _tasks(run_id)}
+    summary: dict[str, Any] = {"dag_run_id": run_id, "downloads": manifest["statuses"]}
+    if states.get("register") != "success":
+        say(
+            "  model      : nothing new to train: the data and settings equal the champion's "
+            "(the trigger form's force_retrain trains anyway)"
+        )
+        return {**summary, "model": None}
+    registered = xcom(run_id, "register")
+    metrics = registered.get("metrics", {})
     say(
         f"  MLflow UI  : http://localhost:{PORTS['mlflow']}/#/models/{registered['model']}"
         f"/versions/{registered['version']}"
     )
-    say(f"  downloads  : {manifest['statuses']}")
     say(
         f"  model      : {registered['model']} version {registered['version']}, aliases "
-        f"{', '.join(registered['aliases'])}{' (promoted)' if registered['promoted'] else ''}"
+        f"{', '.join(registered['aliases'])}"
     )
     say(
         f"  test       : accuracy {metrics.get('test_accuracy', 0):.3f}, macro-F1 "
-        f"{metrics.get('test_macro_f1', 0):.3f} (synthetic images, {args.epochs} CPU epochs)"
+        f"{metrics.get('test_macro_f1', 0):.3f} on its own test split ({note})"
     )
-    scored = wait_inference(120)
-    if scored:
-        say(
-            f"  inference  : the new model version triggered {INFERENCE_DAG_ID}; "
-            f"{scored.get('predicted', 0)} images scored -> {scored.get('predictions')}"
-        )
-    say("The stack stays up for browsing. Stop it with: bash scripts/stop")
-    print(
-        json.dumps(
-            {
-                "dag_run_id": run_id,
-                "state": result,
-                "downloads": manifest["statuses"],
-                "model": registered,
-                "inference": scored,
-            }
-        ),
-        flush=True,
+    say(f"  promotion  : {describe_promotion(registered['promotion'])}")
+    return {**summary, "model": registered}
+
+
+def describe_promotion(promotion: dict[str, Any]) -> str:
+    """One line: the decision, both scores on the same images, and the interval."""
+    verdict = "promoted to champion" if promotion["promoted"] else "stays challenger"
+    c = promotion.get("comparison")
+    if not c:
+        return f"{verdict}: {promotion['reason']}"
+    return (
+        f"{verdict}: macro-F1 {c['new_score']:.3f} vs champion "
+        f"v{promotion['champion_version']} {c['champion_score']:.3f} on the same {c['images']} "
+        f"test images, gain {c['gain']:+.3f}, {c['confidence']:.0%} interval "
+        f"{c['low']:+.3f} to {c['high']:+.3f} ({c['resamples']} paired resamples)"
     )
-    return 0
 
 
 def wait_inference(timeout: float) -> dict[str, Any] | None:
@@ -573,6 +611,12 @@ def main() -> int:
     d = commands.add_parser("demo", help="start the stack, run the DAG once, print the result")
     d.add_argument("--sample", type=int, default=DEMO_CONF["sample"])
     d.add_argument("--epochs", type=int, default=DEMO_CONF["epochs"])
+    d.add_argument(
+        "--retrain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a second run with one more epoch, to show the promotion decision",
+    )
     d.add_argument("--csv", default=None, help="CSV to sample (default: the CrowdFlower file)")
     d.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
     d.add_argument(

@@ -45,9 +45,15 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         )
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
         summary = json.loads(demo.stdout.strip().splitlines()[-1])
-        assert summary["state"] == "success"
-        assert summary["downloads"]["ok"] >= 50
-        assert "champion" in summary["model"]["aliases"]
+        first, second = summary["runs"]
+        assert first["downloads"]["ok"] >= 50
+        assert "champion" in first["model"]["aliases"]
+        # The retrain is judged against the champion on the same images, and the demo says so.
+        comparison = second["model"]["promotion"]["comparison"]
+        assert second["model"]["promotion"]["champion_version"] == first["model"]["version"]
+        assert comparison["images"] >= 3 and comparison["low"] <= comparison["high"]
+        assert f"vs champion v{first['model']['version']}" in demo.stdout
+        assert "interval" in demo.stdout and "paired resamples" in demo.stdout
         assert "SYNTHETIC" in demo.stdout and "bash scripts/stop" in demo.stdout
         # The new model version is an asset event: the batch-inference DAG ran on it.
         assert summary["inference"]["predicted"] >= 15, summary["inference"]
