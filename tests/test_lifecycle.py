@@ -19,6 +19,7 @@ import pytest
 
 from devkit.imageserver import ImageServer
 from devkit.servers import free_port, wait_http
+from ml.evaluate import calibration, confidently_wrong
 from ml.labels import LABELS
 from ml.pipeline import change_step, register_step, train_step
 from ml.promotion import compare, decide
@@ -64,6 +65,18 @@ def test_the_bootstrap_is_paired_and_reproducible() -> None:
     one = compare(truth, _probs(truth), _probs([0] * 50), resamples=500, seed=4)
     two = compare(truth, _probs(truth), _probs([0] * 50), resamples=500, seed=4)
     assert one == two
+
+
+def test_calibration_error_and_the_confidently_wrong() -> None:
+    truth = [0, 1, 2, 3]
+    sure_and_right = _probs(truth)
+    report = calibration(sure_and_right, truth)
+    assert report["ece"] == pytest.approx(1 - 0.96, abs=1e-9)  # 96 % sure, always right
+    assert sum(b["count"] for b in report["bins"]) == 4
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    assert confidently_wrong(probs, [1, 1, 1, 0]) == [0, 1, 3]  # surest wrong first
+    # All four right: the error is how far below certainty each bin's confidence is.
+    assert calibration(probs, [0, 0, 1, 1])["ece"] == pytest.approx((0.1 + 0.4 + 0.2 + 0.45) / 4)
 
 
 # ------------------------------------------------------- promotion on the real registry

@@ -186,7 +186,22 @@ def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None
         "evaluation/training_curves.png",
         "evaluation/MODEL_CARD.md",
         "evaluation/test_report.json",
+        "evaluation/reliability.png",
+        "evaluation/confidently_wrong.png",
+        "evaluation/test_predictions.parquet",
     } <= artifacts
+    assert 0.0 <= run.data.metrics["test_ece"] <= 1.0
+    report = json.loads(
+        Path(client.download_artifacts(result["run_id"], "evaluation/test_report.json")).read_text()
+    )
+    assert sum(b["count"] for b in report["calibration"]["bins"]) == 20
+    predictions = pd.read_parquet(
+        client.download_artifacts(result["run_id"], "evaluation/test_predictions.parquet")
+    )
+    assert len(predictions) == 20 and predictions["object_key"].str.contains("/images/").all()
+    probabilities = predictions[[c for c in predictions.columns if c.startswith("p_")]]
+    accuracy = (probabilities.to_numpy().argmax(1) == predictions["label_index"]).mean()
+    assert accuracy == pytest.approx(result["test"]["accuracy"], abs=1e-6)
     data = {a.path for a in client.list_artifacts(result["run_id"], "data")}
     assert data == {"data/label_map.json", "data/split_counts.json"}
 
