@@ -70,25 +70,55 @@ def start_mlflow(folder: Path, port: int, s3_endpoint: str, artifacts: str) -> I
         "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    log = (folder / "mlflow-server.log").open("wb")
+    command = mlflow_command(f"sqlite:///{folder / 'mlflow.db'}", artifacts, port)
+    with _serving(command, env, folder / "mlflow-server.log", port, "/health") as url:
+        yield url
+
+
+@contextmanager
+def serve_model(model_uri: str, folder: Path, port: int, timeout: float = 240.0) -> Iterator[str]:
+    """``mlflow models serve`` of ``model_uri`` on loopback in this environment (no new
+    virtualenv); yields its address once ``/ping`` answers. Its log is ``folder/serve.log``."""
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # the scoring server is started as a command: this environment's bin folder goes on PATH
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+    with _serving(command, env, folder / "serve.log", port, "/ping", timeout) as url:
+        yield url
+
+
+@contextmanager
+def _serving(
+    command: list[str],
+    env: dict[str, str],
+    log_path: Path,
+    port: int,
+    health: str,
+    timeout: float = 90.0,
+) -> Iterator[str]:
+    """Run ``command`` in its own process group until the context ends; RuntimeError with
+    the end of its log when it does not answer ``health`` in time."""
+    log = log_path.open("wb")
     process = subprocess.Popen(
-        mlflow_command(f"sqlite:///{folder / 'mlflow.db'}", artifacts, port),
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/health", process=process)
+        try:
+            wait_http(f"{url}{health}", timeout, process=process)
+        except RuntimeError as exc:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc}; its log ends:\n{tail}") from None
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         log.close()
 
 

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import subprocess
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -18,7 +14,7 @@ import numpy as np
 import pytest
 
 from devkit.imageserver import ImageServer
-from devkit.servers import free_port, wait_http
+from devkit.servers import free_port, serve_model
 from ml.evaluate import calibration, confidently_wrong
 from ml.labels import LABELS
 from ml.pipeline import change_step, register_step, train_step
@@ -169,51 +165,17 @@ def test_mlflow_models_serve_answers_a_jpeg_with_a_label(
 ) -> None:
     name = f"served-{uuid.uuid4().hex[:6]}"
     register_model(trained["result"]["run_id"], name=name)
-    port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            f"models:/{name}@champion",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        # the scoring server is started as a command: the environment's bin folder is on PATH
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        try:
-            wait_http(f"http://127.0.0.1:{port}/ping", timeout=240, process=server)
-        except RuntimeError:
-            raise AssertionError((tmp_path / "serve.log").read_text()[-3000:]) from None
+    with serve_model(f"models:/{name}@champion", tmp_path, free_port()) as address:
         jpeg = image_server_bytes(image_server, "serve/a.jpg", label="Highly positive", w=800)
         png = image_server_bytes(image_server, "serve/b.png", fmt="png", w=40, h=30)
         rows = [[base64.b64encode(jpeg).decode()], [base64.b64encode(png).decode()], ["bm90"]]
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=body,
-            headers={"Content-Type": "application/json"},
+            f"{address}/invocations", data=body, headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        log.close()
+            raw = response.read()
+    answer = json.loads(raw, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
     predictions = answer["predictions"]
     assert len(predictions) == 3
     for row in predictions[:2]:
