@@ -49,6 +49,15 @@ PORTS = {
     "images": int(os.environ.get("STACK_IMAGES_PORT", "8000")),
     "worker_logs": int(os.environ.get("STACK_WORKER_LOG_PORT", "8793")),
     "trigger_logs": int(os.environ.get("STACK_TRIGGER_LOG_PORT", "8794")),
+    # the Celery topology's own (docker-compose.yaml run natively)
+    "postgres": int(os.environ.get("STACK_POSTGRES_PORT", "5432")),
+    "redis": int(os.environ.get("STACK_REDIS_PORT", "6379")),
+    "scheduler_health": int(os.environ.get("STACK_SCHEDULER_HEALTH_PORT", "8974")),
+}
+#: The ports each topology listens on.
+TOPOLOGY_PORTS = {
+    "local": ("airflow", "mlflow", "s3", "images", "worker_logs", "trigger_logs"),
+    "celery": ("airflow", "mlflow", "s3", "images", "postgres", "redis", "scheduler_health"),
 }
 BUCKET = "pipeline"
 DAG_ID = "image_sentiment"
@@ -130,16 +139,41 @@ def wait_http(target: str, name: str, timeout: float, process: subprocess.Popen[
     try:
         wait_for(target, timeout, process, accept=lambda status: status < 500)
     except RuntimeError as exc:
-        raise SystemExit(f"error: {name}: {exc}; see {STATE / 'logs' / (name + '.log')}") from None
+        log = STATE / "logs" / f"{name}.log"
+        tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+        raise SystemExit(f"error: {name}: {exc}; its log ends:\n{tail}") from None
+
+
+_TOKEN: dict[str, str] = {}
+
+
+def _headers() -> dict[str, str]:
+    """JSON, and a bearer token where the API needs one (the Celery topology signs in as
+    compose's admin; the local stack's API lets everyone in)."""
+    headers = {"Content-Type": "application/json"}
+    if load_state().get("topology") != "celery":
+        return headers
+    if "token" not in _TOKEN:
+        env = client_environment()
+        credentials = {
+            "username": env["AIRFLOW_ADMIN_USER"],
+            "password": env["AIRFLOW_ADMIN_PASSWORD"],
+        }
+        request = urllib.request.Request(
+            url("airflow", "/auth/token"),
+            data=json.dumps(credentials).encode(),
+            method="POST",
+            headers=headers,
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            _TOKEN["token"] = json.loads(response.read())["access_token"]
+    return {**headers, "Authorization": f"Bearer {_TOKEN['token']}"}
 
 
 def api(method: str, path: str, body: Any | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        url("airflow", "/api/v2" + path),
-        data=data,
-        method=method,
-        headers={"Content-Type": "application/json"},
+        url("airflow", "/api/v2" + path), data=data, method=method, headers=_headers()
     )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read() or b"null")
@@ -150,14 +184,17 @@ def load_state() -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def up() -> dict[str, Any]:
+def up(topology: str = "local") -> dict[str, Any]:
     state = load_state()
-    if state.get("services") and all(_alive(s["pid"]) for s in state["services"].values()):
+    running = state.get("services") and all(_alive(s["pid"]) for s in state["services"].values())
+    if running and state.get("topology", "local") == topology:
         say(f"the stack is already up (state in {STATE})")
         return state
     if state:
         down(quiet=True)
-    busy = [f"{name} ({port})" for name, port in PORTS.items() if not port_free(port)]
+    busy = [
+        f"{name} ({PORTS[name]})" for name in TOPOLOGY_PORTS[topology] if not port_free(PORTS[name])
+    ]
     if busy:
         raise SystemExit(
             f"error: ports in use: {', '.join(busy)}; stop what uses them or set "
@@ -165,8 +202,10 @@ def up() -> dict[str, Any]:
         )
     (STATE / "logs").mkdir(parents=True, exist_ok=True)
     marker = uuid.uuid4().hex
+    if topology == "celery":
+        return up_celery(marker)
     env = environment(marker)
-    state = {"marker": marker, "services": {}, "ports": PORTS}
+    state = {"marker": marker, "services": {}, "ports": PORTS, "topology": "local"}
     python = str(VENV_BIN / "python")
     airflow = str(VENV_BIN / "airflow")
     services: list[tuple[str, list[str], str | None, float]] = [
@@ -243,6 +282,77 @@ def up() -> dict[str, Any]:
     return state
 
 
+def up_celery(marker: str) -> dict[str, Any]:
+    """docker-compose.yaml's topology on this machine (devkit.topology): Postgres, Redis,
+    MLflow on Postgres, Airflow with CeleryExecutor and two workers (queues default and gpu)."""
+    from devkit.topology import celery_plan
+
+    extra = {
+        "ML_SCHEDULE": "none",
+        "ML_ALLOW_NETWORKS": "127.0.0.0/8",
+        "ML_CSV": DEMO_CSV,
+        "ML_INPUT_ROOTS": f"s3://{BUCKET}/input s3://{BUCKET}/pipeline",
+        "ML_INFERENCE_CSV": SCORE_CSV,
+        "ML_DOWNLOAD_PARALLELISM": "4",
+    }
+    plan = celery_plan(STATE, PORTS, marker, BUCKET, extra)
+    client = STATE / "client.json"
+    client.write_text(json.dumps(plan.client_env))
+    client.chmod(0o600)
+    state: dict[str, Any] = {
+        "marker": marker,
+        "services": {},
+        "ports": PORTS,
+        "topology": "celery",
+        "cleanup": [str(p) for p in plan.cleanup],
+    }
+    (STATE / "state.json").write_text(json.dumps(state, indent=2))
+    try:
+        for step in plan.steps:
+            say(f"{'running' if step.once else 'starting'} {step.name} ...")
+            if step.before:
+                step.before()
+            log = (STATE / "logs" / f"{step.name}.log").open("ab")
+            process = subprocess.Popen(
+                step.command,
+                env=step.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            if step.once:
+                if process.wait(timeout=step.timeout) != 0:
+                    tail = (STATE / "logs" / f"{step.name}.log").read_text(errors="replace")
+                    raise SystemExit(f"error: {step.name} failed; its log ends:\n{tail[-3000:]}")
+                continue
+            state["services"][step.name] = {"pid": process.pid}
+            (STATE / "state.json").write_text(json.dumps(state, indent=2))
+            if step.health:
+                wait_http(step.health, step.name, step.timeout, process)
+            if step.after:
+                step.after()
+        _wait_airflow_ready()
+    except BaseException:
+        down(quiet=True)
+        raise
+    say(
+        f"celery topology up: Airflow {url('airflow')} (admin, password in {STATE / '.env'}) · "
+        f"MLflow {url('mlflow')} · Postgres 127.0.0.1:{PORTS['postgres']} · Redis "
+        f"127.0.0.1:{PORTS['redis']} · S3 {url('s3')} · images {url('images')}"
+    )
+    return state
+
+
+def client_environment() -> dict[str, str]:
+    """What a client of the running stack needs (endpoints and credentials)."""
+    state = load_state()
+    if state.get("topology") == "celery":
+        loaded: dict[str, str] = json.loads((STATE / "client.json").read_text())
+        return {**os.environ, **loaded}
+    return environment(state.get("marker", ""))
+
+
 def _create_bucket(env: dict[str, str]) -> None:
     try:
         wait_for(url("s3", "/"), 60, accept=lambda status: True)
@@ -291,7 +401,7 @@ def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
     from ml.errors import PipelineError
     from ml.storage import ObjectStore, S3Uri
 
-    with _stack_environment(environment(load_state().get("marker", ""))):
+    with _stack_environment(client_environment()):
         try:
             if real:  # the CSV as it is: its images come from their real hosts
                 ObjectStore().put_bytes(
@@ -543,6 +653,8 @@ def down(quiet: bool = False) -> int:
     if left:
         say(f"error: processes still running: {left}")
         return 1
+    for folder in state.get("cleanup", []):
+        shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(STATE, ignore_errors=True)
     if not quiet:
         say("stack stopped; nothing left running")
@@ -625,14 +737,21 @@ def main() -> int:
         help="keep the CSV's own image URLs (a "
         "machine with internet); with --sample 0 it is the whole real dataset",
     )
-    commands.add_parser("up", help="start the stack")
+    u = commands.add_parser("up", help="start the stack")
+    u.add_argument(
+        "--topology",
+        choices=("local", "celery"),
+        default="local",
+        help="local: SQLite and LocalExecutor; celery: docker-compose.yaml's topology run "
+        "natively (Postgres, Redis, CeleryExecutor, a default and a gpu worker)",
+    )
     commands.add_parser("down", help="stop everything the stack started")
     commands.add_parser("status", help="show the stack's processes")
     args = parser.parse_args()
     if args.command == "demo":
         return demo(args)
     if args.command == "up":
-        up()
+        up(args.topology)
         return 0
     if args.command == "down":
         return down()

@@ -1,0 +1,512 @@
+"""The docker-compose deployment's topology, run natively on loopback: no Docker needed.
+
+``docker-compose.yaml`` is the one source: every Airflow and MLflow process gets the
+environment compose gives its service (``${VAR}`` filled from a ``.env`` made like
+``scripts/init_env.py`` makes it), and runs the command compose runs. Only what cannot be the
+same without containers changes, each listed in :data:`NATIVE` and :func:`native_command` with its
+reason: service host names become loopback addresses, container paths become folders of the
+stack, and ports move to free ones. Postgres and Redis are the distribution's packages
+(``scripts/setup-services`` installs them), MinIO's stand-in is the moto S3 server.
+
+Usage (through ``scripts/stack.py up --topology celery``)::
+
+    compose = load_compose()
+    env = service_environment(compose, "airflow-worker", values, addresses)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = REPO / "docker-compose.yaml"
+#: The compose services the native topology runs, by role (compose name -> what runs it).
+AIRFLOW_SERVICES = (
+    "airflow-apiserver",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-triggerer",
+    "airflow-worker",
+    "airflow-worker-gpu",
+)
+#: The other compose services, and what stands in for each natively.
+BACKING_SERVICES = {
+    "postgres": "PostgreSQL from the distribution's packages",
+    "redis": "Redis from the distribution's packages",
+    "minio": "the moto S3 server (MinIO's S3 API)",
+    "mlflow": "mlflow server, the same command and environment",
+    "airflow-init": "the same steps: db migrate, the admin's password file, the gpu pool",
+    "store-init": "the same call: ObjectStore().ensure_bucket",
+    "config-check": "deploy/check_env.py on the generated .env",
+}
+#: Values the native run sets in place of compose's, and why (names stay compose's).
+NATIVE = {
+    "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": (
+        "60",
+        "a killed worker's task is retried after a minute, not compose's default five",
+    ),
+    "ML_TRAIN_DEVICE": ("cpu", "no GPU on these machines: the gpu-queue worker trains on the CPU"),
+    "ML_ALLOW_NETWORKS": ("127.0.0.0/8", "the image server stands in for the internet"),
+}
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+
+
+def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
+    import yaml  # type: ignore[import-untyped]
+
+    loaded: dict[str, Any] = yaml.safe_load(path.read_text())  # resolves the anchors and <<
+    return loaded
+
+
+def interpolate(text: str, values: Mapping[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$``."""
+
+    def fill(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, kind, default = match.group(1), match.group(2), match.group(3) or ""
+        value = values.get(name)
+        if kind == ":-" and not value:
+            return default
+        if kind == "-" and value is None:
+            return default
+        return value or ""
+
+    return _VARIABLE.sub(fill, text)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines of a .env file (comments and blank lines skipped)."""
+    values = {}
+    for line in path.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            values[name.strip()] = value.strip()
+    return values
+
+
+def rewrite_hosts(value: str, addresses: Mapping[str, str]) -> str:
+    """``scheme://service[:port]`` of a compose service -> its loopback ``host:port``."""
+    for service, address in addresses.items():
+        value = re.sub(
+            rf"(://(?:[^/@\s]*@)?){re.escape(service)}(?::\d+)?(?=[/\s]|$)",
+            rf"\g<1>{address}",
+            value,
+        )
+    return value
+
+
+def service_environment(
+    compose: Mapping[str, Any],
+    service: str,
+    values: Mapping[str, str],
+    addresses: Mapping[str, str],
+) -> dict[str, str]:
+    """The environment compose gives ``service``, filled in and pointed at loopback."""
+    raw = compose["services"][service].get("environment") or {}
+    env = {}
+    for name, value in raw.items():
+        text = interpolate("" if value is None else str(value), values)
+        env[name] = rewrite_hosts(text, addresses)
+    for name, (value, _) in NATIVE.items():
+        if name in env or name == "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT":
+            env[name] = value
+    return env
+
+
+def service_command(
+    compose: Mapping[str, Any], service: str, values: Mapping[str, str]
+) -> list[str]:
+    """The command compose runs for ``service``, filled in."""
+    command = compose["services"][service].get("command") or []
+    return [interpolate(str(part), values) for part in command]
+
+
+def native_command(command: list[str], *, port: int | None = None) -> list[str]:
+    """A compose command as it runs here: listening on loopback (``--host``), on this stack's
+    port (``--port``), with one web worker (2 cores); anything else unchanged."""
+    out = list(command)
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(port)), ("--workers", "1")):
+        if flag in out and (flag != "--port" or port is not None):
+            out[out.index(flag) + 1] = value
+    return out
+
+
+# ------------------------------------------------------------------ Postgres and Redis
+
+
+def postgres_bin() -> Path:
+    """The folder of the distribution's PostgreSQL server programs."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), reverse=True)
+    if not found:
+        raise RuntimeError(
+            "PostgreSQL is not installed: run bash scripts/setup-services (apt-get install "
+            "postgresql redis-server)"
+        )
+    return found[0].parent
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """Postgres refuses to run as root: root runs it as the ``postgres`` user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def init_postgres(folder: Path, log: Path) -> None:
+    """A new cluster in ``folder``: local socket connections trusted (the superuser sets up
+    roles), TCP connections by password (scram), as compose's Postgres does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        folder.chmod(0o700)
+    with log.open("ab") as out:
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(postgres_bin() / "initdb"),
+                    "-D",
+                    str(folder / "data"),
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-U",
+                    "postgres",
+                ]
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+
+
+def postgres_command(folder: Path, port: int) -> list[str]:
+    """The server in the foreground, on loopback only, its socket in ``folder``."""
+    return _as_postgres(
+        [
+            str(postgres_bin() / "postgres"),
+            "-D",
+            str(folder / "data"),
+            "-p",
+            str(port),
+            "-k",
+            str(folder),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ]
+    )
+
+
+def create_databases(
+    folder: Path, port: int, user: str, password: str, databases: list[str]
+) -> None:
+    """The compose deployment's role and databases (``POSTGRES_USER`` owning ``airflow`` and,
+    as deploy/postgres-init.sh makes it, ``mlflow``). SQL goes on stdin: no password in argv."""
+    quoted = password.replace("'", "''")
+    statements = [f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{quoted}';"]
+    statements += [f'CREATE DATABASE "{name}" OWNER "{user}";' for name in databases]
+    psql = [str(postgres_bin() / "psql"), "-h", str(folder), "-p", str(port), "-U", "postgres"]
+    subprocess.run(
+        _as_postgres([*psql, "-v", "ON_ERROR_STOP=1", "-q", "-d", "postgres"]),
+        input="\n".join(statements).encode(),
+        capture_output=True,
+        check=True,
+    )
+
+
+def redis_command(folder: Path, port: int) -> tuple[list[str], Path]:
+    """``redis-server`` with a config file (loopback, no persistence) in ``folder``."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise RuntimeError(
+            "Redis is not installed: run bash scripts/setup-services (apt-get install "
+            "postgresql redis-server)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "redis.conf"
+    config.write_text(
+        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir {folder}\nprotected-mode yes\n'
+    )
+    return [server, str(config)], config
+
+
+def worker_hostname() -> str:
+    """The host name a task instance records (``AIRFLOW__CORE__HOSTNAME_CALLABLE``): this
+    machine's, plus the worker's role, so that two workers on one machine can be told apart as
+    two containers can."""
+    role = os.environ.get("STACK_WORKER_ROLE", "")
+    host = socket.gethostname()
+    return f"{host}-{role}" if role else host
+
+
+# ------------------------------------------------------------------ the plan of a start
+
+
+@dataclass
+class Step:
+    """One process of the topology: a service (kept running) or a one-off step (``once``)."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    health: str | None = None  # a URL that answers once the service is ready
+    timeout: float = 120.0
+    once: bool = False
+    before: Callable[[], None] | None = None  # runs first (e.g. preparing a data folder)
+    after: Callable[[], None] | None = None  # runs once it is ready (e.g. creating roles)
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    values: dict[str, str]  # the generated .env
+    client_env: dict[str, str]  # what a client of the stack needs (the test, the demo)
+    cleanup: list[Path] = field(default_factory=list)
+
+
+#: Container paths of the compose file and the folders that stand in for them natively.
+def _paths(state: Path) -> dict[str, str]:
+    return {
+        "/opt/airflow/secrets": str(state / "secrets"),
+        "/opt/airflow/deploy/mlflow-auth.ini": str(state / "mlflow-auth.ini"),
+        "/opt/airflow/deploy": str(REPO / "deploy"),
+    }
+
+
+def stack_values(ports: Mapping[str, int], bucket: str, extra: Mapping[str, str]) -> dict[str, str]:
+    """The .env a person would write for this machine: generated secrets (as
+    ``scripts/init_env.py`` makes them) and the stack's own settings."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    sys.path.insert(0, str(REPO / "deploy"))
+    from init_env import render
+
+    values = read_env_lines(render((REPO / ".env.example").read_text()))
+    values.update(
+        ML_BUCKET=bucket,
+        MLFLOW_PUBLIC_URL=f"http://localhost:{ports['mlflow']}",
+        MLFLOW_PUBLIC_HOST=f"localhost:{ports['mlflow']}",
+        MLFLOW_PORT=str(ports["mlflow"]),
+        ML_GPU_WORKERS="1",
+        **extra,
+    )
+    return values
+
+
+def read_env_lines(text: str) -> dict[str, str]:
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            values[name.strip()] = value.strip()
+    return values
+
+
+def celery_plan(
+    state: Path,
+    ports: Mapping[str, int],
+    marker: str,
+    bucket: str,
+    extra: Mapping[str, str],
+) -> Plan:
+    """Every process of the compose topology, in start order, as it runs here."""
+    compose = load_compose()
+    values = stack_values(ports, bucket, extra)
+    env_file = state / ".env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+    env_file.chmod(0o600)
+    addresses = {
+        "postgres": f"127.0.0.1:{ports['postgres']}",
+        "redis": f"127.0.0.1:{ports['redis']}",
+        "minio": f"127.0.0.1:{ports['s3']}",
+        "mlflow": f"127.0.0.1:{ports['mlflow']}",
+        "airflow-apiserver": f"127.0.0.1:{ports['airflow']}",
+    }
+    paths = _paths(state)
+    bin_dir = Path(sys.executable).parent
+    pg_folder = Path(tempfile.gettempdir()) / f"stack-postgres-{marker[:12]}"
+    common = {
+        "STACK_MARKER": marker,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+        "HOME": os.environ.get("HOME", str(state)),
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    }
+    native_airflow = {
+        "AIRFLOW_HOME": str(state / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(ports["airflow"]),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(ports["scheduler_health"]),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+    }
+
+    def env_of(service: str, **more: str) -> dict[str, str]:
+        env = service_environment(compose, service, values, addresses)
+        env = {k: _replace_paths(v, paths) for k, v in env.items()}
+        return {**common, **env, **more}
+
+    def airflow_env(service: str, **more: str) -> dict[str, str]:
+        return env_of(service, **native_airflow, **more)
+
+    (state / "secrets").mkdir(parents=True, exist_ok=True)
+    _write_auth_config(state)
+    airflow = str(bin_dir / "airflow")
+    steps = [
+        Step(
+            "config-check",
+            [_replace_paths(part, paths) for part in _entrypoint(compose, "config-check")],
+            env_of("config-check"),
+            once=True,
+        ),
+        Step(
+            "minio",
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
+            common,
+            health=f"http://127.0.0.1:{ports['s3']}/",
+        ),
+        Step(
+            "images",
+            [sys.executable, "-m", "devkit", "-q", "imageserver", "--port", str(ports["images"])],
+            common,
+            health=f"http://127.0.0.1:{ports['images']}/health.jpg",
+        ),
+        Step(
+            "postgres",
+            postgres_command(pg_folder, ports["postgres"]),
+            common,
+            before=lambda: init_postgres(pg_folder, state / "logs" / "postgres-init.log"),
+            after=lambda: _postgres_ready_then_databases(pg_folder, ports["postgres"], values),
+        ),
+        Step("redis", redis_command(state / "redis", ports["redis"])[0], common),
+        Step(
+            "store-init",
+            _entrypoint(compose, "store-init"),
+            env_of("store-init"),
+            once=True,
+        ),
+        Step(
+            "mlflow",
+            native_command(service_command(compose, "mlflow", values), port=ports["mlflow"]),
+            env_of("mlflow"),
+            health=f"http://127.0.0.1:{ports['mlflow']}/health",
+            timeout=180,
+        ),
+        Step(
+            "airflow-init",
+            [_replace_paths(part, paths) for part in _entrypoint(compose, "airflow-init")],
+            airflow_env("airflow-init"),
+            once=True,
+            timeout=300,
+        ),
+        Step(
+            "airflow-apiserver",
+            [airflow, "api-server"],
+            airflow_env("airflow-apiserver"),
+            health=f"http://127.0.0.1:{ports['airflow']}/api/v2/monitor/health",
+            timeout=180,
+        ),
+        Step("airflow-scheduler", [airflow, "scheduler"], airflow_env("airflow-scheduler")),
+        Step(
+            "airflow-dag-processor",
+            [airflow, "dag-processor"],
+            airflow_env("airflow-dag-processor"),
+        ),
+        # Log servers would bind every interface; task logs are local files here.
+        Step(
+            "airflow-triggerer",
+            [airflow, "triggerer", "--skip-serve-logs"],
+            airflow_env("airflow-triggerer"),
+        ),
+    ]
+    for service, role in (("airflow-worker", "default"), ("airflow-worker-gpu", "gpu")):
+        steps.append(worker_step(compose, service, role, values, airflow_env))
+    client = {
+        **env_of("airflow-worker"),
+        **native_airflow,
+        "AIRFLOW_ADMIN_USER": values["AIRFLOW_ADMIN_USER"],
+        "AIRFLOW_ADMIN_PASSWORD": values["AIRFLOW_ADMIN_PASSWORD"],
+        "POSTGRES_DSN": f"host=127.0.0.1 port={ports['postgres']} user={values['POSTGRES_USER']}",
+    }
+    return Plan(steps, values, client, cleanup=[pg_folder])
+
+
+def worker_step(
+    compose: Mapping[str, Any],
+    service: str,
+    role: str,
+    values: Mapping[str, str],
+    airflow_env: Callable[..., dict[str, str]],
+) -> Step:
+    """A Celery worker as compose runs it, named by its role (two share this machine) and
+    without a log server (they would share its port; logs are local files here)."""
+    command = service_command(compose, service, values)
+    command = [str(Path(sys.executable).parent / "airflow"), *command[1:]]
+    command += ["--celery-hostname", f"{role}@%h", "--skip-serve-logs"]
+    env = airflow_env(
+        service,
+        STACK_WORKER_ROLE=role,
+        AIRFLOW__CORE__HOSTNAME_CALLABLE="devkit.topology.worker_hostname",
+    )
+    return Step(service, command, env)
+
+
+def _entrypoint(compose: Mapping[str, Any], service: str) -> list[str]:
+    spec = compose["services"][service]
+    entry = spec.get("entrypoint") or []
+    command = spec.get("command") or []
+    parts = [str(p) for p in (*entry, *command)]
+    if parts and parts[0] == "python":
+        parts[0] = sys.executable
+    return [p.replace("$$", "$") for p in parts]
+
+
+def _replace_paths(text: str, paths: Mapping[str, str]) -> str:
+    for container, native in paths.items():
+        text = text.replace(container, native)
+    return text
+
+
+def _write_auth_config(state: Path) -> None:
+    """deploy/mlflow-auth.ini with its user database in the stack's folder."""
+    text = (REPO / "deploy" / "mlflow-auth.ini").read_text()
+    text = text.replace("sqlite:////var/lib/mlflow-auth/", f"sqlite:///{state}/")
+    (state / "mlflow-auth.ini").write_text(text)
+
+
+def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str, str]) -> None:
+    deadline = time.monotonic() + 60
+    while not (folder / f".s.PGSQL.{port}").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("PostgreSQL did not open its socket within 60 s")
+        time.sleep(0.2)
+    for attempt in range(50):
+        try:
+            create_databases(
+                folder,
+                port,
+                values["POSTGRES_USER"],
+                values["POSTGRES_PASSWORD"],
+                ["airflow", "mlflow"],
+            )
+            return
+        except subprocess.CalledProcessError:
+            if attempt == 49:
+                raise
+            time.sleep(0.2)
+
+
+def passwords_file(state: Path) -> dict[str, str]:
+    data: dict[str, str] = json.loads((state / "secrets" / "passwords.json").read_text())
+    return data
