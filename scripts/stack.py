@@ -486,7 +486,7 @@ def xcom(run_id: str, task_id: str, dag_id: str = DAG_ID) -> Any:
 
 
 def demo(args: argparse.Namespace) -> int:
-    up()
+    up(args.topology)
     conf = {**DEMO_CONF, "sample": args.sample, "epochs": args.epochs}
     if args.real:
         say("using the CSV as it is: images are fetched from their real hosts (needs internet)")
@@ -730,6 +730,7 @@ def main() -> int:
         help="a second run with one more epoch, to show the promotion decision",
     )
     d.add_argument("--csv", default=None, help="CSV to sample (default: the CrowdFlower file)")
+    d.add_argument("--topology", choices=("local", "celery"), default="local", help="see up")
     d.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
     d.add_argument(
         "--real",
