@@ -438,6 +438,7 @@ def celery_plan(
         "AIRFLOW_ADMIN_USER": values["AIRFLOW_ADMIN_USER"],
         "AIRFLOW_ADMIN_PASSWORD": values["AIRFLOW_ADMIN_PASSWORD"],
         "POSTGRES_DSN": f"host=127.0.0.1 port={ports['postgres']} user={values['POSTGRES_USER']}",
+        "POSTGRES_PASSWORD": values["POSTGRES_PASSWORD"],
     }
     return Plan(steps, values, client, cleanup=[pg_folder])
 
@@ -485,6 +486,15 @@ def _write_auth_config(state: Path) -> None:
     (state / "mlflow-auth.ini").write_text(text)
 
 
+def compose_databases(compose: Mapping[str, Any]) -> list[str]:
+    """The databases compose's Postgres has: ``POSTGRES_DB`` and those its init script
+    (deploy/postgres-init.sh, mounted into docker-entrypoint-initdb.d) creates."""
+    names = [str(compose["services"]["postgres"]["environment"]["POSTGRES_DB"])]
+    script = (REPO / "deploy" / "postgres-init.sh").read_text()
+    names += re.findall(r"CREATE DATABASE (\w+)", script)
+    return names
+
+
 def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str, str]) -> None:
     deadline = time.monotonic() + 60
     while not (folder / f".s.PGSQL.{port}").exists():
@@ -498,7 +508,7 @@ def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str,
                 port,
                 values["POSTGRES_USER"],
                 values["POSTGRES_PASSWORD"],
-                ["airflow", "mlflow"],
+                compose_databases(load_compose()),
             )
             return
         except subprocess.CalledProcessError:

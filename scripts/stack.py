@@ -6,6 +6,8 @@ and Airflow (SQLite, LocalExecutor: API server, scheduler, DAG processor, trigge
 
     python scripts/stack.py demo [--sample N] [--epochs N]   # up, one DAG run, summary
     python scripts/stack.py up | status | down
+    python scripts/stack.py up --topology celery   # docker-compose.yaml's topology, natively
+    python scripts/stack.py restart airflow-worker --kill   # a worker killed and started again
 
 ``demo`` leaves the stack up for browsing; ``down`` stops every process it started (by process
 group, then by a marker in their environment, so nothing is orphaned) and deletes its state
@@ -327,6 +329,7 @@ def up_celery(marker: str) -> dict[str, Any]:
                     raise SystemExit(f"error: {step.name} failed; its log ends:\n{tail[-3000:]}")
                 continue
             state["services"][step.name] = {"pid": process.pid}
+            _save_spec(step.name, step.command, step.env)
             (STATE / "state.json").write_text(json.dumps(state, indent=2))
             if step.health:
                 wait_http(step.health, step.name, step.timeout, process)
@@ -342,6 +345,43 @@ def up_celery(marker: str) -> dict[str, Any]:
         f"127.0.0.1:{PORTS['redis']} · S3 {url('s3')} · images {url('images')}"
     )
     return state
+
+
+def _save_spec(name: str, command: list[str], env: dict[str, str]) -> None:
+    """How a service was started (its environment holds secrets: owner-only), for restarts."""
+    folder = STATE / "services"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"command": command, "env": env}))
+    path.chmod(0o600)
+
+
+def restart(name: str, *, kill: bool = False) -> int:
+    """Start service ``name`` again as it was started (after a crash, or ``kill`` first: its
+    whole process group gets SIGKILL, as a machine failure would); its new pid."""
+    state = load_state()
+    service = state.get("services", {}).get(name)
+    if service is None:
+        raise SystemExit(f"error: no service {name!r} in this stack")
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(service["pid"], group=True) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    spec = json.loads((STATE / "services" / f"{name}.json").read_text())
+    log = (STATE / "logs" / f"{name}.log").open("ab")
+    process = subprocess.Popen(
+        spec["command"],
+        env=spec["env"],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    state["services"][name]["pid"] = process.pid
+    (STATE / "state.json").write_text(json.dumps(state, indent=2))
+    return process.pid
 
 
 def client_environment() -> dict[str, str]:
@@ -747,6 +787,9 @@ def main() -> int:
         "natively (Postgres, Redis, CeleryExecutor, a default and a gpu worker)",
     )
     commands.add_parser("down", help="stop everything the stack started")
+    r = commands.add_parser("restart", help="start one service again (--kill: SIGKILL it first)")
+    r.add_argument("service")
+    r.add_argument("--kill", action="store_true")
     commands.add_parser("status", help="show the stack's processes")
     args = parser.parse_args()
     if args.command == "demo":
@@ -756,6 +799,9 @@ def main() -> int:
         return 0
     if args.command == "down":
         return down()
+    if args.command == "restart":
+        say(f"{args.service} started again: pid {restart(args.service, kill=args.kill)}")
+        return 0
     return status()
 
 

@@ -1,0 +1,295 @@
+"""docker-compose.yaml's topology, run natively: Postgres, Redis, MLflow on Postgres, Airflow
+with CeleryExecutor, a default-queue and a gpu-queue worker (scripts/stack.py --topology celery).
+
+The compose file is the one source of the native run (devkit.topology), and the first tests
+check the two against each other; the last starts the topology on loopback, runs the DAG on it,
+and kills the default worker in the middle of a download batch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import re
+import time
+import urllib.parse
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from devkit.imageserver import ImageServer
+from devkit.servers import free_port
+from devkit.topology import (
+    AIRFLOW_SERVICES,
+    BACKING_SERVICES,
+    NATIVE,
+    celery_plan,
+    compose_databases,
+    interpolate,
+    load_compose,
+    rewrite_hosts,
+)
+from ml.labels import LABELS
+from tests.helpers import labelled_urls, plain_csv
+
+REPO = Path(__file__).resolve().parent.parent
+COMPOSE = load_compose()
+PORTS = {
+    "airflow": 8080,
+    "mlflow": 5000,
+    "s3": 9000,
+    "images": 8000,
+    "postgres": 5432,
+    "redis": 6379,
+    "scheduler_health": 8974,
+}
+#: Names the native run adds to compose's environment, each because a container has it some
+#: other way (its image's AIRFLOW_HOME and folders, the listening address of its network).
+NATIVE_ONLY = {
+    "STACK_MARKER",
+    "PATH",
+    "PYTHONPATH",
+    "HOME",
+    "LANG",
+    "AIRFLOW_HOME",
+    "AIRFLOW__CORE__DAGS_FOLDER",
+    "AIRFLOW__CORE__PLUGINS_FOLDER",
+    "AIRFLOW__API__HOST",
+    "AIRFLOW__API__PORT",
+    "AIRFLOW__API__WORKERS",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST",
+    "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT",
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL",
+    "STACK_WORKER_ROLE",
+    "AIRFLOW__CORE__HOSTNAME_CALLABLE",
+    *NATIVE,
+}
+
+
+@pytest.fixture(scope="module")
+def plan(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    state = tmp_path_factory.mktemp("plan")
+    return celery_plan(state, PORTS, "0" * 32, "pipeline", {})
+
+
+# ------------------------------------------------------- compose and the native run agree
+
+
+def test_every_compose_service_has_a_native_counterpart(plan: Any) -> None:
+    assert set(COMPOSE["services"]) == set(AIRFLOW_SERVICES) | set(BACKING_SERVICES)
+    assert {s.name for s in plan.steps} == set(COMPOSE["services"]) - {"postgres", "redis"} | {
+        "postgres",
+        "redis",
+        "images",
+    }
+
+
+def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None:
+    steps = {s.name: s for s in plan.steps}
+    for service in (*AIRFLOW_SERVICES, "mlflow", "airflow-init", "store-init", "config-check"):
+        compose_names = set(COMPOSE["services"][service].get("environment") or {})
+        native_names = set(steps[service].env)
+        assert compose_names <= native_names, service
+        assert native_names - compose_names <= NATIVE_ONLY | set(os.environ), service
+    worker = steps["airflow-worker"].env
+    assert worker["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    postgres = f"127.0.0.1:{PORTS['postgres']}"
+    assert worker["AIRFLOW__CELERY__BROKER_URL"] == f"redis://127.0.0.1:{PORTS['redis']}/0"
+    assert re.fullmatch(
+        rf"db\+postgresql\+psycopg2://airflow:[^@]+@{postgres}/airflow",
+        worker["AIRFLOW__CELERY__RESULT_BACKEND"],
+    )
+    assert worker["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(f"@{postgres}/airflow")
+    assert steps["mlflow"].env["MLFLOW_BACKEND_STORE_URI"].endswith(f"@{postgres}/mlflow")
+    assert compose_databases(COMPOSE) == ["airflow", "mlflow"]  # what the native run creates
+
+
+def test_same_queues_concurrency_and_pool(plan: Any) -> None:
+    steps = {s.name: s for s in plan.steps}
+    for service, queue in (("airflow-worker", "default"), ("airflow-worker-gpu", "gpu")):
+        compose_command = COMPOSE["services"][service]["command"]
+        native = steps[service].command
+        assert native[1 : len(compose_command)] == compose_command[1:]  # same queue, concurrency
+        assert compose_command[compose_command.index("--queues") + 1] == queue
+    init = " ".join(steps["airflow-init"].command)
+    assert 'airflow pools set gpu "${ML_GPU_WORKERS}"' in init  # compose's own script runs
+    from dags.image_sentiment import GPU_QUEUE
+
+    assert GPU_QUEUE == "gpu" == COMPOSE["services"]["airflow-worker-gpu"]["command"][4]
+
+
+def test_passwords_never_on_a_command_line(plan: Any) -> None:
+    secrets = {v for k, v in plan.values.items() if "PASSWORD" in k or "SECRET" in k or "KEY" in k}
+    for step in plan.steps:
+        text = " ".join(step.command)
+        assert not [s for s in secrets if s and s in text], step.name
+
+
+def test_interpolation_and_host_rewriting_follow_compose_rules() -> None:
+    values = {"A": "x", "EMPTY": ""}
+    assert interpolate("${A}-${EMPTY:-d}-${EMPTY-d}-${MISSING-d}-$${A}", values) == "x-d--d-${A}"
+    addresses = {"postgres": "127.0.0.1:5433", "minio": "127.0.0.1:9001"}
+    assert (
+        rewrite_hosts("postgresql+psycopg2://u:p@postgres/airflow", addresses)
+        == "postgresql+psycopg2://u:p@127.0.0.1:5433/airflow"
+    )
+    assert rewrite_hosts("http://minio:9000", addresses) == "http://127.0.0.1:9001"
+    assert rewrite_hosts("http://minio-console:9000", addresses) == "http://minio-console:9000"
+
+
+# ------------------------------------------------------------- the topology, end to end
+
+
+def _load_stack(env: dict[str, str]) -> ModuleType:
+    """scripts/stack.py as a module, reading this topology's ports and folder."""
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        spec = importlib.util.spec_from_file_location("stack_celery", REPO / "scripts" / "stack.py")
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return module
+
+
+@pytest.fixture(scope="module")
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+    names = ("AIRFLOW", "MLFLOW", "S3", "IMAGES", "POSTGRES", "REDIS", "SCHEDULER_HEALTH")
+    env = {f"STACK_{name}_PORT": str(free_port()) for name in names}
+    env["STACK_DIR"] = str(tmp_path_factory.mktemp("celery") / "stack")
+    stack = _load_stack(env)
+    started = time.monotonic()
+    try:
+        stack.up("celery")
+        stack.STARTED_IN = time.monotonic() - started
+        yield stack
+    finally:
+        assert stack.down(quiet=True) == 0
+
+
+def _parse(stamp: str | None) -> float:
+    return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
+
+
+def _run(stack: ModuleType, conf: dict[str, Any], timeout: float = 900) -> tuple[str, str]:
+    run_id = stack.trigger(conf)
+    return run_id, stack.wait(run_id, timeout)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
+    stack = topology
+    print(json.dumps({"topology_started_in_s": round(stack.STARTED_IN, 1)}))
+    assert stack.STARTED_IN < 300
+    stack.prepare_demo_csv(None)
+    conf = {**stack.DEMO_CONF, "sample": 60, "epochs": 1, "download_batch_size": 15}
+    run_id, state = _run(stack, conf)
+    tasks = stack._tasks(run_id)
+    assert state == "success", [(t["task_id"], t["state"]) for t in tasks]
+    gpu_tasks = {"preflight", "train", "register"}
+    for task in tasks:
+        role = "gpu" if task["task_id"] in gpu_tasks else "default"
+        assert task["queue"] == role, task["task_id"]
+        assert task["hostname"].endswith(f"-{role}"), (task["task_id"], task["hostname"])
+    batches = [t for t in tasks if t["task_id"] == "download_batch"]
+    assert len(batches) == 4 and len({t["pid"] for t in batches}) >= 2
+    spans = sorted((_parse(t["start_date"]), _parse(t["end_date"])) for t in batches)
+    assert any(b[0] < a[1] for a, b in itertools.pairwise(spans)), spans  # in parallel
+
+    env = stack.client_environment()
+    registered = stack.xcom(run_id, "register")
+    assert registered["aliases"] == ["challenger", "champion"]
+    import psycopg2
+
+    with (
+        psycopg2.connect(
+            env["POSTGRES_DSN"], password=env["POSTGRES_PASSWORD"], dbname="mlflow"
+        ) as connection,
+        connection.cursor() as cursor,
+    ):
+        cursor.execute(
+            "SELECT alias, version FROM registered_model_aliases WHERE name = %s",
+            (registered["model"],),
+        )
+        assert dict(cursor.fetchall()) == {"challenger": 1, "champion": 1}
+
+    scored = stack.wait_inference(300)
+    assert scored and scored["predicted"] >= 15
+    inference = stack.api("GET", f"/dags/{stack.INFERENCE_DAG_ID}/dagRuns")["dag_runs"]
+    assert [r["run_type"] for r in inference] == ["asset_triggered"]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_worker_killed_mid_batch_loses_nothing(
+    topology: ModuleType, image_server: ImageServer
+) -> None:
+    """SIGKILL the default worker while a download batch runs, start it again: the run
+    finishes, each URL has one ok manifest row, and what was recorded is not fetched again."""
+    stack = topology
+    rows = labelled_urls(image_server, dict.fromkeys(LABELS, 8), prefix="killed", delay=1.0)
+    env = stack.client_environment()
+    with stack._stack_environment(env):
+        from ml.storage import ObjectStore, S3Uri
+
+        store = ObjectStore()
+        csv = S3Uri(stack.BUCKET, "input/killed.csv")
+        store.put_bytes(csv, plain_csv(rows), content_type="text/csv")
+    conf = {
+        **stack.DEMO_CONF,
+        "csv": str(csv),
+        "epochs": 1,
+        "max_steps_per_epoch": 1,
+        "download_batch_size": 20,
+        "download_concurrency": 2,
+        "flush_rows": 1,
+    }
+    run_id = stack.trigger(conf)
+    deadline = time.monotonic() + 300
+    recorded: set[str] = set()
+    dataset = ""
+    while time.monotonic() < deadline:  # a batch is running and has written some rows
+        states = {(t["task_id"], t["map_index"]): t["state"] for t in stack._tasks(run_id)}
+        if not dataset and states.get(("ingest", -1)) == "success":
+            dataset = stack.xcom(run_id, "ingest")["dataset"]
+        running = [k for k, v in states.items() if k[0] == "download_batch" and v == "running"]
+        recorded = _recorded_urls(store, dataset) if dataset else set()
+        if running and len(recorded) >= 4:
+            break
+        time.sleep(0.5)
+    assert recorded, "no download batch was seen running"
+    stack.restart("airflow-worker", kill=True)
+    killed_at = len(image_server.hits)
+    state = stack.wait(run_id, 900)
+    tasks = stack._tasks(run_id)
+    assert state == "success", [(t["task_id"], t["state"], t["try_number"]) for t in tasks]
+    assert max(t["try_number"] for t in tasks if t["task_id"] == "download_batch") >= 2
+
+    manifest = stack.xcom(run_id, "collect_manifest")
+    assert manifest["statuses"] == {"ok": len(rows)} and manifest["urls"] == len(rows)
+    hits = {path: count for path, count in image_server.hits.items() if "/killed/" in path}
+    assert len(hits) == len(rows)
+    for url in recorded:  # written to the manifest before the kill: never fetched again
+        path = urllib.parse.urlsplit(url)
+        assert hits[f"{path.path}?{path.query}"] == 1, url
+    # Only what was in flight when the worker died is fetched twice (2 batches x 2 threads).
+    assert sum(hits.values()) - len(rows) <= 2 * conf["download_concurrency"], (hits, killed_at)
+
+
+def _recorded_urls(store: Any, dataset: str) -> set[str]:
+    """URLs with an ok row in the dataset's manifest parts so far."""
+    from ml.download import read_parts
+    from ml.layout import DatasetLayout
+
+    parts = read_parts(DatasetLayout.parse(dataset), store).rows
+    return set(parts.loc[parts["status"] == "ok", "url"])
