@@ -7,8 +7,10 @@ suite inside a network namespace that has only loopback.
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import os
+import shutil
 import sys
 import tempfile
 import uuid
@@ -28,7 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Airflow reads its configuration once, at import: point it at a throwaway home before any test
 # imports it (the DAG tests migrate that database themselves).
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="airflow-home-"))
+if "AIRFLOW_HOME" not in os.environ:
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airflow-home-")
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], ignore_errors=True)
 os.environ.update(
     {
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
