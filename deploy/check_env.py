@@ -11,11 +11,13 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import sys
 
 #: (variable, minimum length) for every secret docker-compose.yaml passes on.
 SECRETS = {
     "POSTGRES_PASSWORD": 12,
+    "REDIS_PASSWORD": 12,
     "MINIO_ROOT_PASSWORD": 12,
     "MLFLOW_ADMIN_PASSWORD": 12,
     "MLFLOW_SECRET_KEY": 24,
@@ -25,6 +27,9 @@ SECRETS = {
     "AIRFLOW_FERNET_KEY": 44,
 }
 PLACEHOLDER = "change-me"
+#: Secrets written into the database and broker URLs: only characters a URL keeps as they are.
+IN_URLS = ("POSTGRES_USER", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
+_URL_SAFE = re.compile(r"[A-Za-z0-9._~-]*")
 
 
 def problems(env: dict[str, str]) -> list[str]:
@@ -37,6 +42,12 @@ def problems(env: dict[str, str]) -> list[str]:
             found.append(f"{name} is still the placeholder from .env.example")
         elif len(value) < minimum:
             found.append(f"{name} is shorter than {minimum} characters")
+    for name in IN_URLS:
+        if not _URL_SAFE.fullmatch(env.get(name, "")):
+            found.append(
+                f"{name} has characters that break the database and broker URLs "
+                "(use letters, digits and . _ ~ -)"
+            )
     fernet = env.get("AIRFLOW_FERNET_KEY", "")
     if fernet and PLACEHOLDER not in fernet.lower():
         try:

@@ -16,6 +16,7 @@ Usage (through ``scripts/stack.py up --topology celery``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -223,20 +224,56 @@ def create_databases(
     )
 
 
-def redis_command(folder: Path, port: int) -> tuple[list[str], Path]:
-    """``redis-server`` with a config file (loopback, no persistence) in ``folder``."""
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read, from its first byte (it holds
+    secrets)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
+def redis_command(folder: Path, port: int, password: str) -> tuple[list[str], Path]:
+    """``redis-server`` with a config file (loopback, no persistence, the broker's password,
+    as compose's Redis has it) in ``folder``: the password is in that owner-only file, never
+    in the command."""
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError(
             "Redis is not installed: run bash scripts/setup-services (apt-get install "
             "postgresql redis-server)"
         )
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     config = folder / "redis.conf"
-    config.write_text(
-        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir {folder}\nprotected-mode yes\n'
+    write_private(
+        config,
+        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir {folder}\n'
+        f"protected-mode yes\nrequirepass {password}\n",
     )
     return [server, str(config)], config
+
+
+def redis_ready(port: int, password: str, timeout: float = 30) -> None:
+    """Wait until Redis answers PING after AUTH with ``password``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+                connection.sendall(b"AUTH %s\r\nPING\r\n" % password.encode())
+                answer = b""
+                while b"PONG" not in answer and b"-" not in answer[:1]:
+                    chunk = connection.recv(256)
+                    if not chunk:
+                        break
+                    answer += chunk
+                if b"PONG" in answer:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Redis did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+        time.sleep(0.2)
 
 
 def worker_hostname() -> str:
@@ -321,8 +358,7 @@ def celery_plan(
     compose = load_compose()
     values = stack_values(ports, bucket, extra)
     env_file = state / ".env"
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
-    env_file.chmod(0o600)
+    write_private(env_file, "".join(f"{k}={v}\n" for k, v in values.items()))
     addresses = {
         "postgres": f"127.0.0.1:{ports['postgres']}",
         "redis": f"127.0.0.1:{ports['redis']}",
@@ -389,7 +425,12 @@ def celery_plan(
             before=lambda: init_postgres(pg_folder, state / "logs" / "postgres-init.log"),
             after=lambda: _postgres_ready_then_databases(pg_folder, ports["postgres"], values),
         ),
-        Step("redis", redis_command(state / "redis", ports["redis"])[0], common),
+        Step(
+            "redis",
+            redis_command(state / "redis", ports["redis"], values["REDIS_PASSWORD"])[0],
+            common,
+            after=lambda: redis_ready(ports["redis"], values["REDIS_PASSWORD"]),
+        ),
         Step(
             "store-init",
             _entrypoint(compose, "store-init"),

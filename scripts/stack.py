@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from devkit.servers import mlflow_command  # noqa: E402
 from devkit.servers import wait_http as wait_for  # noqa: E402
+from devkit.topology import write_private  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 STATE = Path(os.environ.get("STACK_DIR", REPO / ".run" / "stack")).resolve()
@@ -299,8 +300,7 @@ def up_celery(marker: str) -> dict[str, Any]:
     }
     plan = celery_plan(STATE, PORTS, marker, BUCKET, extra)
     client = STATE / "client.json"
-    client.write_text(json.dumps(plan.client_env))
-    client.chmod(0o600)
+    write_private(client, json.dumps(plan.client_env))
     state: dict[str, Any] = {
         "marker": marker,
         "services": {},
@@ -352,8 +352,7 @@ def _save_spec(name: str, command: list[str], env: dict[str, str]) -> None:
     folder = STATE / "services"
     folder.mkdir(mode=0o700, exist_ok=True)
     path = folder / f"{name}.json"
-    path.write_text(json.dumps({"command": command, "env": env}))
-    path.chmod(0o600)
+    write_private(path, json.dumps({"command": command, "env": env}))
 
 
 def restart(name: str, *, kill: bool = False) -> int:

@@ -259,6 +259,10 @@ def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
     assert done.returncode == 0, done.stderr
     generated = parse(out.read_text())
     assert problems(generated) == []
+    # A password that would change the meaning of a database or broker URL is refused.
+    for name, value in (("POSTGRES_PASSWORD", "pa55@evil:1/x"), ("REDIS_PASSWORD", "a/b#cdefghij")):
+        found = problems({**generated, name: value})
+        assert len(found) == 1 and found[0].startswith(f"{name} has characters"), found
     assert (
         generated["AIRFLOW_FERNET_KEY"]
         != parse(out.read_text().replace("x", "x"))["AIRFLOW_FERNET_KEY"]
@@ -388,6 +392,8 @@ def _command_lines(service: dict[str, Any]) -> list[str]:
         value = service.get(key)
         found.append(" ".join(value) if isinstance(value, list) else str(value or ""))
     test = (service.get("healthcheck") or {}).get("test") or []
+    if isinstance(test, list) and test[:1] in (["CMD"], ["CMD-SHELL"]):
+        test = test[1:]  # compose's marker of how to run the rest, not part of it
     found.append(" ".join(test) if isinstance(test, list) else str(test))
     return found
 
@@ -397,14 +403,19 @@ def test_no_password_on_any_command_line() -> None:
 
     A command may not interpolate a secret (``${X}`` at compose time, or ``$$X`` passed to a
     program at run time) nor carry ``user:password@`` in a URL; a shell test of whether a
-    secret is set (``[[ -z ... ]]``, a builtin) passes nothing to another process.
+    secret is set (``[[ -z ... ]]``, a builtin) passes nothing to another process, nor do a
+    here-document's body (the program's stdin) and a ``NAME="$$SECRET" program`` prefix (its
+    environment).
     """
     name_re = r"[A-Z_]*(PASSWORD|SECRET|FERNET_KEY|SECRET_KEY)[A-Z_]*"
     interpolated = re.compile(r"\$\$?\{?" + name_re)
     userinfo = re.compile(r"://[^/\s:@$]+:[^@\s]+@")
+    heredoc = re.compile(r"<<-?\s*'?(\w+)'?\s*\n.*?\n\s*\1\s*$", re.S | re.M)
+    env_prefix = re.compile(r"(^|;|&&|\|\|)\s*[A-Z_]+=\"?\$\$\{?" + name_re + r"\}?\"?\s+")
     for name, service in SERVICES.items():
-        for text in _command_lines(service):
-            for line in text.splitlines():
+        for command in _command_lines(service):
+            argv = env_prefix.sub(r"\1 ", heredoc.sub("<<STDIN", command))
+            for line in argv.splitlines():
                 if line.strip().startswith(("if [[ -z", "#", "echo")):
                     continue
                 assert not interpolated.search(line), f"{name} puts a secret in argv: {line}"

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import socket
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -100,7 +101,8 @@ def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None
     worker = steps["airflow-worker"].env
     assert worker["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     postgres = f"127.0.0.1:{PORTS['postgres']}"
-    assert worker["AIRFLOW__CELERY__BROKER_URL"] == f"redis://127.0.0.1:{PORTS['redis']}/0"
+    broker = f"redis://:{plan.values['REDIS_PASSWORD']}@127.0.0.1:{PORTS['redis']}/0"
+    assert worker["AIRFLOW__CELERY__BROKER_URL"] == broker
     assert re.fullmatch(
         rf"db\+postgresql\+psycopg2://airflow:[^@]+@{postgres}/airflow",
         worker["AIRFLOW__CELERY__RESULT_BACKEND"],
@@ -122,6 +124,23 @@ def test_same_queues_concurrency_and_pool(plan: Any) -> None:
     from dags.image_sentiment import GPU_QUEUE
 
     assert GPU_QUEUE == "gpu" == COMPOSE["services"]["airflow-worker-gpu"]["command"][4]
+
+
+def test_the_broker_wants_the_same_password_in_both(plan: Any, tmp_path: Path) -> None:
+    """Compose's Redis and the native one both require REDIS_PASSWORD; the native one reads
+    it from an owner-only config file, as the generated .env is kept."""
+    redis = COMPOSE["services"]["redis"]
+    assert "requirepass $$REDIS_PASSWORD" in redis["command"][-1]
+    assert redis["environment"]["REDIS_PASSWORD"] == "${REDIS_PASSWORD:-}"
+    assert (
+        "${REDIS_PASSWORD}@redis:"
+        in COMPOSE["x-airflow-common"]["environment"]["AIRFLOW__CELERY__BROKER_URL"]
+    )
+    step = next(s for s in plan.steps if s.name == "redis")
+    config = Path(step.command[-1])
+    assert f"requirepass {plan.values['REDIS_PASSWORD']}\n" in config.read_text()
+    assert config.stat().st_mode & 0o077 == 0
+    assert (config.parent.parent / ".env").stat().st_mode & 0o077 == 0
 
 
 def test_passwords_never_on_a_command_line(plan: Any) -> None:
@@ -191,6 +210,15 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
     stack = topology
     print(json.dumps({"topology_started_in_s": round(stack.STARTED_IN, 1)}))
     assert stack.STARTED_IN < 300
+    with socket.create_connection(("127.0.0.1", stack.PORTS["redis"])) as broker:
+        broker.sendall(b"PING\r\n")
+        assert broker.recv(100).startswith(b"-NOAUTH")  # no task without the password
+    # Every socket of every service is on loopback, Postgres and Redis included.
+    sockets = stack.listeners(stack.load_state())
+    assert all(address in ("127.0.0.1", "::1") for _, address, _ in sockets), sockets
+    assert {port for _, _, port in sockets} >= {
+        stack.PORTS[name] for name in stack.TOPOLOGY_PORTS["celery"]
+    }, sockets
     stack.prepare_demo_csv(None)
     conf = {**stack.DEMO_CONF, "sample": 60, "epochs": 1, "download_batch_size": 15}
     run_id, state = _run(stack, conf)
@@ -227,6 +255,12 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
     assert scored and scored["predicted"] >= 15
     inference = stack.api("GET", f"/dags/{stack.INFERENCE_DAG_ID}/dagRuns")["dag_runs"]
     assert [r["run_type"] for r in inference] == ["asset_triggered"]
+    quoted = urllib.parse.quote(inference[0]["dag_run_id"], safe="")
+    path = f"/dags/{stack.INFERENCE_DAG_ID}/dagRuns/{quoted}/taskInstances"
+    scored_by = stack.api("GET", path)["task_instances"]
+    assert scored_by and all(
+        t["queue"] == "default" and t["hostname"].endswith("-default") for t in scored_by
+    ), [(t["task_id"], t["queue"], t["hostname"]) for t in scored_by]
 
 
 @pytest.mark.integration
