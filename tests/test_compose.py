@@ -237,7 +237,7 @@ def test_the_mlflow_ui_follows_the_public_host() -> None:
 
 def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
     sys.path.insert(0, str(REPO / "deploy"))
-    from check_env import SECRETS, problems
+    from check_env import IN_URLS, SECRETS, problems
 
     def parse(text: str) -> dict[str, str]:
         return dict(
@@ -288,6 +288,9 @@ def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
     )
     assert check.returncode == 1 and "init_env.py" in check.stderr
     assert SERVICES["config-check"]["entrypoint"][-1].endswith("check_env.py")
+    wanted = set(SECRETS) | set(IN_URLS)
+    checked = set(SERVICES["config-check"]["environment"])
+    assert checked >= wanted, wanted - checked
     for name in ("postgres", "redis", "minio"):
         assert (
             SERVICES[name]["depends_on"]["config-check"]["condition"]

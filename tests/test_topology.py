@@ -229,6 +229,8 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
         role = "gpu" if task["task_id"] in gpu_tasks else "default"
         assert task["queue"] == role, task["task_id"]
         assert task["hostname"].endswith(f"-{role}"), (task["task_id"], task["hostname"])
+    assert stack.api("GET", "/pools/gpu")["slots"] == 1  # airflow-init's pool, ML_GPU_WORKERS
+    assert next(t for t in tasks if t["task_id"] == "train")["pool"] == "gpu"
     batches = [t for t in tasks if t["task_id"] == "download_batch"]
     assert len(batches) == 4 and len({t["pid"] for t in batches}) >= 2
     spans = sorted((_parse(t["start_date"]), _parse(t["end_date"])) for t in batches)
