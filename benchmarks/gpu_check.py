@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from ml.loop import Step, make_optimizer, make_scheduler, train_one_epoch  # noqa: E402
+from ml.loop import make_step, train_one_epoch  # noqa: E402
 from ml.model import Classifier, architecture  # noqa: E402
 from ml.runtime import Runtime  # noqa: E402
 from ml.train_config import TrainConfig  # noqa: E402
@@ -57,14 +57,8 @@ def train_epoch(compile_model: bool, steps: int) -> tuple[nn.Module, dict[str, A
     )
     model = architecture(cfg.arch).cuda().to(memory_format=torch.channels_last)
     before = model.fc.weight.detach().clone()
-    optimizer = make_optimizer(model, cfg)
-    step = Step(
-        optimizer,
-        make_scheduler(optimizer, cfg, steps),
-        torch.amp.GradScaler("cuda", enabled=False),
-        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        Normalizer(Preprocessing().mean, Preprocessing().std, rt.device),
-    )
+    normalizer = Normalizer(Preprocessing().mean, Preprocessing().std, rt.device)
+    step = make_step(model, cfg, rt, steps, normalizer)
     trained: nn.Module = torch.compile(model) if compile_model else model  # type: ignore[assignment]
     trained.train()
     started = time.perf_counter()

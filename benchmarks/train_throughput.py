@@ -290,7 +290,7 @@ def bench_trainer_defaults(
 ) -> dict[str, Any]:
     """The trainer's own step and loader settings (``TrainConfig()``), ResNet-152 at 224 px
     (``changes`` override fields: the test suite runs a small one on the CPU)."""
-    from ml.loop import Step, make_optimizer, make_scheduler, train_one_epoch
+    from ml.loop import make_step, train_one_epoch
     from ml.model import architecture
     from ml.runtime import Runtime, seed_worker
     from ml.train_config import TrainConfig
@@ -314,14 +314,7 @@ def bench_trainer_defaults(
         **workers,
     )
     model = architecture(cfg.arch).to(rt.device).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    step = Step(
-        optimizer,
-        make_scheduler(optimizer, cfg, steps),
-        torch.amp.GradScaler("cuda", enabled=False),
-        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        Normalizer(MEAN, STD, rt.device, channels_last=True),
-    )
+    step = make_step(model, cfg, rt, steps, Normalizer(MEAN, STD, rt.device, channels_last=True))
     model.train()
     warm = TrainConfig(split="x", max_steps_per_epoch=min(10, steps), **changes)
     train_one_epoch(model, loader, step, warm, rt)

@@ -134,6 +134,28 @@ class Step:
     normalizer: Normalizer
 
 
+def make_step(
+    model: nn.Module,
+    cfg: TrainConfig,
+    rt: Runtime,
+    steps_per_epoch: int,
+    normalizer: Normalizer,
+    class_weights: torch.Tensor | None = None,
+) -> Step:
+    """The trainer's optimizer and schedule, loss scaling (fp16 on CUDA only) and objective,
+    for ``model`` already on its device and in its memory format."""
+    optimizer = make_optimizer(model, cfg)
+    return Step(
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, cfg, steps_per_epoch),
+        scaler=torch.amp.GradScaler(
+            "cuda", enabled=cfg.precision == "fp16" and rt.device.type == "cuda"
+        ),
+        objective=nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing),
+        normalizer=normalizer,
+    )
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader[Any],

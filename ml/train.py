@@ -40,8 +40,7 @@ from ml.loop import (
     Step,
     evaluate,
     lr_factor,
-    make_optimizer,
-    make_scheduler,
+    make_step,
     set_backbone_frozen,
     train_mode,
     train_one_epoch,
@@ -269,17 +268,9 @@ def _prepare(
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
     weight = loaders.class_weights.to(rt.device) if loaders.class_weights is not None else None
-    step = Step(
-        optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, cfg, max(1, steps)),
-        scaler=torch.amp.GradScaler(
-            "cuda", enabled=cfg.precision == "fp16" and rt.device.type == "cuda"
-        ),
-        objective=nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing),
-        normalizer=preprocessing.normalizer(rt.device, channels_last=cfg.channels_last),
-    )
+    normalizer = preprocessing.normalizer(rt.device, channels_last=cfg.channels_last)
+    step = make_step(model, cfg, rt, max(1, steps), normalizer, weight)
     session = Session(cfg, rt, model, loaders, step, checkpoints, TrainingState(), max(1, steps))
     saved = checkpoints.load()
     if saved is not None:
