@@ -16,7 +16,6 @@ Usage (through ``scripts/stack.py up --topology celery``)::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -32,6 +31,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# The .env is made as scripts/init_env.py makes it (which reads deploy/check_env.py's table).
+for _folder in (str(REPO / "deploy"), str(REPO / "scripts")):
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
+from init_env import parse_env, render, write_private  # noqa: E402
+
 COMPOSE = REPO / "docker-compose.yaml"
 #: The compose services the native topology runs, by role (compose name -> what runs it).
 AIRFLOW_SERVICES = (
@@ -52,7 +57,7 @@ BACKING_SERVICES = {
     "store-init": "the same call: ObjectStore().ensure_bucket",
     "config-check": "deploy/check_env.py on the generated .env",
 }
-#: Values the native run sets in place of compose's, and why (names stay compose's).
+#: Values the native run sets in place of compose's, and why (only where compose sets the name).
 NATIVE = {
     "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": (
         "60",
@@ -88,16 +93,6 @@ def interpolate(text: str, values: Mapping[str, str]) -> str:
     return _VARIABLE.sub(fill, text)
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """``NAME=value`` lines of a .env file (comments and blank lines skipped)."""
-    values = {}
-    for line in path.read_text().splitlines():
-        name, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#"):
-            values[name.strip()] = value.strip()
-    return values
-
-
 def rewrite_hosts(value: str, addresses: Mapping[str, str]) -> str:
     """``scheme://service[:port]`` of a compose service -> its loopback ``host:port``."""
     for service, address in addresses.items():
@@ -122,7 +117,7 @@ def service_environment(
         text = interpolate("" if value is None else str(value), values)
         env[name] = rewrite_hosts(text, addresses)
     for name, (value, _) in NATIVE.items():
-        if name in env or name == "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT":
+        if name in env:
             env[name] = value
     return env
 
@@ -224,16 +219,6 @@ def create_databases(
     )
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a file only its owner can read, from its first byte (it holds
-    secrets)."""
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(text)
-
-
 def redis_command(folder: Path, port: int, password: str) -> tuple[list[str], Path]:
     """``redis-server`` with a config file (loopback, no persistence, the broker's password,
     as compose's Redis has it) in ``folder``: the password is in that owner-only file, never
@@ -322,11 +307,7 @@ def _paths(state: Path) -> dict[str, str]:
 def stack_values(ports: Mapping[str, int], bucket: str, extra: Mapping[str, str]) -> dict[str, str]:
     """The .env a person would write for this machine: generated secrets (as
     ``scripts/init_env.py`` makes them) and the stack's own settings."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    sys.path.insert(0, str(REPO / "deploy"))
-    from init_env import render
-
-    values = read_env_lines(render((REPO / ".env.example").read_text()))
+    values = parse_env(render((REPO / ".env.example").read_text()))
     values.update(
         ML_BUCKET=bucket,
         MLFLOW_PUBLIC_URL=f"http://localhost:{ports['mlflow']}",
@@ -335,15 +316,6 @@ def stack_values(ports: Mapping[str, int], bucket: str, extra: Mapping[str, str]
         ML_GPU_WORKERS="1",
         **extra,
     )
-    return values
-
-
-def read_env_lines(text: str) -> dict[str, str]:
-    values = {}
-    for line in text.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and not line.lstrip().startswith("#"):
-            values[name.strip()] = value.strip()
     return values
 
 
@@ -396,7 +368,7 @@ def celery_plan(
     def airflow_env(service: str, **more: str) -> dict[str, str]:
         return env_of(service, **native_airflow, **more)
 
-    (state / "secrets").mkdir(parents=True, exist_ok=True)
+    (state / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_auth_config(state)
     airflow = str(bin_dir / "airflow")
     steps = [

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import os
 import secrets
 import shutil
 import subprocess
@@ -61,6 +63,26 @@ def render(example: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_env(text: str) -> dict[str, str]:
+    """``NAME=value`` lines of a .env text (comments and blank lines skipped)."""
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            values[name.strip()] = value.strip()
+    return values
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read, from its first byte (it holds
+    secrets)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="overwrite an existing .env")
@@ -76,12 +98,9 @@ def main() -> int:
         )
         return 2
     text = render(Path(args.example).read_text())
-    env = dict(
-        line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#")
-    )
+    env = parse_env(text)
     assert not problems(env), problems(env)
-    out.write_text(text)
-    out.chmod(0o600)
+    write_private(out, text)
     print(f"wrote {out} with generated secrets; next: docker compose up -d --build")
     return 0
 

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]  # the latter when loaded by a test
+
+from init_env import write_private  # noqa: E402
 
 from devkit.servers import mlflow_command  # noqa: E402
 from devkit.servers import wait_http as wait_for  # noqa: E402
-from devkit.topology import write_private  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 STATE = Path(os.environ.get("STACK_DIR", REPO / ".run" / "stack")).resolve()
@@ -182,6 +183,18 @@ def api(method: str, path: str, body: Any | None = None) -> Any:
         return json.loads(response.read() or b"null")
 
 
+def _save_state(state: dict[str, Any]) -> None:
+    (STATE / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def _spawn(name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Service ``name`` in its own process group, its output appended to its log."""
+    with (STATE / "logs" / f"{name}.log").open("ab") as log:
+        return subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def load_state() -> dict[str, Any]:
     path = STATE / "state.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -254,17 +267,9 @@ def up(topology: str = "local") -> dict[str, Any]:
                         check=True,
                     )
             say(f"starting {name} ...")
-            log = (STATE / "logs" / f"{name}.log").open("ab")
-            process = subprocess.Popen(
-                command,
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            process = _spawn(name, command, env)
             state["services"][name] = {"pid": process.pid, "port": PORTS.get(name)}
-            (STATE / "state.json").write_text(json.dumps(state, indent=2))
+            _save_state(state)
             if name == "mlflow":
                 _create_bucket(env)
             if health:
@@ -308,21 +313,13 @@ def up_celery(marker: str) -> dict[str, Any]:
         "topology": "celery",
         "cleanup": [str(p) for p in plan.cleanup],
     }
-    (STATE / "state.json").write_text(json.dumps(state, indent=2))
+    _save_state(state)
     try:
         for step in plan.steps:
             say(f"{'running' if step.once else 'starting'} {step.name} ...")
             if step.before:
                 step.before()
-            log = (STATE / "logs" / f"{step.name}.log").open("ab")
-            process = subprocess.Popen(
-                step.command,
-                env=step.env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+            process = _spawn(step.name, step.command, step.env)
             if step.once:
                 if process.wait(timeout=step.timeout) != 0:
                     tail = (STATE / "logs" / f"{step.name}.log").read_text(errors="replace")
@@ -330,7 +327,7 @@ def up_celery(marker: str) -> dict[str, Any]:
                 continue
             state["services"][step.name] = {"pid": process.pid}
             _save_spec(step.name, step.command, step.env)
-            (STATE / "state.json").write_text(json.dumps(state, indent=2))
+            _save_state(state)
             if step.health:
                 wait_http(step.health, step.name, step.timeout, process)
             if step.after:
@@ -369,17 +366,9 @@ def restart(name: str, *, kill: bool = False) -> int:
         while _alive(service["pid"], group=True) and time.monotonic() < deadline:
             time.sleep(0.2)
     spec = json.loads((STATE / "services" / f"{name}.json").read_text())
-    log = (STATE / "logs" / f"{name}.log").open("ab")
-    process = subprocess.Popen(
-        spec["command"],
-        env=spec["env"],
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    process = _spawn(name, spec["command"], spec["env"])
     state["services"][name]["pid"] = process.pid
-    (STATE / "state.json").write_text(json.dumps(state, indent=2))
+    _save_state(state)
     return process.pid
 
 

@@ -110,6 +110,10 @@ def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None
     assert worker["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(f"@{postgres}/airflow")
     assert steps["mlflow"].env["MLFLOW_BACKEND_STORE_URI"].endswith(f"@{postgres}/mlflow")
     assert compose_databases(COMPOSE) == ["airflow", "mlflow"]  # what the native run creates
+    # NATIVE replaces values compose sets, and adds none of its own.
+    heartbeat = "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"
+    assert steps["airflow-scheduler"].env[heartbeat] == NATIVE[heartbeat][0]
+    assert heartbeat not in steps["mlflow"].env
 
 
 def test_same_queues_concurrency_and_pool(plan: Any) -> None:
@@ -210,6 +214,10 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
     stack = topology
     print(json.dumps({"topology_started_in_s": round(stack.STARTED_IN, 1)}))
     assert stack.STARTED_IN < 300
+    # Every file that holds a secret is its owner's alone.
+    held = [".env", "client.json", "secrets/passwords.json", "redis/redis.conf"]
+    for path in [stack.STATE / name for name in held] + list(stack.STATE.glob("services/*")):
+        assert path.stat().st_mode & 0o077 == 0, path
     with socket.create_connection(("127.0.0.1", stack.PORTS["redis"])) as broker:
         broker.sendall(b"PING\r\n")
         assert broker.recv(100).startswith(b"-NOAUTH")  # no task without the password
