@@ -211,7 +211,13 @@ def pipeline_env(
     monkeypatch.setenv("ML_INPUT_ROOTS", f"s3://{bucket}/input")  # where the form may read
     monkeypatch.setenv("ML_SCHEDULE", "none")
     monkeypatch.setenv("HOME", str(tmp_path))  # image cache of this run only
-    yield {"bucket": bucket, "csv": str(csv), "rows": len(rows), "faults": len(faults)}
+    yield {
+        "bucket": bucket,
+        "csv": str(csv),
+        "rows": len(rows),
+        "faults": len(faults),
+        "good_rows": rows,
+    }
 
 
 @pytest.mark.integration
@@ -315,3 +321,21 @@ def test_dag_runs_end_to_end(
     assert "success" in states["changes"], states
     assert "skipped" in states["train"] and "skipped" in states["register"], states
     assert [v.version for v in MlflowClient().search_model_versions(f"name='{model}'")] == ["1"]
+
+    # A CSV whose every image downloads: its second run has no batch to map, and the manifest,
+    # split and change check still run (an empty mapping must not skip the rest of the run).
+    clean = S3Uri(pipeline_env["bucket"], "input/clean.csv")
+    store.put_bytes(clean, plain_csv(pipeline_env["good_rows"]))
+    for attempt in ("first", "rerun"):
+        done = dag.test(run_conf={**conf, "csv": str(clean)})
+        assert str(done.state) in ("success", "DagRunState.SUCCESS"), (attempt, done.state)
+    with create_session() as session:
+        states = {
+            (ti.task_id, ti.map_index): str(ti.state)
+            for ti in session.scalars(
+                select(TaskInstance).where(TaskInstance.run_id == done.run_id)
+            )
+        }
+    assert "skipped" in states[("download_batch", -1)], states  # nothing left to fetch
+    for task_id in ("collect_manifest", "split", "changes"):
+        assert "success" in states[(task_id, -1)], (task_id, states)
