@@ -1,16 +1,23 @@
-# One Dockerfile, four images (build targets), so that only what trains carries CUDA:
+# One Dockerfile, three images (build targets):
 #
-#   airflow     scheduler, API server, DAG processor, triggerer, init: Airflow, no torch
-#   mlflow      the MLflow tracking server (basic-auth app): no torch
-#   worker      Celery worker on the default queue (ingest, downloads, split, register,
-#               batch inference): CPU-only torch
-#   worker-gpu  Celery worker on the gpu queue (training): torch with CUDA 13 (NVIDIA driver
-#               580 or newer, a GPU of compute capability 7.5 or newer)
+#   airflow     scheduler, API server, DAG processor, triggerer, init, store-init: Airflow and
+#               the `ml` package without torch (no service of these trains or scores)
+#   mlflow      the MLflow tracking server (basic-auth app) and the database set-up step
+#   worker      the Celery workers, both queues: Airflow, `ml` and torch. PyPI's torch wheels
+#               carry CUDA 13 (NVIDIA driver 580+, compute capability 7.5+) and run on the CPU
+#               too, so the default-queue worker and the GPU worker share one image, every file
+#               of it checked against the hash in requirements.txt
 #
-# What each target installs is declared once, as dependency groups in pyproject.toml, and locked
-# with hashes by scripts/lock: requirements.txt (the GPU worker's runtime) and deploy/locks/*.txt
-# (the other images); pip checks every file against its hash. Built by docker-compose.yaml;
-# ML_CODE_VERSION (the git commit) is baked in at build time.
+# What each target installs is declared once, as dependency groups in pyproject.toml, and
+# locked with hashes by scripts/lock (requirements.txt for the workers, deploy/locks/*.txt for
+# the others). Layers run from what changes least to what changes most: system packages, the
+# pinned installer, the target's lock, the code, and last the code version, so that a code
+# change rebuilds one small layer and never reinstalls torch.
+#
+#   ML_CODE_VERSION=$(git rev-parse --short HEAD) docker compose build
+#
+# PYTHON_IMAGE: any Debian bookworm image with Python 3.11 as `python` on PATH (scripts/
+# compose-smoke builds one from Debian's packages where no registry can be reached).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
@@ -18,6 +25,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    UV_NO_CACHE=1 \
     MALLOC_ARENA_MAX=2 \
     AIRFLOW_HOME=/opt/airflow \
     PYTHONPATH=/opt/airflow
@@ -30,35 +38,41 @@ RUN apt-get update \
     && mkdir -p /opt/airflow/logs /opt/airflow/secrets /home/airflow/.cache/torch \
         /var/lib/mlflow-auth \
     && chown -R airflow:0 /opt/airflow /home/airflow /var/lib/mlflow-auth
-COPY requirements.txt deploy/locks /tmp/build/
+# The installer, pinned and hash-checked like everything it installs.
+COPY deploy/locks/installer.txt /tmp/build/installer.txt
+RUN python -m pip install --require-hashes -r /tmp/build/installer.txt && rm -r /tmp/build
 WORKDIR /opt/airflow
+
+# The project's code, gathered in one stage so that each target copies it in one layer.
+FROM scratch AS code
+COPY dags /opt/airflow/dags
+COPY plugins /opt/airflow/plugins
+COPY ml /opt/airflow/ml
+COPY deploy /opt/airflow/deploy
+
+FROM base AS airflow
+COPY deploy/locks/airflow.txt /tmp/build/airflow.txt
+RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/airflow.txt \
+    && rm -r /tmp/build
+COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
+USER airflow
 ARG ML_CODE_VERSION=unknown
 ENV ML_CODE_VERSION=${ML_CODE_VERSION}
 
-FROM base AS airflow
-RUN pip install --require-hashes -r /tmp/build/airflow.txt
-COPY --chown=airflow:0 dags ./dags
-COPY --chown=airflow:0 plugins ./plugins
-COPY --chown=airflow:0 deploy ./deploy
-COPY --chown=airflow:0 ml ./ml
-USER airflow
-
 FROM base AS mlflow
-RUN pip install --require-hashes -r /tmp/build/mlflow.txt
-COPY --chown=airflow:0 deploy ./deploy
+COPY deploy/locks/mlflow.txt /tmp/build/mlflow.txt
+RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/mlflow.txt \
+    && rm -r /tmp/build
+COPY --from=code --chown=airflow:0 /opt/airflow/deploy /opt/airflow/deploy
 USER airflow
+ARG ML_CODE_VERSION=unknown
+ENV ML_CODE_VERSION=${ML_CODE_VERSION}
 
-FROM airflow AS worker
-USER root
-# The CPU-only build of the pinned torch: the default-queue worker scores images but never
-# trains on a GPU, so it does without the CUDA libraries (about 5 GB). PyTorch's own index
-# serves it (pinned by version; the only install here without a hash in the lock).
-RUN pip install --index-url https://download.pytorch.org/whl/cpu \
-        "torch==2.14.1+cpu" "torchvision==0.29.1+cpu" \
-    && pip install --require-hashes -r /tmp/build/worker.txt
+FROM base AS worker
+COPY requirements.txt /tmp/build/requirements.txt
+RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/requirements.txt \
+    && rm -r /tmp/build
+COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
 USER airflow
-
-FROM airflow AS worker-gpu
-USER root
-RUN pip install --require-hashes -r /tmp/build/requirements.txt
-USER airflow
+ARG ML_CODE_VERSION=unknown
+ENV ML_CODE_VERSION=${ML_CODE_VERSION}

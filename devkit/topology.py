@@ -35,7 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 for _folder in (str(REPO / "deploy"), str(REPO / "scripts")):
     if _folder not in sys.path:
         sys.path.insert(0, _folder)
+from ensure_databases import DATABASES as EXTRA_DATABASES  # noqa: E402
 from init_env import parse_env, render, write_private  # noqa: E402
+
+from devkit import imagevenvs  # noqa: E402
 
 COMPOSE = REPO / "docker-compose.yaml"
 #: The compose services the native topology runs, by role (compose name -> what runs it).
@@ -54,6 +57,7 @@ BACKING_SERVICES = {
     "minio": "the moto S3 server (MinIO's S3 API)",
     "mlflow": "mlflow server, the same command and environment",
     "airflow-init": "the same steps: db migrate, the admin's password file, the gpu pool",
+    "postgres-databases": "the same script: deploy/ensure_databases.py",
     "store-init": "the same call: ObjectStore().ensure_bucket",
     "config-check": "deploy/check_env.py on the generated .env",
 }
@@ -94,8 +98,11 @@ def interpolate(text: str, values: Mapping[str, str]) -> str:
 
 
 def rewrite_hosts(value: str, addresses: Mapping[str, str]) -> str:
-    """``scheme://service[:port]`` of a compose service -> its loopback ``host:port``."""
+    """``scheme://service[:port]`` of a compose service -> its loopback ``host:port``; a value
+    that is only a service's name (libpq's ``PGHOST``) -> its loopback host."""
     for service, address in addresses.items():
+        if value == service:
+            return address.rpartition(":")[0]
         value = re.sub(
             rf"(://(?:[^/@\s]*@)?){re.escape(service)}(?::\d+)?(?=[/\s]|$)",
             rf"\g<1>{address}",
@@ -205,10 +212,11 @@ def postgres_command(folder: Path, port: int) -> list[str]:
 def create_databases(
     folder: Path, port: int, user: str, password: str, databases: list[str]
 ) -> None:
-    """The compose deployment's role and databases (``POSTGRES_USER`` owning ``airflow`` and,
-    as deploy/postgres-init.sh makes it, ``mlflow``). SQL goes on stdin: no password in argv."""
+    """What compose's Postgres image makes on a new volume: ``POSTGRES_USER`` as a superuser
+    with its password, owning ``databases`` (``POSTGRES_DB``). SQL goes on stdin: no password in
+    argv. The other databases are the ``postgres-databases`` step's, as in compose."""
     quoted = password.replace("'", "''")
-    statements = [f"CREATE ROLE \"{user}\" LOGIN PASSWORD '{quoted}';"]
+    statements = [f"CREATE ROLE \"{user}\" LOGIN SUPERUSER PASSWORD '{quoted}';"]
     statements += [f'CREATE DATABASE "{name}" OWNER "{user}";' for name in databases]
     psql = [str(postgres_bin() / "psql"), "-h", str(folder), "-p", str(port), "-U", "postgres"]
     subprocess.run(
@@ -339,11 +347,10 @@ def celery_plan(
         "airflow-apiserver": f"127.0.0.1:{ports['airflow']}",
     }
     paths = _paths(state)
-    bin_dir = Path(sys.executable).parent
     pg_folder = Path(tempfile.gettempdir()) / f"stack-postgres-{marker[:12]}"
     common = {
         "STACK_MARKER": marker,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
         "HOME": os.environ.get("HOME", str(state)),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
@@ -361,16 +368,25 @@ def celery_plan(
     }
 
     def env_of(service: str, **more: str) -> dict[str, str]:
+        """Compose's environment for ``service``, run from its image's environment (PATH)."""
         env = service_environment(compose, service, values, addresses)
         env = {k: _replace_paths(v, paths) for k, v in env.items()}
-        return {**common, **env, **more}
+        bin_dir = _image_bin(compose, service)
+        path = f"{bin_dir}{os.pathsep}{common['PATH']}" if bin_dir else common["PATH"]
+        return {**common, "PATH": path, **env, **more}
 
     def airflow_env(service: str, **more: str) -> dict[str, str]:
         return env_of(service, **native_airflow, **more)
 
+    def airflow(service: str, *args: str) -> list[str]:
+        return [str(_image_bin(compose, service) / "airflow"), *args]
+
     (state / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_auth_config(state)
-    airflow = str(bin_dir / "airflow")
+    mlflow_command = native_command(
+        service_command(compose, "mlflow", values), port=ports["mlflow"]
+    )
+    mlflow_command[0] = str(_image_bin(compose, "mlflow") / mlflow_command[0])
     steps = [
         Step(
             "config-check",
@@ -398,6 +414,12 @@ def celery_plan(
             after=lambda: _postgres_ready_then_databases(pg_folder, ports["postgres"], values),
         ),
         Step(
+            "postgres-databases",
+            [_replace_paths(part, paths) for part in _entrypoint(compose, "postgres-databases")],
+            env_of("postgres-databases", PGPORT=str(ports["postgres"])),
+            once=True,
+        ),
+        Step(
             "redis",
             redis_command(state / "redis", ports["redis"], values["REDIS_PASSWORD"])[0],
             common,
@@ -411,7 +433,7 @@ def celery_plan(
         ),
         Step(
             "mlflow",
-            native_command(service_command(compose, "mlflow", values), port=ports["mlflow"]),
+            mlflow_command,
             env_of("mlflow"),
             health=f"http://127.0.0.1:{ports['mlflow']}/health",
             timeout=180,
@@ -425,21 +447,25 @@ def celery_plan(
         ),
         Step(
             "airflow-apiserver",
-            [airflow, "api-server"],
+            airflow("airflow-apiserver", "api-server"),
             airflow_env("airflow-apiserver"),
             health=f"http://127.0.0.1:{ports['airflow']}/api/v2/monitor/health",
             timeout=180,
         ),
-        Step("airflow-scheduler", [airflow, "scheduler"], airflow_env("airflow-scheduler")),
+        Step(
+            "airflow-scheduler",
+            airflow("airflow-scheduler", "scheduler"),
+            airflow_env("airflow-scheduler"),
+        ),
         Step(
             "airflow-dag-processor",
-            [airflow, "dag-processor"],
+            airflow("airflow-dag-processor", "dag-processor"),
             airflow_env("airflow-dag-processor"),
         ),
         # Log servers would bind every interface; task logs are local files here.
         Step(
             "airflow-triggerer",
-            [airflow, "triggerer", "--skip-serve-logs"],
+            airflow("airflow-triggerer", "triggerer", "--skip-serve-logs"),
             airflow_env("airflow-triggerer"),
         ),
     ]
@@ -448,12 +474,18 @@ def celery_plan(
     client = {
         **env_of("airflow-worker"),
         **native_airflow,
+        "PATH": common["PATH"],
         "AIRFLOW_ADMIN_USER": values["AIRFLOW_ADMIN_USER"],
         "AIRFLOW_ADMIN_PASSWORD": values["AIRFLOW_ADMIN_PASSWORD"],
         "POSTGRES_DSN": f"host=127.0.0.1 port={ports['postgres']} user={values['POSTGRES_USER']}",
         "POSTGRES_PASSWORD": values["POSTGRES_PASSWORD"],
     }
     return Plan(steps, values, client, cleanup=[pg_folder])
+
+
+def _image_bin(compose: Mapping[str, Any], service: str) -> Path:
+    """The ``bin`` folder of the environment built from ``service``'s image lock."""
+    return imagevenvs.ensure(imagevenvs.service_target(compose, service)) / "bin"
 
 
 def worker_step(
@@ -466,7 +498,7 @@ def worker_step(
     """A Celery worker as compose runs it, named by its role (two share this machine) and
     without a log server (they would share its port; logs are local files here)."""
     command = service_command(compose, service, values)
-    command = [str(Path(sys.executable).parent / "airflow"), *command[1:]]
+    command = [str(_image_bin(compose, service) / "airflow"), *command[1:]]
     command += ["--celery-hostname", f"{role}@%h", "--skip-serve-logs"]
     env = airflow_env(
         service,
@@ -481,8 +513,8 @@ def _entrypoint(compose: Mapping[str, Any], service: str) -> list[str]:
     entry = spec.get("entrypoint") or []
     command = spec.get("command") or []
     parts = [str(p) for p in (*entry, *command)]
-    if parts and parts[0] == "python":
-        parts[0] = sys.executable
+    if parts and parts[0] == "python":  # the image's Python
+        parts[0] = str(_image_bin(compose, service) / "python")
     return [p.replace("$$", "$") for p in parts]
 
 
@@ -500,12 +532,9 @@ def _write_auth_config(state: Path) -> None:
 
 
 def compose_databases(compose: Mapping[str, Any]) -> list[str]:
-    """The databases compose's Postgres has: ``POSTGRES_DB`` and those its init script
-    (deploy/postgres-init.sh, mounted into docker-entrypoint-initdb.d) creates."""
-    names = [str(compose["services"]["postgres"]["environment"]["POSTGRES_DB"])]
-    script = (REPO / "deploy" / "postgres-init.sh").read_text()
-    names += re.findall(r"CREATE DATABASE (\w+)", script)
-    return names
+    """The databases compose's deployment has: Postgres's ``POSTGRES_DB`` and those the
+    ``postgres-databases`` step (deploy/ensure_databases.py) creates."""
+    return [str(compose["services"]["postgres"]["environment"]["POSTGRES_DB"]), *EXTRA_DATABASES]
 
 
 def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str, str]) -> None:
@@ -521,7 +550,7 @@ def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str,
                 port,
                 values["POSTGRES_USER"],
                 values["POSTGRES_PASSWORD"],
-                compose_databases(load_compose()),
+                [str(load_compose()["services"]["postgres"]["environment"]["POSTGRES_DB"])],
             )
             return
         except subprocess.CalledProcessError:

@@ -16,11 +16,10 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import boto3
-import pandas as pd
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -32,6 +31,9 @@ from botocore.exceptions import (
 from ml.errors import PipelineError
 from ml.redact import get_logger, redact_text, redact_url
 from ml.uri import S3Uri
+
+if TYPE_CHECKING:  # pandas is imported where frames are read: the store's users without
+    import pandas as pd  # pandas (the airflow image's store-init) need only boto3
 
 log = get_logger(__name__)
 
@@ -232,6 +234,8 @@ class ObjectStore:
 
     def read_parquet(self, uri: S3Uri, *, hint: str = "") -> pd.DataFrame:
         """A Parquet object as a frame; one clear error when it is truncated or not Parquet."""
+        import pandas as pd
+
         data = self.get_bytes(uri)
         try:
             return pd.read_parquet(io.BytesIO(data))

@@ -4,8 +4,8 @@
     python3 scripts/init_env.py --force    # regenerate (new secrets: existing data won't open)
 
 Secrets (the names in deploy/check_env.py) get fresh random values, the Fernet key a valid
-key; everything else keeps the example's value. ML_CODE_VERSION is set to the git commit, so
-the images carry the code version they were built from. Standard library only.
+key; everything else keeps the example's value. Standard library only. (The images' code
+version is not a setting: it is passed when they are built, see docker-compose.yaml.)
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import base64
 import contextlib
 import os
 import secrets
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,32 +30,12 @@ def secret_value(name: str) -> str:
     return secrets.token_urlsafe(max(24, SECRETS[name]))
 
 
-def code_version() -> str:
-    git = shutil.which("git")
-    if git is None:
-        return "unknown"
-    try:
-        done = subprocess.run(
-            [git, "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=10,
-        )
-    except OSError:
-        return "unknown"
-    return done.stdout.strip() or "unknown"
-
-
 def render(example: str) -> str:
     lines = []
     for line in example.splitlines():
         name, sep, _ = line.partition("=")
         if sep and name in SECRETS:
             lines.append(f"{name}={secret_value(name)}")
-        elif sep and name == "ML_CODE_VERSION":
-            lines.append(f"{name}={code_version()}")
         else:
             lines.append(line)
     return "\n".join(lines) + "\n"
