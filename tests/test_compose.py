@@ -148,7 +148,10 @@ def test_each_image_installs_its_own_hashed_lock_before_the_code() -> None:
         install = next(i for i, line in enumerate(lines) if "--require-hashes" in line)
         code = next(i for i, line in enumerate(lines) if line.startswith("COPY --from=code"))
         assert install < code, target
-        assert lines[-2:] == ["ARG ML_CODE_VERSION=unknown", "ENV ML_CODE_VERSION=${ML_CODE_VERSION}"]
+        assert lines[-2:] == [
+            "ARG ML_CODE_VERSION=unknown",
+            "ENV ML_CODE_VERSION=${ML_CODE_VERSION}",
+        ]
 
 
 def test_the_locks_agree_and_follow_pyproject() -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import subprocess
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -69,6 +70,7 @@ NATIVE_ONLY = {
     "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL",
     "STACK_WORKER_ROLE",
     "AIRFLOW__CORE__HOSTNAME_CALLABLE",
+    "PGPORT",  # compose's Postgres listens on libpq's default port; the native one on a free one
     *NATIVE,
 }
 
@@ -93,7 +95,14 @@ def test_every_compose_service_has_a_native_counterpart(plan: Any) -> None:
 
 def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None:
     steps = {s.name: s for s in plan.steps}
-    for service in (*AIRFLOW_SERVICES, "mlflow", "airflow-init", "store-init", "config-check"):
+    for service in (
+        *AIRFLOW_SERVICES,
+        "mlflow",
+        "airflow-init",
+        "store-init",
+        "config-check",
+        "postgres-databases",
+    ):
         compose_names = set(COMPOSE["services"][service].get("environment") or {})
         native_names = set(steps[service].env)
         assert compose_names <= native_names, service
@@ -103,11 +112,22 @@ def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None
     postgres = f"127.0.0.1:{PORTS['postgres']}"
     broker = f"redis://:{plan.values['REDIS_PASSWORD']}@127.0.0.1:{PORTS['redis']}/0"
     assert worker["AIRFLOW__CELERY__BROKER_URL"] == broker
-    assert re.fullmatch(
-        rf"db\+postgresql\+psycopg2://airflow:[^@]+@{postgres}/airflow",
-        worker["AIRFLOW__CELERY__RESULT_BACKEND"],
-    )
-    assert worker["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(f"@{postgres}/airflow")
+    assert worker["AIRFLOW__CELERY__RESULT_BACKEND"] == broker[: -len("/0")] + "/1"
+    scheduler = steps["airflow-scheduler"].env
+    assert scheduler["AIRFLOW__CELERY__RESULT_BACKEND"] == worker["AIRFLOW__CELERY__RESULT_BACKEND"]
+    assert scheduler["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(f"@{postgres}/airflow")
+    # Least privilege: the workers hold neither the database nor the Fernet and JWT secrets.
+    for name in ("airflow-worker", "airflow-worker-gpu"):
+        held = steps[name].env
+        for secret in (
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
+            "AIRFLOW__CORE__FERNET_KEY",
+            "AIRFLOW__API_AUTH__JWT_SECRET",
+        ):
+            assert secret not in held, (name, secret)
+        assert plan.values["POSTGRES_PASSWORD"] not in " ".join(held.values()), name
+    databases = steps["postgres-databases"].env
+    assert (databases["PGHOST"], databases["PGPORT"]) == ("127.0.0.1", str(PORTS["postgres"]))
     assert steps["mlflow"].env["MLFLOW_BACKEND_STORE_URI"].endswith(f"@{postgres}/mlflow")
     assert compose_databases(COMPOSE) == ["airflow", "mlflow"]  # what the native run creates
     # NATIVE replaces values compose sets, and adds none of its own.
@@ -135,11 +155,11 @@ def test_the_broker_wants_the_same_password_in_both(plan: Any, tmp_path: Path) -
     it from an owner-only config file, as the generated .env is kept."""
     redis = COMPOSE["services"]["redis"]
     assert "requirepass $$REDIS_PASSWORD" in redis["command"][-1]
-    assert redis["environment"]["REDIS_PASSWORD"] == "${REDIS_PASSWORD:-}"
-    assert (
-        "${REDIS_PASSWORD}@redis:"
-        in COMPOSE["x-airflow-common"]["environment"]["AIRFLOW__CELERY__BROKER_URL"]
-    )
+    assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    for env in (COMPOSE["x-airflow-common"]["environment"], COMPOSE["x-worker-env"]):
+        assert re.match(
+            r"redis://:\$\{REDIS_PASSWORD:\?[^}]*\}@redis:", env["AIRFLOW__CELERY__BROKER_URL"]
+        )
     step = next(s for s in plan.steps if s.name == "redis")
     config = Path(step.command[-1])
     assert f"requirepass {plan.values['REDIS_PASSWORD']}\n" in config.read_text()
@@ -157,6 +177,11 @@ def test_passwords_never_on_a_command_line(plan: Any) -> None:
 def test_interpolation_and_host_rewriting_follow_compose_rules() -> None:
     values = {"A": "x", "EMPTY": ""}
     assert interpolate("${A}-${EMPTY:-d}-${EMPTY-d}-${MISSING-d}-$${A}", values) == "x-d--d-${A}"
+    assert interpolate("${MISSING:-${A:-y}}-${A:?set A}", values) == "x-x"
+    for text in ("${EMPTY:?set EMPTY}", "${MISSING?set MISSING}"):
+        with pytest.raises(ValueError, match="set "):
+            interpolate(text, values)
+    assert interpolate("${EMPTY?set EMPTY}", values) == ""  # set, though empty
     addresses = {"postgres": "127.0.0.1:5433", "minio": "127.0.0.1:9001"}
     assert (
         rewrite_hosts("postgresql+psycopg2://u:p@postgres/airflow", addresses)
@@ -164,6 +189,33 @@ def test_interpolation_and_host_rewriting_follow_compose_rules() -> None:
     )
     assert rewrite_hosts("http://minio:9000", addresses) == "http://127.0.0.1:9001"
     assert rewrite_hosts("http://minio-console:9000", addresses) == "http://minio-console:9000"
+    assert rewrite_hosts("postgres", addresses) == "127.0.0.1"  # libpq's PGHOST
+
+
+def test_each_service_runs_from_its_images_lock(plan: Any) -> None:
+    """The native run uses the environment built from the lock each service's image installs
+    (so a package missing from an image fails here too); the stand-ins for third-party
+    services (moto, the image server, Postgres, Redis) are not the project's images."""
+    from devkit import imagevenvs
+
+    assert imagevenvs.dockerfile_locks((REPO / "Dockerfile").read_text()) == {
+        "airflow": "deploy/locks/airflow.txt",
+        "mlflow": "deploy/locks/mlflow.txt",
+        "worker": "requirements.txt",
+    }
+    for step in plan.steps:
+        if step.name not in COMPOSE["services"] or "build" not in COMPOSE["services"][step.name]:
+            continue
+        target = imagevenvs.service_target(COMPOSE, step.name)
+        venv = imagevenvs.ROOT / target
+        if step.command[0] != "/bin/bash":  # airflow-init's script: its PATH finds the tools
+            assert Path(step.command[0]).parent == venv / "bin", (step.name, step.command[0])
+        assert step.env["PATH"].split(os.pathsep)[0] == str(venv / "bin"), step.name
+    # the airflow image has no torch and no pandas: they are not importable from its venv
+    python = imagevenvs.ROOT / "airflow" / "bin" / "python"
+    for module in ("torch", "pandas"):
+        done = subprocess.run([python, "-c", f"import {module}"], capture_output=True, check=False)
+        assert done.returncode != 0, module
 
 
 # ------------------------------------------------------------- the topology, end to end
