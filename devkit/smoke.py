@@ -234,7 +234,7 @@ def base_image(env: dict[str, str], folder: Path) -> str:
                 "-c",
                 f"ENV PATH={path}",
                 "-c",
-                f"ENV PIP_CERT={bundle} SSL_CERT_FILE={bundle}",
+                f"ENV LANG=C.UTF-8 PIP_CERT={bundle} SSL_CERT_FILE={bundle}",
                 "-",
                 BASE_IMAGE,
             ],

@@ -8,7 +8,8 @@ RUN mkdir -p /etc/postgresql-common/createcluster.d \
     && apt-get install -y --no-install-recommends postgresql-15 \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /docker-entrypoint-initdb.d
-ENV PATH=/usr/lib/postgresql/15/bin:$PATH \
+ENV LANG=C.UTF-8 \
+    PATH=/usr/lib/postgresql/15/bin:$PATH \
     PGDATA=/var/lib/postgresql/data
 COPY postgres-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 ENTRYPOINT ["docker-entrypoint.sh"]
