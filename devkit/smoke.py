@@ -641,7 +641,15 @@ def _run_stack(
 ) -> None:
     values = stack.values
     stack.compose("down", "-v", "--remove-orphans", check=False)  # a stack left by a killed run
-    phases.run("compose up", lambda: stack.compose("up", "-d", "--no-build", "--pull", "never"))
+
+    def up() -> None:
+        # A second `up` starts what the first left created but not started (seen here under
+        # load: a dependency's health check timed out once); it changes nothing running.
+        for _ in range(2):
+            stack.compose("up", "-d", "--no-build", "--pull", "never", check=False)
+        stack.compose("up", "-d", "--no-build", "--pull", "never")
+
+    phases.run("compose up", up)
     airflow = Airflow(
         f"http://127.0.0.1:{values['AIRFLOW_PORT']}",
         values["AIRFLOW_ADMIN_USER"],
