@@ -95,3 +95,8 @@ def ensure(target: str, root: Path = ROOT) -> Path:
         )
     stamp.write_text(want)
     return venv
+
+
+if __name__ == "__main__":  # scripts/test: build them while the package index is reachable
+    for name in locks():
+        print(f"{name}: {ensure(name)}")
