@@ -100,7 +100,12 @@ def stage_demo_inputs(
 ) -> None:
     """Upload the demo's training CSV (pointed at the image server) and a CSV of a few of its
     URLs for the batch-inference DAG to score."""
-    data = point_at(source_csv(csv_path), base_url)
+    upload_inputs(point_at(source_csv(csv_path), base_url), sample_uri, score_uri, score_rows)
+
+
+def upload_inputs(data: bytes, sample_uri: str, score_uri: str, score_rows: int = 20) -> None:
+    """Store ``data`` (a CSV) at ``sample_uri`` and its first ``score_rows`` URLs, as a CSV of
+    URLs to score, at ``score_uri``."""
     store = ObjectStore()
     store.put_bytes(S3Uri.parse(sample_uri), data, content_type="text/csv")
     frame = parse_csv(data)
@@ -141,4 +146,12 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in ("dataset", "rows", "labels", "rejected")}
 
 
-__all__ = ["generated_csv", "local_s3", "point_at", "run_demo", "source_csv", "stage_demo_inputs"]
+__all__ = [
+    "generated_csv",
+    "local_s3",
+    "point_at",
+    "run_demo",
+    "source_csv",
+    "stage_demo_inputs",
+    "upload_inputs",
+]

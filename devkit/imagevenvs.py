@@ -14,6 +14,7 @@ lock costs nothing (a stamp of the lock's hash).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import shutil
@@ -62,8 +63,10 @@ def _uv() -> str:
     return found
 
 
+@functools.cache
 def ensure(target: str, root: Path = ROOT) -> Path:
-    """The environment of image ``target``, synced to its lock (every file hash-checked)."""
+    """The environment of image ``target``, synced to its lock (every file hash-checked); once
+    per process (a plan asks for each service's environment several times)."""
     lock = locks()[target]
     venv = root / target
     want = hashlib.sha256(lock.read_bytes() + sys.version.encode()).hexdigest()

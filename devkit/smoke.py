@@ -429,13 +429,10 @@ class Stack:
     def write_env(self) -> None:
         """The .env a person makes with scripts/init_env.py, plus the smoke's ports, tag and
         network."""
-        import sys
+        from devkit.topology import generated_env
+        from devkit.topology import write_env as write_env_file
 
-        sys.path.insert(0, str(REPO / "scripts"))
-        sys.path.insert(0, str(REPO / "deploy"))
-        from init_env import parse_env, render, write_private
-
-        values = parse_env(render((REPO / ".env.example").read_text()))
+        values = generated_env()
         values.update(
             ML_IMAGE_TAG=TAG,
             ML_SCHEDULE="none",
@@ -452,7 +449,7 @@ class Stack:
         values["MLFLOW_PUBLIC_HOST"] = f"localhost:{values['MLFLOW_PORT']}"
         values["MLFLOW_PUBLIC_URL"] = f"http://localhost:{values['MLFLOW_PORT']}"
         self.values = values
-        write_private(self.folder / ".env", "".join(f"{k}={v}\n" for k, v in values.items()))
+        write_env_file(self.folder / ".env", values)
 
     def unhealthy_logs(self) -> str:
         """The last lines of every service that is not running and healthy (or done with 0)."""
@@ -583,21 +580,12 @@ def stage_inputs(values: dict[str, str], rows: int) -> None:
         AWS_SECRET_ACCESS_KEY=values["MINIO_ROOT_PASSWORD"],
         AWS_DEFAULT_REGION="us-east-1",
     )
-    from devkit.demo import generated_csv, point_at
-    from ml.ingest import find_columns, parse_csv
-    from ml.storage import ObjectStore, S3Uri
+    from devkit.demo import generated_csv, point_at, upload_inputs
 
-    data = point_at(generated_csv(rows), "http://images:8000")
-    store = ObjectStore()
-    bucket = values["ML_BUCKET"]
-    store.put_bytes(
-        S3Uri.parse(f"s3://{bucket}/pipeline/input/images.csv"), data, content_type="text/csv"
-    )
-    frame = parse_csv(data)
-    urls = frame[find_columns(list(frame.columns))["url"]].head(20)
-    listing = "url\n" + "".join(f"{u}\n" for u in urls)
-    store.put_bytes(
-        S3Uri.parse(values["ML_INFERENCE_CSV"]), listing.encode(), content_type="text/csv"
+    upload_inputs(
+        point_at(generated_csv(rows), "http://images:8000"),
+        f"s3://{values['ML_BUCKET']}/pipeline/input/images.csv",
+        values["ML_INFERENCE_CSV"],
     )
 
 

@@ -314,10 +314,21 @@ def _paths(state: Path) -> dict[str, str]:
     }
 
 
+def generated_env() -> dict[str, str]:
+    """The values of a .env made as ``scripts/init_env.py`` makes it: .env.example with every
+    secret generated."""
+    return parse_env(render((REPO / ".env.example").read_text()))
+
+
+def write_env(path: Path, values: Mapping[str, str]) -> None:
+    """``values`` as an owner-only .env file (it holds secrets)."""
+    write_private(path, "".join(f"{k}={v}\n" for k, v in values.items()))
+
+
 def stack_values(ports: Mapping[str, int], bucket: str, extra: Mapping[str, str]) -> dict[str, str]:
     """The .env a person would write for this machine: generated secrets (as
     ``scripts/init_env.py`` makes them) and the stack's own settings."""
-    values = parse_env(render((REPO / ".env.example").read_text()))
+    values = generated_env()
     values.update(
         ML_BUCKET=bucket,
         MLFLOW_PUBLIC_URL=f"http://localhost:{ports['mlflow']}",
@@ -340,7 +351,7 @@ def celery_plan(
     compose = load_compose()
     values = stack_values(ports, bucket, extra)
     env_file = state / ".env"
-    write_private(env_file, "".join(f"{k}={v}\n" for k, v in values.items()))
+    write_env(env_file, values)
     addresses = {
         "postgres": f"127.0.0.1:{ports['postgres']}",
         "redis": f"127.0.0.1:{ports['redis']}",
@@ -373,8 +384,7 @@ def celery_plan(
         """Compose's environment for ``service``, run from its image's environment (PATH)."""
         env = service_environment(compose, service, values, addresses)
         env = {k: _replace_paths(v, paths) for k, v in env.items()}
-        bin_dir = _image_bin(compose, service)
-        path = f"{bin_dir}{os.pathsep}{common['PATH']}" if bin_dir else common["PATH"]
+        path = f"{_image_bin(compose, service)}{os.pathsep}{common['PATH']}"
         return {**common, "PATH": path, **env, **more}
 
     def airflow_env(service: str, **more: str) -> dict[str, str]:
@@ -413,7 +423,9 @@ def celery_plan(
             postgres_command(pg_folder, ports["postgres"]),
             common,
             before=lambda: init_postgres(pg_folder, state / "logs" / "postgres-init.log"),
-            after=lambda: _postgres_ready_then_databases(pg_folder, ports["postgres"], values),
+            after=lambda: _postgres_ready_then_databases(
+                pg_folder, ports["postgres"], values, compose_databases(compose)[0]
+            ),
         ),
         Step(
             "postgres-databases",
@@ -539,7 +551,10 @@ def compose_databases(compose: Mapping[str, Any]) -> list[str]:
     return [str(compose["services"]["postgres"]["environment"]["POSTGRES_DB"]), *EXTRA_DATABASES]
 
 
-def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str, str]) -> None:
+def _postgres_ready_then_databases(
+    folder: Path, port: int, values: Mapping[str, str], database: str
+) -> None:
+    """Once Postgres answers: the role and ``database`` (POSTGRES_DB), as its image makes them."""
     deadline = time.monotonic() + 60
     while not (folder / f".s.PGSQL.{port}").exists():
         if time.monotonic() > deadline:
@@ -552,7 +567,7 @@ def _postgres_ready_then_databases(folder: Path, port: int, values: Mapping[str,
                 port,
                 values["POSTGRES_USER"],
                 values["POSTGRES_PASSWORD"],
-                [str(load_compose()["services"]["postgres"]["environment"]["POSTGRES_DB"])],
+                [database],
             )
             return
         except subprocess.CalledProcessError:

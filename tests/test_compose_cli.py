@@ -136,11 +136,7 @@ def test_the_smoke_overrides_replace_only_third_party_images(generated: Path) ->
     )
     base = rendered(generated)["services"]
     smoke = rendered(generated, files=files, extra={"SMOKE_SUBNET": "10.213.57.0/24"})["services"]
-    changed = {
-        name
-        for name in base
-        if {k: v for k, v in base[name].items()} != {k: v for k, v in smoke[name].items()}
-    }
+    changed = {name for name in base if base[name] != smoke[name]}
     assert changed == {"postgres", "redis", "minio", "airflow-worker-gpu"}, changed
     for name in ("postgres", "redis", "minio"):
         assert smoke[name]["image"].startswith("image-sentiment-smoke/")
