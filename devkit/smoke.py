@@ -247,7 +247,11 @@ def base_image(env: dict[str, str], folder: Path) -> str:
             folder / "debootstrap.log",
             "debootstrap",
         )
-        _run(["chroot", str(root), "python3.11", "-m", "venv", "/opt/python"], None, "venv")
+        _run(
+            ["chroot", str(root), "python3.11", "-m", "venv", "/opt/python"],
+            folder / "debootstrap.log",
+            "venv",
+        )
         if CA_BUNDLE.is_file():  # the package index's TLS proxy signs with this machine's CA
             shutil.copyfile(CA_BUNDLE, root / "etc/ssl/certs/ca-certificates.crt")
         path = "/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -275,16 +279,11 @@ def base_image(env: dict[str, str], folder: Path) -> str:
     return BASE_IMAGE
 
 
-def _run(command: list[str], log: Path | None, what: str) -> None:
-    out = log.open("ab") if log else subprocess.DEVNULL
-    try:
+def _run(command: list[str], log: Path, what: str) -> None:
+    with log.open("ab") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, check=False)
-    finally:
-        if log:
-            out.close()  # type: ignore[union-attr]
     if done.returncode != 0:
-        where = f"; see {log}" if log else ""
-        raise SmokeError(f"{what} failed (exit {done.returncode}){where}")
+        raise SmokeError(f"{what} failed (exit {done.returncode}); see {log}")
 
 
 def build(
@@ -399,12 +398,11 @@ class Stack:
             names.append(DOCKER_DIR / "compose.smoke-cpu.yaml")
         return [arg for name in names for arg in ("-f", str(name))]
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 900) -> str:
-        compose = (
-            shutil.which("docker-compose", path=str(REPO / ".venv" / "bin")) or "docker-compose"
-        )
+    def compose(self, *args: str, check: bool = True, timeout: float = 900) -> str | None:
+        """Run docker compose on the smoke's files; its output, or None when it failed and
+        ``check`` is off (with ``check``, a failure raises with compose's last lines)."""
         command = [
-            compose,
+            compose_binary(),
             "-p",
             PROJECT,
             *self.files(),
@@ -424,6 +422,9 @@ class Stack:
         if check and done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
             raise SmokeError(f"docker compose {args[0]} failed:\n  " + "\n  ".join(tail))
+        if done.returncode != 0:
+            say(f"   docker compose {args[0]}: {(done.stderr or done.stdout).strip()[-300:]}")
+            return None
         return done.stdout
 
     def write_env(self) -> None:
@@ -455,7 +456,7 @@ class Stack:
         """The last lines of every service that is not running and healthy (or done with 0)."""
         out = []
         listing = self.compose("ps", "-a", "--format", "json", check=False)
-        for line in listing.splitlines():
+        for line in (listing or "").splitlines():
             with contextlib.suppress(ValueError):
                 item = json.loads(line)
                 state, health = item.get("State", ""), item.get("Health", "")
@@ -631,11 +632,12 @@ def _run_stack(
     stack.compose("down", "-v", "--remove-orphans", check=False)  # a stack left by a killed run
 
     def up() -> None:
-        # A second `up` starts what the first left created but not started (seen here under
-        # load: a dependency's health check timed out once); it changes nothing running.
-        for _ in range(2):
-            stack.compose("up", "-d", "--no-build", "--pull", "never", check=False)
-        stack.compose("up", "-d", "--no-build", "--pull", "never")
+        # Under load a dependency's health check can time out once, and compose then stops
+        # short of the services that wait for it: one more `up` (it changes nothing running).
+        first = stack.compose("up", "-d", "--no-build", "--pull", "never", check=False)
+        if first is None:
+            say("   compose up stopped short; running it once more")
+            stack.compose("up", "-d", "--no-build", "--pull", "never")
 
     phases.run("compose up", up)
     airflow = Airflow(
