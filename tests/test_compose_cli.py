@@ -63,6 +63,9 @@ def test_config_succeeds_with_a_generated_env_and_every_variable_set(generated: 
     for name, service in services.items():
         for port in service.get("ports", []):
             assert port["host_ip"] == "127.0.0.1", (name, port)
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor"):
+        env = services[name]["environment"]
+        assert "AWS_SECRET_ACCESS_KEY" not in env and "MLFLOW_TRACKING_PASSWORD" not in env
     workers = [services["airflow-worker"], services["airflow-worker-gpu"]]
     for worker in workers:
         env = worker["environment"]

@@ -218,6 +218,33 @@ def test_each_service_runs_from_its_images_lock(plan: Any) -> None:
         assert done.returncode != 0, module
 
 
+def test_the_airflow_image_runs_store_init_and_parses_the_dags(plan: Any) -> None:
+    """What the airflow image runs besides Airflow: store-init's import of the store, and the
+    DAG files the DAG processor parses (with the image's packages only)."""
+    from devkit import imagevenvs
+
+    python = str(imagevenvs.ROOT / "airflow" / "bin" / "python")
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
+    }
+    done = subprocess.run(
+        [python, "-c", "from ml.storage import ObjectStore"],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-800:]
+    for dag in sorted((REPO / "dags").glob("*.py")):
+        code = f"import runpy; runpy.run_path({str(dag)!r})"
+        done = subprocess.run(
+            [python, "-c", code], check=False, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, (dag.name, done.stderr[-800:])
+
+
 # ------------------------------------------------------------- the topology, end to end
 
 
