@@ -63,7 +63,7 @@ FROM base AS mlflow
 COPY deploy/locks/mlflow.txt /tmp/build/mlflow.txt
 RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/mlflow.txt \
     && rm -r /tmp/build
-COPY --from=code --chown=airflow:0 /opt/airflow/deploy /opt/airflow/deploy
+COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
 USER airflow
 ARG ML_CODE_VERSION=unknown
 ENV ML_CODE_VERSION=${ML_CODE_VERSION}

@@ -59,6 +59,7 @@ BACKING_SERVICES = {
     "airflow-init": "the same steps: db migrate, the admin's password file, the gpu pool",
     "postgres-databases": "the same script: deploy/ensure_databases.py",
     "store-init": "the same call: ObjectStore().ensure_bucket",
+    "mlflow-users": "the same script: deploy/mlflow_users.py",
     "config-check": "deploy/check_env.py on the generated .env",
 }
 #: Values the native run sets in place of compose's, and why (only where compose sets the name).
@@ -451,6 +452,12 @@ def celery_plan(
             env_of("mlflow"),
             health=f"http://127.0.0.1:{ports['mlflow']}/health",
             timeout=180,
+        ),
+        Step(
+            "mlflow-users",
+            [_replace_paths(part, paths) for part in _entrypoint(compose, "mlflow-users")],
+            env_of("mlflow-users"),
+            once=True,
         ),
         Step(
             "airflow-init",

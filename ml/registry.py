@@ -66,7 +66,26 @@ def code_version() -> str:
     return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else __version__
 
 
+#: MLflow's HTTP client retries a failed request for minutes by default (7 retries, doubling
+#: backoff, 120 s timeouts). Every MLflow call of the pipeline is bounded to these instead: a
+#: request gives up after 3 tries (waits 1, 2 s, plus jitter) of at most 60 s each. Set the
+#: variables to override.
+REQUEST_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def bound_requests() -> None:
+    """Apply :data:`REQUEST_LIMITS` where the environment does not set them."""
+    for name, value in REQUEST_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
 def _client() -> Any:
+    bound_requests()
     from mlflow import MlflowClient
 
     return MlflowClient()
@@ -80,9 +99,15 @@ def _missing(exc: Exception) -> bool:
 
 
 def _exists(exc: Exception) -> bool:
-    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or (
-        "already exists" in str(exc).lower()
+    text = str(exc).lower()
+    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or any(
+        sign in text for sign in ("already exists", "unique constraint", "integrityerror")
     )
+
+
+def _denied(exc: Exception) -> bool:
+    code = str(getattr(exc, "error_code", ""))
+    return "PERMISSION_DENIED" in code or "UNAUTHENTICATED" in code or "403" in str(exc)[:200]
 
 
 def tracking_uri() -> str:
@@ -101,6 +126,7 @@ def check_tracking_server(timeout: float = 20.0) -> None:
     import mlflow
     import urllib3
 
+    bound_requests()
     uri = str(mlflow.get_tracking_uri())
     if not uri.lower().startswith(("http://", "https://")):
         return
@@ -136,18 +162,34 @@ def _run_versions(client: Any, name: str, run_id: str) -> list[int]:
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:
+    """Create ``name`` unless it exists. Under MLflow's auth app a user who may not see a model
+    is answered 403 whether or not it exists: then creating it tells which (created: it is ours
+    now; exists: it belongs to someone else). Two registrations creating it at the same time
+    both succeed: the loser uses the model the winner created."""
     from mlflow.exceptions import MlflowException
 
     try:
         client.get_registered_model(name)
+        return
     except MlflowException as exc:
-        if not _missing(exc):
+        if not (_missing(exc) or _denied(exc)):
             raise
-        try:
-            client.create_registered_model(name, description=DESCRIPTION.format(name=name))
-        except MlflowException as again:
-            if not _exists(again):  # created by a registration running at the same time
+    try:
+        client.create_registered_model(name, description=DESCRIPTION.format(name=name))
+    except MlflowException as again:
+        if not _exists(again):
+            raise
+        try:  # created by a registration running at the same time, or someone else's
+            client.get_registered_model(name)
+        except MlflowException as third:
+            if not _denied(third):
                 raise
+            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+            raise PipelineError(
+                f"the registered model {name!r} exists and MLflow user {user!r} may not use "
+                "it; choose another model name, or have an MLflow admin grant that user MANAGE "
+                "on it"
+            ) from None
 
 
 def _version_for_run(client: Any, name: str, run_id: str, model_uri: str) -> tuple[str, bool]:

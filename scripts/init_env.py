@@ -1,6 +1,7 @@
 """Write .env for docker-compose from .env.example, with every secret generated.
 
-    python3 scripts/init_env.py            # writes .env (refuses to overwrite one)
+    python3 scripts/init_env.py            # writes .env; on an existing one, adds only the
+                                           # settings it lacks (a newer .env.example's)
     python3 scripts/init_env.py --force    # regenerate (new secrets: existing data won't open)
 
 Secrets (the names in deploy/check_env.py) get fresh random values, the Fernet key a valid
@@ -61,6 +62,19 @@ def write_private(path: Path, text: str) -> None:
         handle.write(text)
 
 
+def add_missing(path: Path, example: str) -> list[str]:
+    """Append to the .env at ``path`` each setting of ``example`` it lacks (secrets generated),
+    keeping every existing value; return the names added."""
+    have = parse_env(path.read_text())
+    wanted = parse_env(render(example))
+    missing = [name for name in wanted if name not in have]
+    if missing:
+        text = path.read_text()
+        lines = "".join(f"{name}={wanted[name]}\n" for name in missing)
+        write_private(path, text + ("" if text.endswith("\n") else "\n") + lines)
+    return missing
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="overwrite an existing .env")
@@ -69,6 +83,10 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out)
     if out.exists() and not args.force:
+        added = add_missing(out, Path(args.example).read_text())
+        if added:
+            print(f"added to {out}, keeping its values: {', '.join(added)}")
+            return 0
         print(
             f"error: {out} exists; keep it, or pass --force to generate new secrets "
             "(the existing databases then need the old ones)",

@@ -72,6 +72,7 @@ TARGETS = {
     "airflow-worker-gpu": "worker",
     "mlflow": "mlflow",
     "postgres-databases": "mlflow",
+    "mlflow-users": "mlflow",
 }
 #: Variables set in the shell when building, not in .env.
 BUILD_ONLY = {"ML_CODE_VERSION"}
@@ -452,74 +453,170 @@ def test_mlflow_is_not_published_without_authentication() -> None:
         assert re.search(r"^default_permission\s*=\s*NO_PERMISSIONS", config, re.M)
         assert "admin_password" not in config.replace("# ", "")
         assert "${MLFLOW_ADMIN_PASSWORD" in str(mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"])
+    # the pipeline signs in as its own user, never as the admin
     workers = COMPOSE["x-worker-env"]
-    assert "${MLFLOW_ADMIN_PASSWORD" in str(workers["MLFLOW_TRACKING_PASSWORD"])
+    assert "${MLFLOW_PIPELINE_PASSWORD" in str(workers["MLFLOW_TRACKING_PASSWORD"])
+    assert "${MLFLOW_PIPELINE_USER" in str(workers["MLFLOW_TRACKING_USERNAME"])
+    users = SERVICES["mlflow-users"]
+    assert users["entrypoint"][-1] == "/opt/airflow/deploy/mlflow_users.py"
+    assert "${MLFLOW_ADMIN_PASSWORD" in str(users["environment"]["MLFLOW_TRACKING_PASSWORD"])
+    for worker in ("airflow-worker", "airflow-worker-gpu"):
+        assert SERVICES[worker]["depends_on"]["mlflow-users"] == {
+            "condition": "service_completed_successfully"
+        }
+    holders = {
+        name
+        for name, service in SERVICES.items()
+        if "MLFLOW_ADMIN_PASSWORD" in json.dumps(service.get("environment", {}))
+    }
+    assert holders == {"config-check", "mlflow", "mlflow-users"}
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_the_deployments_mlflow_auth_config_refuses_anonymous_requests(tmp_path: Any) -> None:
-    """The basic-auth app with deploy/mlflow-auth.ini, run for real: 401 without a user."""
-    import base64
+ADMIN = ("admin", "pw-for-test-1")
+
+
+@pytest.fixture(scope="module")
+def auth_mlflow(tmp_path_factory: Any) -> Any:
+    """MLflow's basic-auth app with deploy/mlflow-auth.ini, run for real on SQLite."""
     import contextlib
     import signal
-    import urllib.error
-    import urllib.request
 
     from devkit.servers import free_port, wait_http
 
+    folder = tmp_path_factory.mktemp("auth-mlflow")
     config = (
         (REPO / "deploy" / "mlflow-auth.ini")
         .read_text()
-        .replace(
-            "sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{tmp_path / 'auth.db'}"
-        )
+        .replace("sqlite:////var/lib/mlflow-auth/basic_auth.db", f"sqlite:///{folder / 'auth.db'}")
     )
-    (tmp_path / "auth.ini").write_text(config)
+    (folder / "auth.ini").write_text(config)
     port = free_port()
     env = {
         **os.environ,
-        "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
-        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-        "MLFLOW_AUTH_ADMIN_PASSWORD": "pw-for-test-1",
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{folder / 'mlflow.db'}",
     }
-    log = (tmp_path / "server.log").open("wb")
+    command = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command += ["--default-artifact-root", str(folder / "artifacts")]
+    log = (folder / "server.log").open("wb")
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--app-name",
-            "basic-auth",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{base}/health", timeout=120, process=server)
-        search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
-        with pytest.raises(urllib.error.HTTPError) as anonymous:
-            urllib.request.urlopen(search, timeout=10)
-        assert anonymous.value.code == 401
-        token = base64.b64encode(b"admin:pw-for-test-1").decode()
-        request = urllib.request.Request(search, headers={"Authorization": f"Basic {token}"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            assert answer.status == 200
+        yield base
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
         log.close()
+
+
+def _get(url: str, user: tuple[str, str] | None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(user).encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10):
+            return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_deployments_mlflow_auth_config_refuses_anonymous_requests(auth_mlflow: str) -> None:
+    search = f"{auth_mlflow}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert _get(search, None) == 401
+    assert _get(search, ADMIN) == 200
+
+
+def _users_step(base: str, password: str) -> subprocess.CompletedProcess[str]:
+    """deploy/mlflow_users.py as compose's mlflow-users service runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ML_MODEL"))}
+    env.update(
+        MLFLOW_TRACKING_URI=base,
+        MLFLOW_TRACKING_USERNAME=ADMIN[0],
+        MLFLOW_TRACKING_PASSWORD=ADMIN[1],
+        MLFLOW_PIPELINE_USER="pipeline",
+        MLFLOW_PIPELINE_PASSWORD=password,
+        ML_MODEL_NAME="image-sentiment",
+    )
+    return subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "mlflow_users.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd="/",
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_pipeline_signs_in_as_an_ordinary_user_scoped_to_its_resources(
+    auth_mlflow: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mlflow-users step against the real auth app: the pipeline's user works on the
+    pipeline's experiment and model (made before it by an admin, or by itself), and cannot
+    touch another team's, nor manage users."""
+    from mlflow import MlflowClient
+
+    from ml.errors import PipelineError
+    from ml.registry import _ensure_registered_model
+
+    base = auth_mlflow
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    admin = MlflowClient(base)
+    # made by an admin before the step: an upgrade from a deployment that used the admin
+    pipeline_experiment = admin.create_experiment("image-sentiment")
+    admin.create_registered_model("image-sentiment")
+    other_experiment = admin.create_experiment("other-team")
+    admin.create_registered_model("other-team-model")
+
+    first = _users_step(base, "first-password-1")
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stdout
+    assert "experiment image-sentiment" in first.stdout and "model image-sentiment" in first.stdout
+    again = _users_step(base, "second-password-2")  # a rotated .env, next `up`
+    assert again.returncode == 0 and "password set" in again.stdout, again.stderr
+    users_api = f"{base}/api/2.0/mlflow/users/get?username=admin"
+    assert _get(users_api, ("pipeline", "first-password-1")) == 401
+    assert _get(users_api, ("pipeline", "second-password-2")) == 403  # not an admin
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "pipeline")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "second-password-2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = MlflowClient(base)
+    run = client.create_run(pipeline_experiment)
+    client.log_metric(run.info.run_id, "valid_macro_f1", 0.5)
+    _ensure_registered_model(client, "image-sentiment")
+    client.set_registered_model_tag("image-sentiment", "checked", "yes")
+    # a model name nobody uses yet: the pipeline makes it, and manages it
+    _ensure_registered_model(client, "image-sentiment-v2")
+    client.set_registered_model_tag("image-sentiment-v2", "checked", "yes")
+    new = client.create_experiment("image-sentiment-trial")
+    client.create_run(new)
+    # another team's work stays out of reach, with one clear message for the model
+    with pytest.raises(Exception, match="PERMISSION_DENIED|403"):
+        client.create_run(other_experiment)
+    with pytest.raises(PipelineError, match="may not use it.*grant that user MANAGE"):
+        _ensure_registered_model(client, "other-team-model")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN[1])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ADMIN[0])
+    assert not admin.get_registered_model("other-team-model").tags
+    refused = _users_step(base, "")
+    assert refused.returncode == 1 and "MLFLOW_PIPELINE_PASSWORD" in refused.stderr

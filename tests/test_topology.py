@@ -102,6 +102,7 @@ def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None
         "store-init",
         "config-check",
         "postgres-databases",
+        "mlflow-users",
     ):
         compose_names = set(COMPOSE["services"][service].get("environment") or {})
         native_names = set(steps[service].env)
@@ -126,6 +127,10 @@ def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None
         ):
             assert secret not in held, (name, secret)
         assert plan.values["POSTGRES_PASSWORD"] not in " ".join(held.values()), name
+        # MLflow: the pipeline's own user (made by the mlflow-users step), never the admin
+        assert held["MLFLOW_TRACKING_USERNAME"] == plan.values["MLFLOW_PIPELINE_USER"], name
+        assert held["MLFLOW_TRACKING_PASSWORD"] == plan.values["MLFLOW_PIPELINE_PASSWORD"], name
+        assert plan.values["MLFLOW_ADMIN_PASSWORD"] not in " ".join(held.values()), name
     databases = steps["postgres-databases"].env
     assert (databases["PGHOST"], databases["PGPORT"]) == ("127.0.0.1", str(PORTS["postgres"]))
     assert steps["mlflow"].env["MLFLOW_BACKEND_STORE_URI"].endswith(f"@{postgres}/mlflow")
