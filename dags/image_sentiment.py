@@ -32,6 +32,7 @@ for manual runs only), `ML_CSV` (the CSV scheduled runs read; default
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -59,13 +60,16 @@ PARAMS = {
 }
 
 
-def _fail_fast_on_bad_params(error: Exception) -> None:
-    """A wrong parameter fails the run at once (no retries); anything else may be retried."""
+def _fail_fast_on_bad_params(step: Callable[..., Any], *args: Any) -> Any:
+    """Runs ``step``; a wrong parameter (or a batch too big for the GPU) fails the run at once,
+    with no retries, since the same input fails again; anything else may be retried."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from ml.settings import ParameterError
 
-    if isinstance(error, ParameterError):
+    try:
+        return step(*args)
+    except ParameterError as error:
         raise AirflowFailException(str(error)) from None
 
 
@@ -103,11 +107,7 @@ def image_sentiment() -> None:
     def ingest(*, params: dict[str, Any]) -> Any:
         from ml.pipeline import ingest_step
 
-        try:
-            result = ingest_step(params)
-        except Exception as error:
-            _fail_fast_on_bad_params(error)
-            raise
+        result = _fail_fast_on_bad_params(ingest_step, params)
         yield Metadata(DATASET_ASSET, {"dataset": result["dataset"], "rows": result["rows"]})
         return result
 
@@ -151,7 +151,7 @@ def image_sentiment() -> None:
     def train(split: dict[str, Any], *, params: dict[str, Any], run_id: str) -> dict[str, Any]:
         from ml.pipeline import train_step
 
-        return train_step(params, split, run_id)
+        return _fail_fast_on_bad_params(train_step, params, split, run_id)
 
     @task(queue=GPU_QUEUE, outlets=[MODEL_ASSET])  # scores the champion: a model pass
     def register(trained: dict[str, Any], *, params: dict[str, Any], run_id: str) -> Any:

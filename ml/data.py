@@ -27,7 +27,7 @@ from ml.errors import PipelineError
 from ml.labels import LABELS
 from ml.progress import Progress
 from ml.redact import get_logger
-from ml.runtime import Runtime, seed_worker
+from ml.runtime import Runtime, loader_workers, seed_worker
 from ml.storage import ObjectStore, S3Uri
 from ml.train_config import TrainConfig
 from ml.transforms import Preprocessing, Transform, decode
@@ -190,13 +190,14 @@ def make_loaders(
     generators = {"shuffle": torch.Generator().manual_seed(cfg.seed + rt.rank)}
     sampler = _train_sampler(train_set, cfg, rt, generators)
     cuda = rt.device.type == "cuda"
+    workers = loader_workers(cfg.workers, rt.world)
     common: dict[str, Any] = {
         "batch_size": cfg.batch_size,
-        "num_workers": cfg.workers,
+        "num_workers": workers,
         "pin_memory": cuda,
         "worker_init_fn": seed_worker,
     }
-    if cfg.workers > 0:
+    if workers > 0:
         common.update(persistent_workers=cuda, prefetch_factor=4 if cuda else 2)
     # Full batches only: fixed shapes for cuDNN and torch.compile, no tiny last step (unless
     # the split is smaller than one batch per process, where that would leave nothing).

@@ -14,3 +14,7 @@ class PipelineError(Exception):
 class ParameterError(PipelineError):
     """A run parameter or a deployment setting is wrong: retrying cannot help, so the run fails
     at once."""
+
+
+#: How every out-of-memory error of training begins (the torchrun supervisor looks for it).
+OUT_OF_MEMORY = "out of GPU memory"

@@ -14,6 +14,7 @@ trainer's own step on a bare GPU machine (torch, torchvision, NumPy; scikit-lear
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -116,10 +117,45 @@ def train_mode(model: nn.Module, frozen_backbone: bool) -> None:
                 module.eval()
 
 
+@functools.cache
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 in hardware (compute capability 8.0+: A100, H100, L4...).
+    V100 and T4 only emulate it: slowly, and torch.compile fails on it."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
+
+
+def effective_precision(
+    requested: str,
+    device: torch.device,
+    bf16_supported: Callable[[torch.device], bool] | None = None,
+) -> str:
+    """The precision training really uses: mixed precision on CUDA only (fp32 on the CPU), and
+    fp16 with loss scaling where bf16 was asked for on a GPU without native bf16."""
+    if device.type != "cuda":
+        return "fp32"
+    if requested == "bf16" and not (bf16_supported or native_bf16)(device):
+        return "fp16"
+    return requested
+
+
+def precision_note(requested: str, used: str, device: torch.device) -> str:
+    """One line on why ``used`` differs from ``requested`` (empty when they agree)."""
+    if requested == used:
+        return ""
+    if device.type != "cuda":
+        return f"precision {requested} applies on CUDA only; {device.type} trains in fp32"
+    return (
+        f"this GPU has no native bf16 (compute capability below 8.0): training in fp16 with "
+        f"loss scaling instead of {requested}"
+    )
+
+
 def autocast(cfg: TrainConfig, device: torch.device) -> Any:
-    if device.type != "cuda" or cfg.precision == "fp32":
+    used = effective_precision(cfg.precision, device)
+    if used == "fp32":
         return nullcontext()
-    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+    dtype = torch.bfloat16 if used == "bf16" else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 
@@ -149,7 +185,7 @@ def make_step(
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, cfg, steps_per_epoch),
         scaler=torch.amp.GradScaler(
-            "cuda", enabled=cfg.precision == "fp16" and rt.device.type == "cuda"
+            "cuda", enabled=effective_precision(cfg.precision, rt.device) == "fp16"
         ),
         objective=nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing),
         normalizer=normalizer,

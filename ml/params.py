@@ -470,7 +470,15 @@ _DECLARED = (
         maximum=1000,
         description="Epochs without a better validation macro-F1; 0 disables.",
     ),
-    _p("workers", int, 4, "Data loader workers", minimum=0, maximum=64),
+    _p(
+        "workers",
+        int,
+        -1,
+        "Data loader workers",
+        minimum=-1,
+        maximum=16,
+        description="Per training process; -1 sizes them from the worker's CPUs.",
+    ),
     _p(
         "max_steps_per_epoch",
         int,

@@ -8,7 +8,6 @@ URIs, counts and ids, never data.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -133,7 +132,7 @@ def train_step(
     run_id: str = "",
     *,
     env: Mapping[str, str] | None = None,
-    launch: Callable[..., Any] | None = None,
+    supervise: Callable[..., tuple[int, list[str]]] | None = None,
 ) -> dict[str, Any]:
     """Train on this worker: one process, or ``ML_TRAIN_GPUS`` processes under torchrun."""
     from ml.train import fine_tune
@@ -142,10 +141,7 @@ def train_step(
     s = PipelineSettings.from_params(params, env)
     config = train_config(s, split["split"], run_id, env)
     processes = int(env.get("ML_TRAIN_GPUS", "1") or "1")
-    if processes > 1:
-        result = run_torchrun(config, processes, launch or subprocess.run)
-    else:
-        result = fine_tune(config)
+    result = run_torchrun(config, processes, supervise) if processes > 1 else fine_tune(config)
     result.pop("split_counts", None)
     return result
 
@@ -190,7 +186,8 @@ def change_step(
 
 
 def torchrun_command(config: Any, processes: int) -> list[str]:
-    """``torchrun --standalone --nproc-per-node N -m ml train ...`` for ``config``."""
+    """``torchrun --standalone --nproc-per-node N -m ml train ...`` for ``config``, through
+    :mod:`ml.launch` (torchrun tied to the task that starts it)."""
     import dataclasses
 
     flags: list[str] = []
@@ -204,7 +201,7 @@ def torchrun_command(config: Any, processes: int) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "ml.launch",
         "--standalone",
         "--nproc-per-node",
         str(processes),
@@ -216,18 +213,30 @@ def torchrun_command(config: Any, processes: int) -> list[str]:
     ]
 
 
-def run_torchrun(config: Any, processes: int, launch: Callable[..., Any]) -> dict[str, Any]:
-    """Run the training under torchrun on this worker and return rank 0's summary."""
+def run_torchrun(
+    config: Any,
+    processes: int,
+    supervise: Callable[..., tuple[int, list[str]]] | None = None,
+) -> dict[str, Any]:
+    """Run the training under torchrun on this worker and return rank 0's summary.
+
+    Its output reaches the task log line by line as it comes; when the task fails, times out
+    or is killed, torchrun and every rank end with it (:func:`ml.supervise.run_supervised`)."""
     import json
 
-    from ml.errors import PipelineError
+    from ml.errors import OUT_OF_MEMORY, ParameterError, PipelineError
+    from ml.redact import get_logger
+    from ml.supervise import run_supervised
 
-    done = launch(torchrun_command(config, processes), capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-        reason = errors[-1][len("error:") :].strip() if errors else f"exit code {done.returncode}"
+    logger = get_logger("ml.torchrun")
+    code, tail = (supervise or run_supervised)(torchrun_command(config, processes), logger.info)
+    if code != 0:
+        errors = [line for line in tail if line.startswith("error:")]
+        reason = errors[-1][len("error:") :].strip() if errors else f"exit code {code}"
+        if reason.startswith(OUT_OF_MEMORY) or any("OutOfMemoryError" in line for line in tail):
+            raise ParameterError(f"training under torchrun ({processes} processes): {reason}")
         raise PipelineError(f"training under torchrun ({processes} processes) failed: {reason}")
-    for line in reversed(done.stdout.splitlines()):
+    for line in reversed(tail):
         if line.startswith("{") and '"run_id"' in line:
             result: dict[str, Any] = json.loads(line)
             return result

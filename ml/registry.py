@@ -495,12 +495,21 @@ def champion_training(name: str, client: Any | None = None) -> dict[str, Any] | 
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
+    """The version ``alias`` points at; None only when the registry says there is none (a
+    server that fails to answer is an error: taken for "no champion", it would promote a
+    version untested)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if _missing(exc):
+            return None
+        raise PipelineError(
+            f"the MLflow tracking server at {tracking_uri()} failed to answer for the "
+            f"{alias} of {name}: {redact_text(str(exc).splitlines()[0][:200])}; "
+            "trigger the run again when it answers (a rerun finds what this one registered)"
+        ) from None
 
 
 def _split_counts(client: Any, run_id: str) -> str:

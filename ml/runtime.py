@@ -10,18 +10,19 @@ Usage: ``rt = setup_runtime("auto", timeout_minutes=60)``; ``rt.device``, ``rt.m
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ml.errors import PipelineError
+from ml.supervise import die_with_parent
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -79,11 +80,36 @@ def setup_runtime(preference: str, *, timeout_minutes: float = 60.0) -> Runtime:
         # Training shapes are fixed (drop_last), so cuDNN's autotuner pays for itself.
         torch.backends.cudnn.benchmark = True
     if world > 1 and not dist.is_initialized():
+        die_with_parent()  # a rank ends with torchrun's agent, whatever ends the agent
         dist.init_process_group(
             "nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(minutes=timeout_minutes),
         )
     return Runtime(rank, world, local_rank, device)
+
+
+def teardown_runtime() -> None:
+    """Leave the process group (a distributed run's last step on every rank)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity: a container's cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int, world: int, cpus: int | None = None) -> int:
+    """DataLoader workers per process: ``requested`` when it is 0 or more; for -1 (auto) the
+    CPUs left after one per training process, shared among the ``world`` processes (at most
+    8 each, where decoding stops paying)."""
+    if requested >= 0:
+        return requested
+    cpus = available_cpus() if cpus is None else cpus
+    return max(0, min(8, (cpus - world) // max(1, world)))
 
 
 def seed_everything(seed: int) -> None:
@@ -104,33 +130,23 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
-def rng_state(generators: dict[str, torch.Generator]) -> dict[str, Any]:
-    """Every random stream training draws from, to save in a checkpoint."""
-    kind, keys, pos, has_gauss, cached = cast(tuple[Any, ...], np.random.get_state())
-    state: dict[str, Any] = {
-        # plain lists and tensors only: checkpoints load with weights_only=True
-        "python": list(random.getstate()),
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "generators": {name: g.get_state() for name, g in generators.items()},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """One 63-bit seed per (seed, rank, epoch): distinct for every rank and every epoch."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
-def restore_rng(state: dict[str, Any], generators: dict[str, torch.Generator]) -> None:
-    """Put back what :func:`rng_state` saved (streams absent from it are left alone)."""
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "numpy" in state:
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for name, saved in state.get("generators", {}).items():
-        if name in generators:
-            generators[name].set_state(saved)
+def seed_epoch(seed: int, rank: int, epoch: int, generators: dict[str, torch.Generator]) -> None:
+    """Reseed every stream training draws from at the start of ``epoch``: Python, NumPy, torch
+    (the current device's CUDA stream too) and the loaders' generators.
+
+    An epoch's shuffling and augmentation depend only on (seed, rank, epoch), so a resumed
+    training needs no saved random state (none is checkpointed: it would tie a checkpoint to
+    the number of GPUs that wrote it), and every rank draws its own stream.
+    """
+    value = epoch_seed(seed, rank, epoch)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # CPU, and each CUDA device already initialized
+    for offset, name in enumerate(sorted(generators)):
+        generators[name].manual_seed(value + offset + 1)

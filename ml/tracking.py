@@ -75,6 +75,13 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
         yield run
 
 
+def log_precision(used: str, note: str) -> None:
+    """The precision training really ran in (tags; ``precision`` is what was asked for)."""
+    import mlflow
+
+    mlflow.set_tags({"precision_used": used, **({"precision_note": note} if note else {})})
+
+
 def log_start(
     cfg: TrainConfig,
     weights: WeightsInfo,

@@ -36,11 +36,14 @@ from torch.utils.data import DistributedSampler
 
 from ml.checkpoint import Checkpoints, TrainingState, cpu_copy
 from ml.data import Loaders, load_split, make_loaders
+from ml.errors import OUT_OF_MEMORY, ParameterError
 from ml.loop import (
     Step,
+    effective_precision,
     evaluate,
     lr_factor,
     make_step,
+    precision_note,
     set_backbone_frozen,
     train_mode,
     train_one_epoch,
@@ -48,7 +51,7 @@ from ml.loop import (
 from ml.model import Classifier, WeightsInfo, build_model
 from ml.progress import Progress
 from ml.redact import get_logger
-from ml.runtime import Runtime, restore_rng, rng_state, seed_everything, setup_runtime
+from ml.runtime import Runtime, seed_epoch, seed_everything, setup_runtime, teardown_runtime
 from ml.storage import ObjectStore, S3Uri
 from ml.train_config import TrainConfig
 from ml.transforms import Preprocessing
@@ -100,7 +103,6 @@ def _checkpoint(session: Session) -> None:
         "optimizer": step.optimizer.state_dict(),
         "lr_scheduler": step.scheduler.state_dict(),
         "state": session.state.to_dict(),
-        "rng": rng_state(session.loaders.generators),
         "device": str(session.rt.device),
     }
     if step.scaler.is_enabled():
@@ -160,6 +162,7 @@ def _run_epochs(session: Session) -> None:
             set_backbone_frozen(raw, session.step.optimizer, False, thaw=True)
             session.model = _wrap(raw, cfg, rt)
             log.info("epoch %d: the backbone thaws (its own warmup starts now)", epoch + 1)
+        seed_epoch(cfg.seed, rt.rank, epoch, session.loaders.generators)
         sampler = session.loaders.train_sampler
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
@@ -189,14 +192,14 @@ def _run_epochs(session: Session) -> None:
 
 
 def _resume(session: Session, saved: dict[str, Any]) -> None:
-    """Put a saved checkpoint back: weights, optimizer, schedule, scaler, RNG, loop state."""
+    """Put a saved checkpoint back: weights, optimizer, schedule, scaler, loop state (random
+    streams are reseeded from (seed, rank, epoch) at each epoch: nothing to restore)."""
     step = session.step
     _unwrap(session.model).load_state_dict(saved["model"])
     step.optimizer.load_state_dict(saved["optimizer"])
     step.scheduler.load_state_dict(saved["lr_scheduler"])
     if "scaler" in saved and step.scaler.is_enabled():
         step.scaler.load_state_dict(saved["scaler"])
-    restore_rng(saved.get("rng", {}), session.loaders.generators)
     session.state = TrainingState(**saved["state"])
     state = session.state
     log.info(
@@ -209,10 +212,33 @@ def _resume(session: Session, saved: dict[str, Any]) -> None:
     )
 
 
+def out_of_memory(cfg: TrainConfig, device: torch.device) -> ParameterError:
+    """The one error a training out of GPU memory ends with: retrying the same batch cannot
+    help, so the run fails at once and says what to change."""
+    return ParameterError(
+        f"{OUT_OF_MEMORY} on {device} at batch_size {cfg.batch_size} (image_size "
+        f"{cfg.image_size}, precision {cfg.precision}); lower batch_size (for example "
+        f"{max(1, cfg.batch_size // 2)}) or image_size, and trigger the run again"
+    )
+
+
 def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str, Any]:
     """Train, evaluate on test with the best epoch, and log to MLflow (rank 0); resumable."""
     cfg.validate()
     rt = setup_runtime(cfg.device, timeout_minutes=cfg.ddp_timeout_minutes)
+    try:
+        return _fine_tune(cfg, rt, store)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(cfg, rt.device) from None
+    finally:
+        teardown_runtime()
+
+
+def _fine_tune(cfg: TrainConfig, rt: Runtime, store: ObjectStore | None) -> dict[str, Any]:
+    used = effective_precision(cfg.precision, rt.device)
+    note = precision_note(cfg.precision, used, rt.device)
+    if note and rt.device.type == "cuda":
+        log.warning("%s", note)
     store = store or ObjectStore()
     if rt.main:
         from ml.registry import check_tracking_server
@@ -236,6 +262,8 @@ def fine_tune(cfg: TrainConfig, *, store: ObjectStore | None = None) -> dict[str
         if run is not None and saved is None:
             session.state.run_id = run.info.run_id
             tracking.log_start(cfg, weights, session.loaders, rt, folder, split_sha256)
+        if run is not None:
+            tracking.log_precision(used, note)
         if not session.state.finished:
             _run_epochs(session)
         checkpoints.wait()
