@@ -118,10 +118,12 @@ def image_sentiment() -> None:
         return plan_step(params, ingested)
 
     @task(max_active_tis_per_dag=DOWNLOAD_PARALLELISM)
-    def download_batch(batch: dict[str, Any], *, params: dict[str, Any]) -> dict[str, Any]:
+    def download_batch(
+        batch: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any
+    ) -> dict[str, Any]:
         from ml.pipeline import download_step
 
-        return download_step(params, batch)
+        return download_step(params, batch, run_id, ti.try_number)  # fenced by try
 
     # none_failed: a rerun with every image already downloaded maps zero batches (skipped),
     # and the manifest, split and change check must still run.
@@ -148,16 +150,21 @@ def image_sentiment() -> None:
         return bool(plan["train"])
 
     @task(queue=GPU_QUEUE, pool="gpu", execution_timeout=TRAIN_TIMEOUT)
-    def train(split: dict[str, Any], *, params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    def train(
+        split: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any
+    ) -> dict[str, Any]:
+        from functools import partial
+
         from ml.pipeline import train_step
 
-        return _fail_fast_on_bad_params(train_step, params, split, run_id)
+        step = partial(train_step, try_number=ti.try_number)  # a stale try writes nothing
+        return _fail_fast_on_bad_params(step, params, split, run_id)
 
     @task(queue=GPU_QUEUE, outlets=[MODEL_ASSET])  # scores the champion: a model pass
-    def register(trained: dict[str, Any], *, params: dict[str, Any], run_id: str) -> Any:
+    def register(trained: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any) -> Any:
         from ml.pipeline import register_step
 
-        result = register_step(params, trained, run_id)
+        result = register_step(params, trained, run_id, ti.try_number)
         yield Metadata(
             MODEL_ASSET,
             {

@@ -71,6 +71,53 @@ NATIVE = {
     "ML_TRAIN_DEVICE": ("cpu", "no GPU on these machines: the gpu-queue worker trains on the CPU"),
     "ML_ALLOW_NETWORKS": ("127.0.0.0/8", "the image server stands in for the internet"),
 }
+#: Every other way the native topology differs from docker-compose.yaml, with its reason:
+#: (what, compose, native, why). The README's table lists each (its test checks).
+DIFFERENCES: tuple[tuple[str, str, str, str], ...] = (
+    (
+        "API server and MLflow web workers",
+        "Airflow's default (4) and MLflow --workers 2",
+        "1 each (AIRFLOW__API__WORKERS, native_command)",
+        "2 cores here; one serves the tests' requests",
+    ),
+    (
+        "DAG refresh interval",
+        "Airflow's default, 300 s",
+        "10 s (AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL)",
+        "a stack started by a test sees the DAG files at once",
+    ),
+    (
+        "log serving",
+        "each worker serves its task logs on port 8793",
+        "--skip-serve-logs; logs are files the API server reads directly",
+        "two workers on one machine would share the port",
+    ),
+    (
+        "stop grace periods",
+        "2 min (default worker), 10 min (GPU worker), then SIGKILL",
+        "30 s for everything, then SIGKILL (scripts/stack.py down)",
+        "a test stack holds no checkpoint upload worth waiting for; stop the DAG run first",
+    ),
+    (
+        "restart policy",
+        "restart: always",
+        "none: a dead service stays down (status says so; stack.py restart NAME)",
+        "no supervisor process outlives stack.py; the tests restart what they kill",
+    ),
+    (
+        "Redis",
+        "7.4.5, RDB snapshots in the container's /data volume",
+        'the distribution\'s (7.0 on Debian 12), no persistence (save "", appendonly no)',
+        "no image registry here; in both, messages a Redis restart drops are tasks stuck in "
+        "queued, which the scheduler requeues after [scheduler] task_queued_timeout (600 s)",
+    ),
+    (
+        "object store",
+        "MinIO",
+        "moto's S3 server",
+        "no image registry here; both speak S3 with conditional writes",
+    ),
+)
 _VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])((?:\$\{[^}]*\}|[^}])*))?\}")
 
 

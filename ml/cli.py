@@ -347,6 +347,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     runner: Runner = args.run
     try:
+        from ml import fencing
+
+        fencing.install_from_environment()  # a rank of a fenced attempt checks its lease too
         summary = runner(args)
     except PipelineError as exc:
         print(f"error: {_one_line(str(exc))}", file=sys.stderr)

@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 
 from ml.errors import PipelineError
+from ml.fencing import StaleAttemptError
 from ml.fetch import FetchConfig, Fetcher
 from ml.imaging import ImageConfig, normalize_image
 from ml.layout import DatasetLayout, part_range
@@ -309,6 +310,8 @@ class _Worker:
         started = time.monotonic()
         try:
             return self._run(record, started)
+        except StaleAttemptError:  # a newer try owns this batch: stop, write nothing
+            raise
         except Exception as exc:  # one bad URL must never stop the others
             log.exception("unexpected error on row %s", record["row"])
             message = redact_text(f"{type(exc).__name__}: {exc}")
@@ -334,6 +337,8 @@ class _Worker:
             written = self.store.put_bytes(
                 key, image.data, content_type="image/jpeg", if_absent=True
             )
+        except StaleAttemptError:
+            raise
         except PipelineError as exc:
             return _row(record, Status.STORE_ERROR, started, error=str(exc), **facts)
         return _row(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 from ml.settings import PipelineSettings
@@ -26,6 +27,21 @@ def run_partition(store: str, run_id: str) -> str:
     from ml.layout import StoreLayout
 
     return str(StoreLayout.parse(store).run(run_id))
+
+
+def held_lease(
+    settings: PipelineSettings, run_id: str, task: str, try_number: int
+) -> AbstractContextManager[Any]:
+    """This attempt's lease on ``task`` of the run (``try_number`` 0, outside an orchestrator:
+    none); while held, every write checks it (:mod:`ml.fencing`)."""
+    from ml import fencing
+    from ml.layout import StoreLayout
+    from ml.storage import ObjectStore
+
+    lease = None
+    if try_number > 0:
+        lease = StoreLayout.parse(settings.store).run(run_id).child("leases", f"{task}.json")
+    return fencing.attempt(ObjectStore(), lease, try_number, task)
 
 
 def ingest_step(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -51,13 +67,18 @@ def plan_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> list[di
     ]
 
 
-def download_step(params: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, Any]:
+def download_step(
+    params: Mapping[str, Any], batch: Mapping[str, Any], run_id: str = "", try_number: int = 0
+) -> dict[str, Any]:
     from ml.download import BatchSpec, download_batch
     from ml.progress import Progress
 
     s = PipelineSettings.from_params(params)
     spec = BatchSpec.from_json(dict(batch))
-    with Progress(spec.pending, f"download batch {spec.batch}") as bar:  # counts in the log
+    with (
+        held_lease(s, run_id, f"download_batch-{spec.batch}", try_number),
+        Progress(spec.pending, f"download batch {spec.batch}") as bar,  # counts in the log
+    ):
         result = download_batch(spec, _download_config(s), on_result=bar.advance)
     return {"batch": spec.batch, **result.to_json()}
 
@@ -133,15 +154,18 @@ def train_step(
     *,
     env: Mapping[str, str] | None = None,
     supervise: Callable[..., tuple[int, list[str]]] | None = None,
+    try_number: int = 0,
 ) -> dict[str, Any]:
-    """Train on this worker: one process, or ``ML_TRAIN_GPUS`` processes under torchrun."""
+    """Train on this worker: one process, or ``ML_TRAIN_GPUS`` processes under torchrun (the
+    attempt's lease travels to them)."""
     from ml.train import fine_tune
 
     env = os.environ if env is None else env
     s = PipelineSettings.from_params(params, env)
     config = train_config(s, split["split"], run_id, env)
     processes = int(env.get("ML_TRAIN_GPUS", "1") or "1")
-    result = run_torchrun(config, processes, supervise) if processes > 1 else fine_tune(config)
+    with held_lease(s, run_id, "train", try_number):
+        result = run_torchrun(config, processes, supervise) if processes > 1 else fine_tune(config)
     result.pop("split_counts", None)
     return result
 
@@ -244,19 +268,20 @@ def run_torchrun(
 
 
 def register_step(
-    params: Mapping[str, Any], trained: Mapping[str, Any], run_id: str = ""
+    params: Mapping[str, Any], trained: Mapping[str, Any], run_id: str = "", try_number: int = 0
 ) -> dict[str, Any]:
     from ml.registry import register_model
 
     s = PipelineSettings.from_params(params)
-    return register_model(
-        trained["run_id"],
-        name=s.model_name,
-        margin=s.promotion_margin,
-        resamples=s.promotion_resamples,
-        confidence=s.promotion_confidence,
-        orchestrator_run_id=run_id,
-    )
+    with held_lease(s, run_id, "register", try_number):
+        return register_model(
+            trained["run_id"],
+            name=s.model_name,
+            margin=s.promotion_margin,
+            resamples=s.promotion_resamples,
+            confidence=s.promotion_confidence,
+            orchestrator_run_id=run_id,
+        )
 
 
 def predict_step(

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ml import fencing
 from ml.containment import check_name
 from ml.errors import PipelineError
 from ml.imaging import ImageConfig
@@ -232,8 +233,10 @@ def register_model(
         check_tracking_server()
         client = _client()
     run, model_uri, score = _finished_run(client, run_id)
+    fencing.check()  # a superseded attempt registers nothing
     _ensure_registered_model(client, name)
     version, created = _version_for_run(client, name, run_id, model_uri)
+    fencing.check()
     client.set_registered_model_alias(name, "challenger", version)
     if not created:
         log.info("run %s is version %s of %s", run_id, version, name)
@@ -242,6 +245,7 @@ def register_model(
         decision = _decide(client, name, version, run, (margin, resamples, confidence), store)
         _describe_version(client, name, version, run, orchestrator_run_id, decision)
         if decision.promoted:
+            fencing.check()
             client.set_registered_model_alias(name, "champion", version)
         log.info(
             "version %s of %s: %s (%s)",
@@ -444,6 +448,7 @@ def _describe_version(
     orchestrator = orchestrator_run_id or run.data.tags.get("orchestrator_run_id", "")
     if orchestrator:
         tags["orchestrator_run_id"] = orchestrator
+    fencing.check()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version, description=_description(run, decision))
@@ -495,16 +500,16 @@ def champion_training(name: str, client: Any | None = None) -> dict[str, Any] | 
 
 
 def _alias(client: Any, name: str, alias: str) -> Any | None:
-    """The version ``alias`` points at; None only when the registry says there is none (a
-    server that fails to answer is an error: taken for "no champion", it would promote a
-    version untested)."""
+    """The version ``alias`` points at; None only when the registry says there is none, or that
+    we may not see it (a server that fails to answer is an error: taken for "no champion", it
+    would promote a version untested)."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if _missing(exc):
-            return None
+        if _missing(exc) or _denied(exc):  # under MLflow's auth app, a model not yet made
+            return None  # (or not ours: registration refuses it) answers 403
         raise PipelineError(
             f"the MLflow tracking server at {tracking_uri()} failed to answer for the "
             f"{alias} of {name}: {redact_text(str(exc).splitlines()[0][:200])}; "

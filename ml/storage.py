@@ -28,6 +28,7 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
+from ml import fencing
 from ml.errors import PipelineError
 from ml.redact import get_logger, redact_text, redact_url
 from ml.uri import S3Uri
@@ -164,6 +165,17 @@ class ObjectStore:
             body: bytes = response["Body"].read()
             return body
 
+    def get_with_etag(self, uri: S3Uri) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag (for a conditional write after it); None when absent."""
+        with store_errors("read", uri):
+            try:
+                response = self.client.get_object(Bucket=uri.bucket, Key=uri.key)
+            except ClientError as exc:
+                if _code(exc) in _MISSING_CODES:
+                    return None
+                raise
+            return response["Body"].read(), str(response["ETag"])
+
     def exists(self, uri: S3Uri) -> bool:
         with store_errors("check", uri):
             try:
@@ -181,8 +193,14 @@ class ObjectStore:
         *,
         content_type: str = "application/octet-stream",
         if_absent: bool = False,
+        if_match: str | None = None,
+        fenced: bool = True,
     ) -> bool:
-        """Write ``data``; with ``if_absent`` never overwrite. Returns whether it was written."""
+        """Write ``data``; with ``if_absent`` never overwrite, with ``if_match`` only over the
+        object of that ETag. Returns whether it was written. Unless ``fenced`` is False, this
+        process's attempt must still hold its lease (:mod:`ml.fencing`)."""
+        if fenced:
+            fencing.check(idempotent=if_absent)
         with store_errors("write", uri):
             kwargs: dict[str, Any] = {
                 "Bucket": uri.bucket,
@@ -190,25 +208,31 @@ class ObjectStore:
                 "Body": data,
                 "ContentType": content_type,
             }
-            if not if_absent:
+            if if_match is not None:
+                kwargs["IfMatch"] = if_match
+            elif if_absent:
+                kwargs["IfNoneMatch"] = "*"
+            else:
                 self.client.put_object(**kwargs)
                 return True
             try:
-                self.client.put_object(IfNoneMatch="*", **kwargs)
+                self.client.put_object(**kwargs)
             except ClientError as exc:
                 code = _code(exc)
                 if code in _EXISTS_CODES:
                     return False
-                if code != "NotImplemented":
+                if code != "NotImplemented" or if_match is not None:
                     raise
                 # A store without conditional writes: a head check is the next best guard.
                 if self.exists(uri):
                     return False
+                kwargs.pop("IfNoneMatch")
                 self.client.put_object(**kwargs)
             return True
 
     def delete(self, uri: S3Uri) -> None:
-        """Remove an object (no error when it is already gone)."""
+        """Remove an object (no error when it is already gone); fenced like a write."""
+        fencing.check()
         with store_errors("delete", uri):
             self.client.delete_object(Bucket=uri.bucket, Key=uri.key)
 

@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import tempfile
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ml import fencing
 from ml.data import Loaders
 from ml.errors import PipelineError
 from ml.evaluate import (
@@ -71,12 +73,31 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
             f"the MLflow tracking server at {tracking_uri()} refused to start the run: "
             f"{redact_text(first)}; check the server and MLFLOW_TRACKING_URI"
         ) from None
-    with run:
+    try:
         yield run
+    except fencing.StaleAttemptError:
+        _leave_to_the_newer_attempt()
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+
+
+def _leave_to_the_newer_attempt() -> None:
+    """Forget the active run without a word to the server: it belongs to the newer attempt
+    now, so no status is written (MLflow's exit handler would mark it FINISHED or FAILED)."""
+    from mlflow.environment_variables import MLFLOW_RUN_ID
+    from mlflow.tracking import fluent
+
+    with contextlib.suppress(AttributeError, IndexError):
+        fluent._active_run_stack.get().pop()  # type: ignore[no-untyped-call]
+    MLFLOW_RUN_ID.unset()  # type: ignore[no-untyped-call]
 
 
 def log_precision(used: str, note: str) -> None:
     """The precision training really ran in (tags; ``precision`` is what was asked for)."""
+    fencing.check()  # a superseded attempt logs nothing more
     import mlflow
 
     mlflow.set_tags({"precision_used": used, **({"precision_note": note} if note else {})})
@@ -91,6 +112,7 @@ def log_start(
     split_sha256: str,
 ) -> None:
     """Params (the configuration, redacted), tags and the data's counts."""
+    fencing.check()  # a superseded attempt logs nothing more
     import mlflow
 
     params = {k: redact_text(str(v)) for k, v in dataclasses.asdict(cfg).items()}
@@ -118,6 +140,7 @@ def log_start(
 
 
 def log_epoch(row: dict[str, float]) -> None:
+    fencing.check()  # a superseded attempt logs nothing more
     import mlflow
 
     mlflow.log_metrics(
@@ -165,6 +188,7 @@ def log_end(
 ) -> str:
     """Test metrics, the evaluation report (per class, confusion, calibration, confidently
     wrong images), per-image test predictions, model card and the served model; its URI."""
+    fencing.check()  # a superseded attempt logs nothing more
     import mlflow
 
     calibrated = calibration(test.probs, test.images.targets)
@@ -235,6 +259,7 @@ def example_images(count: int = 2, size: int = 96) -> list[bytes]:
 def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preprocessing) -> str:
     """Log the served model (models from code, plain weights, the ``ml`` package as code):
     encoded images in, a label and the five class probabilities out."""
+    fencing.check()  # a superseded attempt logs nothing more
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature

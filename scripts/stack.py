@@ -301,7 +301,6 @@ def up_celery(marker: str) -> dict[str, Any]:
         "ML_CSV": DEMO_CSV,
         "ML_INPUT_ROOTS": f"s3://{BUCKET}/input s3://{BUCKET}/pipeline",
         "ML_INFERENCE_CSV": SCORE_CSV,
-        "ML_DOWNLOAD_PARALLELISM": "4",
     }
     plan = celery_plan(STATE, PORTS, marker, BUCKET, extra)
     client = STATE / "client.json"
@@ -353,18 +352,17 @@ def _save_spec(name: str, command: list[str], env: dict[str, str]) -> None:
 
 
 def restart(name: str, *, kill: bool = False) -> int:
-    """Start service ``name`` again as it was started (after a crash, or ``kill`` first: its
-    whole process group gets SIGKILL, as a machine failure would); its new pid."""
+    """Start service ``name`` again as it was started (after a crash, or ``kill`` first:
+    everything it started, task processes in groups of their own included, dies at once, as
+    in a machine failure or a container's cgroup); its new pid."""
     state = load_state()
     service = state.get("services", {}).get(name)
     if service is None:
         raise SystemExit(f"error: no service {name!r} in this stack")
     if kill:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(service["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while _alive(service["pid"], group=True) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        left = kill_everything([service["pid"]])
+        if left:
+            raise SystemExit(f"error: {name}'s processes {left} survived SIGKILL")
     spec = json.loads((STATE / "services" / f"{name}.json").read_text())
     process = _spawn(name, spec["command"], spec["env"])
     state["services"][name]["pid"] = process.pid
@@ -656,28 +654,82 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
+def _processes() -> dict[int, tuple[str, int, int, int]]:
+    """pid: (state, parent, process group, session) of every process."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+    return table
+
+
+def started_by(services: list[int], marker: str = "") -> list[int]:
+    """Every living process the services (their pids) started: in their sessions or process
+    groups (a task orphaned by a killed worker keeps its session when it moves to another
+    parent, and Airflow gives each task a process group of its own), below them in the process
+    tree (one that started a session of its own), or carrying the stack's marker."""
+    table = _processes()
+    roots = set(services)
+    found = {pid for pid, (_, _, group, session) in table.items() if {group, session} & roots}
+    found |= roots & set(table)
+    if marker:
+        found |= set(_marked(marker))
+    children: dict[int, list[int]] = {}
+    for pid, (_, parent, _, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    todo = list(found)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    found.discard(os.getpid())
+    return sorted(pid for pid in found if table.get(pid, ("Z",))[0] != "Z")
+
+
+def _signal(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signum)
+
+
+def kill_everything(services: list[int], marker: str = "", wait: float = 30.0) -> list[int]:
+    """SIGKILL everything the services started, at once, as a machine failure would: first
+    frozen (SIGSTOP, so that nothing forks or writes while the tree is walked), then killed.
+    Returns what is still alive after ``wait`` seconds (nothing, normally)."""
+    frozen: set[int] = set()
+    for _ in range(10):
+        found = set(started_by(services, marker)) - frozen
+        if not found:
+            break
+        _signal(sorted(found), signal.SIGSTOP)
+        frozen |= found
+    _signal(sorted(frozen), signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        left = started_by(services, marker)
+        if not left:
+            return []
+        _signal(left, signal.SIGKILL)
+        time.sleep(0.2)
+    return started_by(services, marker)
+
+
 def down(quiet: bool = False) -> int:
     state = load_state()
     if not state:
         if not quiet:
             say("nothing to stop")
         return 0
-    groups = [s["pid"] for s in state.get("services", {}).values()]
-    for signum, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signum)
-        for pid in _marked(state["marker"]):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and (
-            _marked(state["marker"]) or any(_alive(g, group=True) for g in groups)
-        ):
-            time.sleep(0.3)
-        if not _marked(state["marker"]) and not any(_alive(g, group=True) for g in groups):
-            break
-    left = _marked(state["marker"])
+    services = [s["pid"] for s in state.get("services", {}).values()]
+    marker = state["marker"]
+    _signal(started_by(services, marker), signal.SIGTERM)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and started_by(services, marker):
+        time.sleep(0.3)
+    left = kill_everything(services, marker, wait=10.0) if started_by(services, marker) else []
     if left:
         say(f"error: processes still running: {left}")
         return 1
@@ -687,18 +739,6 @@ def down(quiet: bool = False) -> int:
     if not quiet:
         say("stack stopped; nothing left running")
     return 0
-
-
-def _group_members(groups: list[int]) -> list[int]:
-    """Processes in any of the process groups (setproctitle can hide a process's marker)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) in groups:  # field 5 of stat: the process group
-                    members.append(int(entry.name))
-    return members
 
 
 def listeners(state: dict[str, Any]) -> list[tuple[int, str, int]]:
@@ -713,8 +753,8 @@ def listeners(state: dict[str, Any]) -> list[tuple[int, str, int]]:
                 host, port = fields[1].split(":")
                 sockets[fields[9]] = (_proc_address(host, family), int(port, 16))
     found = []
-    groups = [service["pid"] for service in state.get("services", {}).values()]
-    for pid in set(_marked(state["marker"])) | set(_group_members(groups)):
+    services = [service["pid"] for service in state.get("services", {}).values()]
+    for pid in started_by(services, state["marker"]):
         with contextlib.suppress(OSError):
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 target = os.readlink(fd)
@@ -738,8 +778,13 @@ def status() -> int:
     if not state:
         say("the stack is not running")
         return 1
+    down = []
     for name, service in state["services"].items():
-        say(f"{name:22s} pid {service['pid']:7d} {'up' if _alive(service['pid']) else 'DOWN'}")
+        up = _alive(service["pid"])
+        down += [] if up else [name]
+        say(f"{name:22s} pid {service['pid']:7d} {'up' if up else 'DOWN'}")
+    if down:  # compose's "restart: always" has no native counterpart
+        say(f"nothing restarts a dead service here: scripts/stack.py restart {down[0]}")
     for pid, address, port in listeners(state):
         say(f"listening: pid {pid} on {address}:{port}")
     return 0
@@ -775,7 +820,9 @@ def main() -> int:
         "natively (Postgres, Redis, CeleryExecutor, a default and a gpu worker)",
     )
     commands.add_parser("down", help="stop everything the stack started")
-    r = commands.add_parser("restart", help="start one service again (--kill: SIGKILL it first)")
+    r = commands.add_parser(
+        "restart", help="start one service again (--kill: SIGKILL all it started first)"
+    )
     r.add_argument("service")
     r.add_argument("--kill", action="store_true")
     commands.add_parser("status", help="show the stack's processes")

@@ -24,12 +24,13 @@ REPO = Path(__file__).resolve().parent.parent
 # neither has created it yet), then waits for the agreed moment and creates it.
 RACER = """
 import sys, time
+from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from ml.registry import _ensure_registered_model
 
-name, start = sys.argv[1], float(sys.argv[2])
+name, folder = sys.argv[1], Path(sys.argv[2])
 client = MlflowClient()
 real_get, looks = client.get_registered_model, []
 
@@ -41,7 +42,9 @@ def get(model):
     return real_get(model)
 
 client.get_registered_model = get
-time.sleep(max(0.0, start - time.time()))
+(folder / f"ready-{time.monotonic_ns()}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.01)
 _ensure_registered_model(client, name)
 print(f"looked {len(looks)}")
 """
@@ -59,11 +62,10 @@ def test_two_registrations_creating_one_model_both_succeed(
     script = tmp_path / "racer.py"
     script.write_text(RACER)
     name = f"race-{uuid.uuid4().hex[:8]}"
-    start = time.time() + 25  # both have imported MLflow by then
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": mlflow_server}
     racers = [
         subprocess.Popen(
-            [sys.executable, str(script), name, str(start)],
+            [sys.executable, str(script), name, str(tmp_path)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -71,6 +73,10 @@ def test_two_registrations_creating_one_model_both_succeed(
         )
         for _ in range(2)
     ]
+    deadline = time.monotonic() + 180
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # both have imported MLflow and looked: now they create at once
+    (tmp_path / "go").touch()
     outcomes = [racer.communicate(timeout=180) for racer in racers]
     assert [racer.returncode for racer in racers] == [0, 0], [err[-2000:] for _, err in outcomes]
     looks = sorted(out.strip() for out, _ in outcomes)

@@ -30,6 +30,7 @@ from devkit.servers import free_port
 from devkit.topology import (
     AIRFLOW_SERVICES,
     BACKING_SERVICES,
+    DIFFERENCES,
     NATIVE,
     celery_plan,
     compose_databases,
@@ -91,6 +92,25 @@ def test_every_compose_service_has_a_native_counterpart(plan: Any) -> None:
         "redis",
         "images",
     }
+
+
+def test_every_difference_from_compose_is_listed_with_its_reason(plan: Any) -> None:
+    """What the native run sets that compose does not (or otherwise) is in NATIVE or in
+    DIFFERENCES, and the README's table shows every DIFFERENCES row."""
+    readme = (REPO / "README.md").read_text()
+    for what, compose, native, why in DIFFERENCES:
+        assert f"| {what} | {compose} | {native} | {why} |" in readme, what
+    listed = " ".join(" ".join(row) for row in DIFFERENCES)
+    for name in ("AIRFLOW__API__WORKERS", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL"):
+        assert name in listed, name
+    worker = next(s for s in plan.steps if s.name == "airflow-worker")
+    assert "--skip-serve-logs" in worker.command and "log serving" in listed
+    mlflow = next(s for s in plan.steps if s.name == "mlflow")
+    assert mlflow.command[mlflow.command.index("--workers") + 1] == "1" and "MLflow" in listed
+    # The download parallelism is compose's own (the DAG's max_active_tis_per_dag).
+    assert "ML_DOWNLOAD_PARALLELISM" not in " ".join(NATIVE)
+    default = COMPOSE["x-pipeline-env"]["ML_DOWNLOAD_PARALLELISM"]
+    assert worker.env["ML_DOWNLOAD_PARALLELISM"] == interpolate(default, plan.values)
 
 
 def test_same_environment_names_executor_broker_and_databases(plan: Any) -> None:
@@ -396,8 +416,8 @@ def test_a_worker_killed_mid_batch_loses_nothing(
             break
         time.sleep(0.5)
     assert recorded, "no download batch was seen running"
-    stack.restart("airflow-worker", kill=True)
-    recorded = _recorded_urls(store, dataset)  # nothing more was written after the kill
+    time.sleep(5)  # a few more images fetched that no manifest part holds yet
+    recorded, in_flight = _kill_the_worker(stack, run_id, store, env, image_server, dataset)
     state = stack.wait(run_id, 900)
     tasks = stack._tasks(run_id)
     assert state == "success", [(t["task_id"], t["state"], t["try_number"]) for t in tasks]
@@ -418,7 +438,62 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     for url in recorded:  # written to the manifest before the kill: never fetched again
         path = urllib.parse.urlsplit(url)
         assert hits[f"{path.path}?{path.query}"] == 1, url
-    assert max(hits.values()) <= 2  # the rest at most once more
+    for path in in_flight:  # fetched by the killed attempt, never recorded: the retry refetched
+        assert hits[path] == 2, path
+    assert max(hits.values()) <= 2
+
+
+def _kill_the_worker(
+    stack: ModuleType,
+    run_id: str,
+    store: Any,
+    env: dict[str, str],
+    image_server: ImageServer,
+    dataset: str,
+) -> tuple[set[str], set[str]]:
+    """SIGKILL the default worker and everything it started, and prove that all of it died:
+    its task processes (each in a process group of its own) are gone, and for 25 s nothing
+    is fetched or written. Returns the URLs recorded at the kill and the image paths fetched
+    without a manifest row (the retry must fetch those again)."""
+    worker = stack.load_state()["services"]["airflow-worker"]["pid"]
+    doomed = stack.started_by([worker])
+    task_pids = {t["pid"] for t in stack._tasks(run_id) if t["task_id"] == "download_batch"}
+    task_pids.discard(None)
+    assert task_pids and task_pids <= set(doomed), (task_pids, doomed)
+    assert all(os.getpgid(pid) != worker for pid in task_pids)  # groups of their own
+    stack.restart("airflow-worker", kill=True)
+    living = set(stack.started_by(doomed))  # zombies excluded: they hold nothing
+    assert not living & set(doomed), living & set(doomed)
+    recorded = _recorded_urls(store, dataset)
+    fetched = _hits(image_server)
+    written = _objects(store, env)
+    in_flight = {path for path in fetched if _url(image_server, path) not in recorded}
+    assert in_flight, "no image was fetched without its manifest row: nothing to refetch"
+    # A live orphan would go on fetching (an image every 1.5 s) and write a part within 20 s.
+    time.sleep(25)
+    tries = {t["try_number"] for t in stack._tasks(run_id) if t["task_id"] == "download_batch"}
+    assert tries == {1}, "the retry started too early to tell"
+    assert _hits(image_server) == fetched and _objects(store, env) == written
+    return recorded, in_flight
+
+
+def _hits(image_server: ImageServer) -> dict[str, int]:
+    return {path: count for path, count in image_server.hits.items() if "/killed/" in path}
+
+
+def _url(image_server: ImageServer, path: str) -> str:
+    return image_server.base_url.rstrip("/") + path
+
+
+def _objects(store: Any, env: dict[str, str]) -> set[tuple[str, str]]:
+    """Every object of the stack's store, with its ETag."""
+    from ml.uri import S3Uri
+
+    root = S3Uri.parse(env["ML_STORE"])
+    pages = store.client.get_paginator("list_objects_v2").paginate(
+        Bucket=root.bucket, Prefix=root.key
+    )
+    return {(item["Key"], item["ETag"]) for page in pages for item in page.get("Contents", [])}
 
 
 def _recorded_urls(store: Any, dataset: str) -> set[str]:
@@ -428,3 +503,36 @@ def _recorded_urls(store: Any, dataset: str) -> set[str]:
 
     parts = read_parts(DatasetLayout.parse(dataset), store).rows
     return set(parts.loc[parts["status"] == "ok", "url"])
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_stop_during_a_running_task_leaves_nothing(
+    topology: ModuleType, image_server: ImageServer
+) -> None:
+    """``scripts/stop`` (stack.py down) while a download task runs: the task processes (in
+    process groups of their own, their marker hidden by setproctitle) end with the rest.
+    Runs last: it stops the module's stack."""
+    stack = topology
+    rows = labelled_urls(image_server, dict.fromkeys(LABELS, 4), prefix="stopped", delay=2)
+    env = stack.client_environment()
+    with stack._stack_environment(env):
+        from ml.storage import ObjectStore, S3Uri
+
+        csv = S3Uri(stack.BUCKET, "input/stopped.csv")
+        ObjectStore().put_bytes(csv, plain_csv(rows), content_type="text/csv")
+    conf = {**stack.DEMO_CONF, "csv": str(csv), "download_concurrency": 1}
+    run_id = stack.trigger(conf)
+    deadline = time.monotonic() + 300
+    task_pids: set[int] = set()
+    while time.monotonic() < deadline and not task_pids:
+        running = [t for t in stack._tasks(run_id) if t["task_id"] == "download_batch"]
+        task_pids = {t["pid"] for t in running if t["state"] == "running" and t["pid"]}
+        time.sleep(0.5)
+    assert task_pids, "no download task was seen running"
+    state = stack.load_state()
+    services = [s["pid"] for s in state["services"].values()]
+    everything = stack.started_by(services, state["marker"])
+    assert task_pids <= set(everything)
+    assert stack.down(quiet=True) == 0
+    assert stack.started_by(everything) == []  # every one of them, task processes included
