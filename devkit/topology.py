@@ -101,15 +101,15 @@ DIFFERENCES: tuple[tuple[str, str, str, str], ...] = (
     (
         "restart policy",
         "restart: always",
-        "none: a dead service stays down (status says so; stack.py restart NAME)",
+        "none: a dead service stays down (status says so; stack.py start NAME)",
         "no supervisor process outlives stack.py; the tests restart what they kill",
     ),
     (
         "Redis",
-        "7.4.5, RDB snapshots in the container's /data volume",
-        'the distribution\'s (7.0 on Debian 12), no persistence (save "", appendonly no)',
-        "no image registry here; in both, messages a Redis restart drops are tasks stuck in "
-        "queued, which the scheduler requeues after [scheduler] task_queued_timeout (600 s)",
+        "7.4.5",
+        "the distribution's (7.0 on Debian 12)",
+        "no image registry here; both keep queued tasks across a restart in an append-only "
+        "file (fsync every second: the redis-data volume, the stack's redis/ folder)",
     ),
     (
         "object store",
@@ -278,9 +278,9 @@ def create_databases(
 
 
 def redis_command(folder: Path, port: int, password: str) -> tuple[list[str], Path]:
-    """``redis-server`` with a config file (loopback, no persistence, the broker's password,
-    as compose's Redis has it) in ``folder``: the password is in that owner-only file, never
-    in the command."""
+    """``redis-server`` with a config file in ``folder`` (loopback, an append-only file, the
+    broker's password, as compose's Redis has them): the password is in that owner-only file,
+    never in the command."""
     server = shutil.which("redis-server")
     if server is None:
         raise RuntimeError(
@@ -291,7 +291,8 @@ def redis_command(folder: Path, port: int, password: str) -> tuple[list[str], Pa
     config = folder / "redis.conf"
     write_private(
         config,
-        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly no\ndir {folder}\n'
+        f'bind 127.0.0.1\nport {port}\nsave ""\nappendonly yes\nappendfsync everysec\n'
+        f"dir {folder}\n"
         f"protected-mode yes\nrequirepass {password}\n",
     )
     return [server, str(config)], config

@@ -29,6 +29,10 @@ from typing import Any
 from ml.errors import ParameterError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+NAME_RULE = (
+    "a name of at most 128 letters, digits, '_', '.' or '-' that starts with a letter or "
+    "digit, for example image-sentiment"
+)
 RATIOS_PATTERN = r"^\s*[0-9.]+\s*,\s*[0-9.]+\s*,\s*[0-9.]+\s*$"
 _TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
 _KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
@@ -37,7 +41,13 @@ _KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 @dataclass(frozen=True)
 class Parameter:
     """One run parameter. ``form`` puts it on the trigger form; ``env`` names the environment
-    variable that sets the form's default (deployment configuration)."""
+    variable that sets the form's default (deployment configuration). A ``pattern`` comes with
+    ``expects``, the same rule in words with an example, which messages show instead of the
+    regular expression; ``required``: the command line must give it (no default)."""
+
+    def __post_init__(self) -> None:
+        if self.pattern and not self.expects:
+            raise ValueError(f"parameter {self.name!r}: a pattern needs its rule in words")
 
     name: str
     kind: type
@@ -49,7 +59,9 @@ class Parameter:
     exclusive_minimum: bool = False
     choices: tuple[str, ...] = ()
     pattern: str = ""
+    expects: str = ""
     min_length: int = 0
+    required: bool = False
     form: bool = True
     env: str = ""
     metavar: str = ""
@@ -73,6 +85,8 @@ class Parameter:
         """The allowed values in words, for messages."""
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.expects:
+            return self.expects
         word = "above" if self.exclusive_minimum else "at least"
         low = "" if self.minimum is None else f"{word} {self.minimum:g}"
         high = "" if self.maximum is None else f"at most {self.maximum:g}"
@@ -94,7 +108,7 @@ class Parameter:
         if self.kind is str and len(coerced) < self.min_length:
             raise self._error(value, "given (it cannot be empty)")
         if self.pattern and not re.match(self.pattern, str(coerced)):
-            raise self._error(value, f"of the form {self.pattern}")
+            raise self._error(value, self.expects)
         return coerced
 
     def _coerce(self, value: Any) -> Any:
@@ -203,7 +217,10 @@ _DECLARED = (
         "0.8,0.15,0.05",
         "Split ratios",
         pattern=RATIOS_PATTERN,
-        description="train,valid,test; they must sum to 1.",
+        expects="three fractions train,valid,test separated by commas that sum to 1, "
+        "for example 0.8,0.15,0.05",
+        description="Fractions of the images for train, valid and test, separated by commas; "
+        "they must sum to 1 (for example 0.8,0.15,0.05).",
     ),
     # --- download -----------------------------------------------------------------------
     _p(
@@ -213,7 +230,8 @@ _DECLARED = (
         "Download threads per batch",
         minimum=1,
         maximum=512,
-        description="Parallel downloads (each host still gets at most --per-host connections).",
+        description="Parallel downloads per batch (each host still gets at most the "
+        "deployment's per-host connection limit).",
     ),
     _p(
         "download_batch_size",
@@ -321,7 +339,9 @@ _DECLARED = (
         "",
         "Split manifest",
         form=False,
-        description="The split manifest URI that the split stage printed (required).",
+        required=True,
+        metavar="URI",
+        description="The split manifest URI that the split stage printed.",
     ),
     _p(
         "arch",
@@ -339,7 +359,8 @@ _DECLARED = (
         "Initial weights",
         env="ML_WEIGHTS",
         description="IMAGENET1K_V2, IMAGENET1K_V1, a .pth file or s3:// URI inside the input "
-        "folders, or none (random; tests and demos only).",
+        "folders, or none (random; tests and demos only). Named weights must be in the "
+        "worker's cache or staged in the store.",
     ),
     _p(
         "weights_sha256",
@@ -357,7 +378,15 @@ _DECLARED = (
         form=False,
         description="Let torchvision download named weights (needs internet).",
     ),
-    _p("epochs", int, 10, "Epochs", minimum=1, maximum=1000),
+    _p(
+        "epochs",
+        int,
+        10,
+        "Epochs",
+        minimum=1,
+        maximum=1000,
+        description="Passes over the training images at most (early stopping may end sooner).",
+    ),
     _p(
         "batch_size",
         int,
@@ -378,7 +407,14 @@ _DECLARED = (
         description="Peak rate for the global batch (batch size x "
         "processes); not rescaled for more GPUs.",
     ),
-    _p("optimizer", str, "sgd", "Optimizer", choices=("sgd", "adamw")),
+    _p(
+        "optimizer",
+        str,
+        "sgd",
+        "Optimizer",
+        choices=("sgd", "adamw"),
+        description="sgd: SGD with Nesterov momentum; adamw: AdamW.",
+    ),
     _p("momentum", float, 0.9, "Momentum", minimum=0, maximum=1, form=False),
     _p(
         "weight_decay",
@@ -408,6 +444,9 @@ _DECLARED = (
         "class_weights",
         "Imbalance remedy",
         choices=("class_weights", "sampler", "none"),
+        description="How rare labels are made to count: class_weights weighs the loss by "
+        "inverse label frequency, sampler draws images so that labels come equally often, "
+        "none trains on the data as it is.",
     ),
     _p(
         "head_epochs",
@@ -433,6 +472,7 @@ _DECLARED = (
         "auto",
         "Device",
         pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        expects="auto, cpu, cuda or cuda:N (for example cuda:0)",
         description="auto, cpu, cuda or cuda:N; on a GPU worker auto means cuda.",
     ),
     _p(
@@ -541,6 +581,7 @@ _DECLARED = (
         "image-sentiment",
         "Registered model",
         pattern=NAME_PATTERN,
+        expects=NAME_RULE,
         env="ML_MODEL_NAME",
         description="The MLflow registered model.",
     ),
@@ -632,10 +673,23 @@ def add_options(
             parameter.flag,
             dest=name,
             type=parameter.argparse_type(),
-            default=default,
+            required=parameter.required,
+            default=None if parameter.required else default,
             metavar=parameter.metavar or name.upper(),
-            help=f"{text} (default: %(default)s)",
+            help=_help(parameter, text, default),
         )
+
+
+def _help(parameter: Parameter, text: str, default: Any) -> str:
+    """The option's help: its choices, and its default unless the text already says it."""
+    extra = []
+    if parameter.choices:
+        extra.append("one of " + ", ".join(parameter.choices))
+    if parameter.required:
+        extra.append("required")
+    elif "default" not in text.lower() and default not in ("", None):
+        extra.append("default: %(default)s")
+    return f"{text} ({'; '.join(extra)})" if extra else text
 
 
 def fields_of(cls: Any) -> list[str]:

@@ -8,6 +8,7 @@ and Airflow (SQLite, LocalExecutor: API server, scheduler, DAG processor, trigge
     python scripts/stack.py up | status | down
     python scripts/stack.py up --topology celery   # docker-compose.yaml's topology, natively
     python scripts/stack.py restart airflow-worker --kill   # a worker killed and started again
+    python scripts/stack.py stop redis; python scripts/stack.py start redis   # one service
 
 ``demo`` leaves the stack up for browsing; ``down`` stops every process it started (by process
 group, then by a marker in their environment, so nothing is orphaned) and deletes its state
@@ -351,23 +352,57 @@ def _save_spec(name: str, command: list[str], env: dict[str, str]) -> None:
     write_private(path, json.dumps({"command": command, "env": env}))
 
 
-def restart(name: str, *, kill: bool = False) -> int:
-    """Start service ``name`` again as it was started (after a crash, or ``kill`` first:
-    everything it started, task processes in groups of their own included, dies at once, as
-    in a machine failure or a container's cgroup); its new pid."""
+def _service(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     state = load_state()
     service = state.get("services", {}).get(name)
     if service is None:
         raise SystemExit(f"error: no service {name!r} in this stack")
-    if kill:
-        left = kill_everything([service["pid"]])
-        if left:
-            raise SystemExit(f"error: {name}'s processes {left} survived SIGKILL")
+    return state, service
+
+
+def stop(name: str, *, kill: bool = False, grace: float = 30.0) -> None:
+    """Stop service ``name`` and everything it started, task processes in groups of their own
+    included: SIGTERM and ``grace`` seconds, as ``docker compose stop`` gives, then SIGKILL;
+    with ``kill``, SIGKILL at once, as a machine failure or a container's cgroup would."""
+    _, service = _service(name)
+    doomed = started_by([service["pid"]])
+    if not kill:
+        _signal(doomed, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and started_by(doomed):
+            time.sleep(0.2)
+    left = kill_everything(doomed)
+    if left:
+        raise SystemExit(f"error: {name}'s processes {left} survived SIGKILL")
+
+
+def start(name: str) -> int:
+    """Start service ``name`` again as it was first started (it must be stopped); its pid."""
+    state, service = _service(name)
+    if started_by([service["pid"]]):
+        raise SystemExit(f"error: {name} is running (pid {service['pid']}): stop it first")
     spec = json.loads((STATE / "services" / f"{name}.json").read_text())
     process = _spawn(name, spec["command"], spec["env"])
     state["services"][name]["pid"] = process.pid
     _save_state(state)
     return process.pid
+
+
+def restart(name: str, *, kill: bool = False) -> int:
+    """``stop`` (with ``kill``: SIGKILL everything it started at once), then ``start``."""
+    stop(name, kill=kill)
+    return start(name)
+
+
+def one_service(verb: str, name: str, *, kill: bool) -> int:
+    """``stack.py stop|start|restart NAME``."""
+    if verb == "stop":
+        stop(name, kill=kill)
+        say(f"{name} stopped")
+        return 0
+    pid = start(name) if verb == "start" else restart(name, kill=kill)
+    say(f"{name} started again: pid {pid}")
+    return 0
 
 
 def client_environment() -> dict[str, str]:
@@ -784,7 +819,7 @@ def status() -> int:
         down += [] if up else [name]
         say(f"{name:22s} pid {service['pid']:7d} {'up' if up else 'DOWN'}")
     if down:  # compose's "restart: always" has no native counterpart
-        say(f"nothing restarts a dead service here: scripts/stack.py restart {down[0]}")
+        say(f"nothing restarts a dead service here: scripts/stack.py start {down[0]}")
     for pid, address, port in listeners(state):
         say(f"listening: pid {pid} on {address}:{port}")
     return 0
@@ -820,11 +855,15 @@ def main() -> int:
         "natively (Postgres, Redis, CeleryExecutor, a default and a gpu worker)",
     )
     commands.add_parser("down", help="stop everything the stack started")
-    r = commands.add_parser(
-        "restart", help="start one service again (--kill: SIGKILL all it started first)"
-    )
-    r.add_argument("service")
-    r.add_argument("--kill", action="store_true")
+    for verb, text in (
+        ("stop", "stop one service and all it started (SIGTERM, 30 s, SIGKILL)"),
+        ("restart", "stop one service, then start it again"),
+        ("start", "start a stopped service again"),
+    ):
+        one = commands.add_parser(verb, help=text)
+        one.add_argument("service")
+        if verb != "start":
+            one.add_argument("--kill", action="store_true", help="SIGKILL at once (a crash)")
     commands.add_parser("status", help="show the stack's processes")
     args = parser.parse_args()
     if args.command == "demo":
@@ -834,9 +873,8 @@ def main() -> int:
         return 0
     if args.command == "down":
         return down()
-    if args.command == "restart":
-        say(f"{args.service} started again: pid {restart(args.service, kill=args.kill)}")
-        return 0
+    if args.command in ("stop", "start", "restart"):
+        return one_service(args.command, args.service, kill=getattr(args, "kill", False))
     return status()
 
 

@@ -333,7 +333,8 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
     }, sockets
     stack.prepare_demo_csv(None)
     conf = {**stack.DEMO_CONF, "sample": 60, "epochs": 1, "download_batch_size": 15}
-    run_id, state = _run(stack, conf)
+    run_id = _redis_crashes_while_a_task_is_queued(stack, conf)
+    state = stack.wait(run_id, 900)
     tasks = stack._tasks(run_id)
     assert state == "success", [(t["task_id"], t["state"]) for t in tasks]
     gpu_tasks = {"preflight", "train", "register"}
@@ -375,6 +376,65 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
     assert scored_by and all(
         t["queue"] == "default" and t["hostname"].endswith("-default") for t in scored_by
     ), [(t["task_id"], t["queue"], t["hostname"]) for t in scored_by]
+
+
+def _redis_crashes_while_a_task_is_queued(stack: ModuleType, conf: dict[str, Any]) -> str:
+    """Trigger a run with the default worker stopped, so that ``ingest`` waits in Redis;
+    SIGKILL Redis and start it again: its append-only file still holds the task, which runs
+    as soon as the worker is back (without it the task would wait in queued until the
+    scheduler's task_queued_timeout, 600 s, requeued it). Returns the run's id."""
+    from devkit.topology import redis_ready
+
+    stack.stop("airflow-worker")
+    run_id = stack.trigger(conf)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not _broker(stack, "LLEN", "default"):
+        time.sleep(0.5)
+    waiting = _broker(stack, "LLEN", "default")
+    assert waiting == 1, "ingest was not seen waiting in Redis"
+    assert _task_state(stack, run_id, "ingest") == "queued"
+    old = stack.load_state()["services"]["redis"]["pid"]
+    stack.restart("redis", kill=True)
+    assert not stack.started_by([old])  # the old server is gone: a crash, not a shutdown
+    redis_ready(stack.PORTS["redis"], _broker_password(stack))
+    assert _broker(stack, "LLEN", "default") == waiting  # the crash lost no queued task
+    back = time.monotonic()
+    stack.start("airflow-worker")
+    while time.monotonic() < back + 300 and _task_state(stack, run_id, "ingest") == "queued":
+        time.sleep(0.5)
+    started = time.monotonic() - back
+    assert _task_state(stack, run_id, "ingest") in ("running", "success"), "ingest never ran"
+    print(json.dumps({"queued_task_ran_after_redis_crash_s": round(started, 1)}))
+    return str(run_id)
+
+
+def _task_state(stack: ModuleType, run_id: str, task_id: str) -> str | None:
+    states = {t["task_id"]: t["state"] for t in stack._tasks(run_id)}
+    return states.get(task_id)
+
+
+def _broker_password(stack: ModuleType) -> str:
+    config = (stack.STATE / "redis" / "redis.conf").read_text()
+    return next(line.split(" ", 1)[1] for line in config.splitlines() if "requirepass" in line)
+
+
+def _broker(stack: ModuleType, *words: str) -> int:
+    """One integer-answering Redis command, sent with the broker's password."""
+
+    def encode(*parts: str) -> bytes:
+        body = b"".join(f"${len(p.encode())}\r\n{p}\r\n".encode() for p in parts)
+        return f"*{len(parts)}\r\n".encode() + body
+
+    with socket.create_connection(("127.0.0.1", stack.PORTS["redis"]), timeout=10) as broker:
+        broker.sendall(encode("AUTH", _broker_password(stack)) + encode(*words))
+        reply = b""
+        while reply.count(b"\r\n") < 2:
+            chunk = broker.recv(4096)
+            assert chunk, reply
+            reply += chunk
+    auth, answer = reply.split(b"\r\n")[:2]
+    assert auth == b"+OK" and answer.startswith(b":"), reply
+    return int(answer[1:])
 
 
 @pytest.mark.integration
