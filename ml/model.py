@@ -119,15 +119,33 @@ def _named_weights(arch: str, name: str) -> Any:
         ) from None
 
 
-def _missing_message(arch: str, filename: str, where: Path) -> str:
+def _missing_message(arch: str, filename: str, where: Path, *, form: bool = False) -> str:
+    """Where the weights are missing and how to stage them; the choices are named as the user
+    sets them: command-line flags, or (``form``) the trigger form's fields and the
+    deployment's settings."""
+    if form:
+        use = (
+            "then set the form's Initial weights field to s3://BUCKET/weights/"
+            f"{filename} (or the deployment's ML_WEIGHTS)"
+        )
+        other = (
+            "set ML_DOWNLOAD_WEIGHTS=true in the deployment where the workers reach the "
+            "internet, or set Initial weights to none to train from scratch (tests and demos "
+            "only)"
+        )
+    else:
+        use = f"train with --weights s3://BUCKET/weights/{filename}"
+        other = (
+            "use --download-weights where the internet is reachable, or --weights none to "
+            "train from scratch (tests and demos only)"
+        )
     return (
         f"ImageNet weights for {arch} ({filename}) are not in {where} and this machine cannot "
         "download them. Stage them once: on a machine with internet run "
         f"`python -c \"import torchvision; torchvision.models.{arch}(weights='DEFAULT')\"`, "
         f"then `python -m ml stage-weights ~/.cache/torch/hub/checkpoints/{filename} "
-        "--to s3://BUCKET/weights` and train with --weights s3://BUCKET/weights/"
-        f"{filename} (or copy the file into {where}); use --download-weights where the internet "
-        "is reachable, or --weights none to train from scratch (tests and demos only)"
+        f"--to s3://BUCKET/weights`, {use} (or copy the file into {where} on the worker); "
+        f"or {other}"
     )
 
 
@@ -138,8 +156,10 @@ def resolve_weights(
     sha256: str | None = None,
     download: bool = False,
     store: ObjectStore | None = None,
+    form: bool = False,
 ) -> tuple[Path | None, WeightsInfo]:
-    """The local file holding ``weights`` (None for random init) and what it is."""
+    """The local file holding ``weights`` (None for random init) and what it is; ``form``: a
+    missing file's message names the trigger form's fields, not the command line's flags."""
     if weights.lower() in ("none", ""):
         log.warning("training %s from random weights (--weights none): tests and demos only", arch)
         return None, WeightsInfo("none", pretrained=False, transforms=eval_preset(arch))
@@ -167,7 +187,7 @@ def resolve_weights(
     target = cache / filename
     if not target.is_file():
         if not download:
-            raise PipelineError(_missing_message(arch, filename, cache))
+            raise PipelineError(_missing_message(arch, filename, cache, form=form))
         torch.hub.load_state_dict_from_url(named.url, progress=False, check_hash=True)
     digest = _check_hash(target, sha256)
     return target, WeightsInfo(f"{arch}:{named.name}", True, digest, eval_preset(arch, named))

@@ -674,7 +674,7 @@ def add_options(
             dest=name,
             type=parameter.argparse_type(),
             required=parameter.required,
-            default=None if parameter.required else default,
+            default=default,
             metavar=parameter.metavar or name.upper(),
             help=_help(parameter, text, default),
         )

@@ -143,7 +143,9 @@ def preflight_step(
     s = PipelineSettings.from_params(params, env)
     config = train_config(s, "s3://preflight/x", "", env)
     device = choose_device(config.device)
-    _, weights = resolve_weights(config.arch, config.weights, download=config.download_weights)
+    _, weights = resolve_weights(
+        config.arch, config.weights, download=config.download_weights, form=True
+    )
     return {"device": str(device), "weights": weights.source, "weights_sha256": weights.sha256}
 
 

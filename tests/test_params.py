@@ -83,17 +83,49 @@ def test_the_form_is_derived_from_the_declarations(monkeypatch: pytest.MonkeyPat
         ("epochs", 0, "at least 1"),
         ("learning_rate", 0, "above 0"),
         ("optimizer", "rmsprop", "one of sgd, adamw"),
-        ("device", "tpu", "of the form"),
+        ("device", "tpu", "auto, cpu, cuda or cuda:N"),
+        ("ratios", "0.8;0.2", "three fractions .* for example 0.8,0.15,0.05"),
         ("exclude_golden", "maybe", "true or false"),
         ("epochs", 2.5, "a whole number"),
         ("min_confidence", math.nan, "finite"),
-        ("model_name", "a b", "of the form"),
+        ("model_name", "a b", "letters, digits, .* for example image-sentiment"),
         ("csv", "", "cannot be empty"),
     ],
 )
 def test_values_are_checked_against_their_declaration(name: str, value: Any, message: str) -> None:
     with pytest.raises(ParameterError, match=f"parameter '{name}' must be.*{message}"):
         PARAMETERS[name].check(value)
+
+
+def test_every_rule_is_said_in_words() -> None:
+    """No message shows a regular expression; every form field says what it is for without
+    naming a command-line flag (a form user has none)."""
+    for parameter in PARAMETERS.values():
+        if parameter.pattern:
+            with pytest.raises(ParameterError) as refused:
+                parameter.check("\u2603 nothing like it")
+            assert parameter.pattern not in str(refused.value) and "^" not in str(refused.value)
+            assert "for example" in parameter.expects, parameter.name
+    for parameter in FORM:
+        assert parameter.description, f"form field {parameter.name} has no help text"
+        assert "--" not in parameter.description, parameter.name
+
+
+def test_help_lists_choices_and_says_each_default_once() -> None:
+
+    stages = next(a for a in build_parser()._actions if a.dest == "stage").choices
+    train = stages["train"].format_help()
+    for name in ("optimizer", "imbalance", "precision"):
+        assert ", ".join(PARAMETERS[name].choices) in " ".join(train.split()), name
+    split = " ".join(train.split()).rsplit("--split URI", 1)[1].split(" --")[0]
+    assert "(required)" in split and "default" not in split
+    assert "usage:" in train and "--split URI" in train.split("\n\n")[0]  # no brackets: required
+    for stage in stages.values():
+        formatter = stage._get_formatter()
+        for action in stage._actions:
+            shown = formatter._expand_help(action) if action.help else ""
+            assert shown.lower().count("default") <= 1, (action.dest, shown)
+            assert "(default: )" not in shown, action.dest
 
 
 def test_settings_expose_every_form_parameter() -> None:

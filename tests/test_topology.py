@@ -176,8 +176,8 @@ def test_same_queues_concurrency_and_pool(plan: Any) -> None:
 
 
 def test_the_broker_wants_the_same_password_in_both(plan: Any, tmp_path: Path) -> None:
-    """Compose's Redis and the native one both require REDIS_PASSWORD; the native one reads
-    it from an owner-only config file, as the generated .env is kept."""
+    """Compose's Redis and the native one both require REDIS_PASSWORD (the native one reads
+    it from an owner-only config file, as the generated .env is kept) and persist."""
     redis = COMPOSE["services"]["redis"]
     assert "requirepass $$REDIS_PASSWORD" in redis["command"][-1]
     assert redis["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
@@ -190,6 +190,10 @@ def test_the_broker_wants_the_same_password_in_both(plan: Any, tmp_path: Path) -
     assert f"requirepass {plan.values['REDIS_PASSWORD']}\n" in config.read_text()
     assert config.stat().st_mode & 0o077 == 0
     assert (config.parent.parent / ".env").stat().st_mode & 0o077 == 0
+    # Both keep queued tasks across a restart: an append-only file on a volume / in the stack.
+    for text in (redis["command"][-1], config.read_text()):
+        assert "appendonly yes" in text and "appendfsync everysec" in text
+    assert "redis-data:/data" in redis["volumes"] and "dir /data" in redis["command"][-1]
 
 
 def test_passwords_never_on_a_command_line(plan: Any) -> None:

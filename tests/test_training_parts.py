@@ -399,8 +399,13 @@ def test_preflight_fails_at_once_without_weights_or_gpu(
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty weights cache
     env = {"ML_STORE": "s3://b/p"}
     params = {"csv": "s3://b/p/in.csv", "device": "cpu"}
-    with pytest.raises(PipelineError, match="stage-weights"):
+    with pytest.raises(PipelineError, match="stage-weights") as refused:
         preflight_step(params, env)
+    # A form user has no flags: the message names the form's field and the deployment's
+    # settings instead.
+    message = str(refused.value)
+    assert "Initial weights" in message and "ML_DOWNLOAD_WEIGHTS" in message
+    assert "--weights" not in message and "--download-weights" not in message
     assert preflight_step({**params, "weights": "none"}, env)["device"] == "cpu"
     with pytest.raises(PipelineError, match="no GPU"):
         preflight_step(
