@@ -4,8 +4,9 @@
 Predicts the sentiment of the images listed in a CSV with the registered champion model
 (`models:/<name>@champion`), writing one row per image with per-class probabilities.
 
-Runs whenever a new model version is registered (the `image_sentiment_model` asset) if
-`ML_INFERENCE_CSV` names a CSV to score, or by hand with the form's parameters. URLs are fetched
+Runs whenever a model version is registered (the `image_sentiment_model` asset) if
+`ML_INFERENCE_CSV` names a CSV to score, or by hand with the form's parameters. A version that
+did not become champion changes nothing to score: such a run is skipped, saying so. URLs are fetched
 with the same safety rules as the training downloads.
 """
 
@@ -63,15 +64,24 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
 )
 def image_sentiment_batch_inference() -> None:
     @task
-    def predict(*, params: dict[str, Any], run_id: str) -> dict[str, Any]:
+    def predict(
+        *, params: dict[str, Any], run_id: str, triggering_asset_events: Any = None
+    ) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
         from ml.errors import ParameterError
         from ml.layout import StoreLayout
-        from ml.pipeline import predict_step
+        from ml.pipeline import champion_unchanged, predict_step
 
         if not params["csv"]:
             raise AirflowSkipException("no CSV to score: set the csv parameter or ML_INFERENCE_CSV")
+        events = [
+            dict(event.extra or {})
+            for events in (triggering_asset_events or {}).values()
+            for event in events
+        ]
+        if unchanged := champion_unchanged(events):  # a register that promoted nothing
+            raise AirflowSkipException(unchanged)
         output = params["output"] or str(StoreLayout.parse(STORE).run_predictions(run_id))
         try:
             return predict_step(params["csv"], output, params["model_uri"])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -284,6 +284,19 @@ def register_step(
             confidence=s.promotion_confidence,
             orchestrator_run_id=run_id,
         )
+
+
+def champion_unchanged(events: Sequence[Mapping[str, Any]]) -> str:
+    """Why a batch-inference run triggered by these model events has nothing new to score
+    (each registered a version that did not become champion), or "" when it has (or when no
+    event triggered it: a run by hand)."""
+    if not events or any(event.get("promoted", True) for event in events):
+        return ""
+    versions = ", ".join(f"v{event.get('version', '?')}" for event in events)
+    return (
+        f"the champion did not change ({versions} stayed challenger): the predictions of "
+        "the champion's last run stand"
+    )
 
 
 def predict_step(

@@ -131,6 +131,33 @@ def test_pipeline_shape(dagbag: Any) -> None:
     assert [asset.name for asset in condition.objects] == ["image_sentiment_model"]
 
 
+def test_inference_skips_when_the_champion_did_not_move(
+    dagbag: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model event from a register that promoted nothing skips batch inference (the same
+    champion would score the same images again); one that moved the champion, or a run by
+    hand, scores."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    predict = dagbag.dags["image_sentiment_batch_inference"].get_task("predict").python_callable
+    params = {"csv": "s3://b/in.csv", "output": "", "model_uri": "models:/m@champion"}
+    stayed = {"model": SimpleNamespace(extra={"version": 4, "promoted": False})}
+    events = {key: [value] for key, value in stayed.items()}
+    with pytest.raises(AirflowSkipException, match=r"did not change \(v4 stayed challenger\)"):
+        predict(params=params, run_id="r", triggering_asset_events=events)
+    moved = [
+        SimpleNamespace(extra={"version": 4, "promoted": False}),
+        SimpleNamespace(extra={"version": 5, "promoted": True}),
+    ]
+    calls: list[Any] = []
+    monkeypatch.setattr("ml.pipeline.predict_step", lambda *a: calls.append(a) or {"predicted": 1})
+    for triggered in ({"model": moved}, None):
+        assert predict(params=params, run_id="r", triggering_asset_events=triggered)
+    assert len(calls) == 2
+
+
 def test_trigger_form_refuses_bad_values(dagbag: Any) -> None:
     from airflow.sdk.definitions.param import ParamsDict
 
