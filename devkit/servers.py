@@ -77,14 +77,10 @@ def start_mlflow(folder: Path, port: int, s3_endpoint: str, artifacts: str) -> I
 
 @contextmanager
 def serve_model(model_uri: str, folder: Path, port: int, timeout: float = 240.0) -> Iterator[str]:
-    """``mlflow models serve`` of ``model_uri`` on loopback in this environment (no new
-    virtualenv); yields its address once ``/ping`` answers. Its log is ``folder/serve.log``."""
-    mlflow = str(Path(sys.executable).parent / "mlflow")
-    command = [mlflow, "models", "serve", "-m", model_uri, "--env-manager", "local"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    # the scoring server is started as a command: this environment's bin folder goes on PATH
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    with _serving(command, env, folder / "serve.log", port, "/ping", timeout) as url:
+    """``python -m ml serve`` of ``model_uri`` on loopback, with this environment's MLflow
+    settings; yields its address once ``/ping`` answers. Its log is ``folder/serve.log``."""
+    command = [sys.executable, "-m", "ml", "serve", "--model", model_uri, "--port", str(port)]
+    with _serving(command, dict(os.environ), folder / "serve.log", port, "/ping", timeout) as url:
         yield url
 
 

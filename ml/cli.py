@@ -249,12 +249,7 @@ def _predict_parser(stages: Stages) -> None:
         description="Predict the sentiment of images listed in a CSV (column url: http(s) or "
         "s3:// URIs; or object_key with --bucket).",
     )
-    p.add_argument(
-        "--model",
-        default="models:/image-sentiment@champion",
-        help="a registered model: models:/<name>@<alias> or models:/<name>/<version> "
-        "(default: %(default)s)",
-    )
+    _model_option(p)
     p.add_argument("--csv", required=True, help="local path, http(s) URL or s3:// URI")
     p.add_argument("--out", required=True, help="output .csv or .parquet, local or s3://")
     p.add_argument("--bucket", default=None, help="bucket for bare object keys")
@@ -266,6 +261,46 @@ def _predict_parser(stages: Stages) -> None:
     )
     _download_options(p)
     p.set_defaults(run=_run_predict)
+
+
+def _run_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.serve import serve
+
+    return serve(args.model, args.host, args.port, args.device)
+
+
+def _serve_parser(stages: Stages) -> None:
+    p = stages.add_parser(
+        "serve",
+        help="serve a registered model over HTTP (MLflow's scoring protocol)",
+        description="Serve a registered model (default: the champion) at "
+        "http://HOST:PORT/invocations until Ctrl-C. MLflow: MLFLOW_TRACKING_URI (and "
+        "MLFLOW_TRACKING_USERNAME/PASSWORD where it signs users in).",
+    )
+    _model_option(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=positive_int, default=5001, help="(default: %(default)s)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the network runs; auto: a GPU when one is visible (default: %(default)s)",
+    )
+    p.set_defaults(run=_run_serve)
+
+
+def _model_option(parser: argparse.ArgumentParser) -> None:
+    from ml.params import PARAMETERS
+
+    name = PARAMETERS["model_name"].default_for()
+    parser.add_argument(
+        "--model",
+        default=f"models:/{name}@champion",
+        help="a registered model: models:/<name>@<alias> or models:/<name>/<version> "
+        "(default: %(default)s)",
+    )
 
 
 def _run_stage_weights(args: argparse.Namespace) -> dict[str, Any]:
@@ -293,6 +328,7 @@ STAGES = (
     _train_parser,
     _register_parser,
     _predict_parser,
+    _serve_parser,
     _stage_weights_parser,
 )
 

@@ -209,6 +209,21 @@ def read_header(data: bytes, name: str = "the CSV") -> list[str]:
     return [str(c) for c in frame.columns]
 
 
+def rows_with_extra_fields(data: bytes, width: int) -> list[int]:
+    """The data rows (numbered from 1, blank lines skipped as the parser skips them) with more
+    fields than the header's ``width``: the parser keeps the named columns and drops the rest
+    silently, which usually means a quoting mistake."""
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")
+    rows: list[int] = []
+    try:
+        records = (fields for fields in csv.reader(text) if fields)
+        rows.extend(n for n, fields in enumerate(records) if n and len(fields) > width)
+    except csv.Error:  # a field beyond csv's size limit: the parser has the last word
+        pass
+    text.detach()
+    return rows
+
+
 def _parser_problem(exc: Exception) -> str:
     """pandas' parser message, which names lines and field counts but never cell contents."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

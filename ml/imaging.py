@@ -256,6 +256,8 @@ def normalize_image(
 def _open_checked(data: bytes, config: ImageConfig) -> tuple[str, Image.Image]:
     """The format (from the bytes) and the opened header, after the checks that cost nothing:
     magic numbers, JPEG scan count, declared pixels."""
+    if not data:
+        raise ImageRejected(Status.EMPTY, "empty: 0 bytes where an image was expected")
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageRejected(

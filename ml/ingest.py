@@ -81,6 +81,7 @@ REJECT_REASONS = (
     "unsupported_scheme",
     "invalid_confidence",
     "duplicate_url",
+    "conflicting_label",
 )
 FILTER_REASONS = ("below_min_confidence", "golden_excluded")
 
@@ -105,6 +106,8 @@ class IngestResult:
     filtered: dict[str, int] = field(default_factory=dict)
     source: str = ""
     columns: dict[str, str] = field(default_factory=dict)
+    #: Rows with more fields than the header has columns (the extra fields are ignored).
+    extra_fields: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,9 +132,12 @@ def find_columns(columns: list[str], *, show: bool = True) -> dict[str, str]:
                 break
     for role in ("url", "label"):
         if role not in found:
-            names = ", ".join(COLUMN_NAMES[role][:4])
+            names = ", ".join(COLUMN_NAMES[role])
             among = f"among {list(columns)[:12]}" if show else f"among its {len(columns)} columns"
-            raise PipelineError(f"no {role} column found {among}; name the column one of: {names}")
+            raise PipelineError(
+                f"no {role} column found {among}; name the column one of: {names} (case, "
+                "spaces and hyphens do not matter)"
+            )
     return found
 
 
@@ -198,7 +204,7 @@ def validate_rows(
 
     ``first_row`` numbers the frame's first row (chunks of a large file); ``on_row`` hears
     "ok" or the rejection reason of each row (progress). With ``check_duplicates`` a URL seen
-    in an earlier row of the frame is rejected (:func:`reject_duplicates` does it across chunks).
+    in an earlier row of the frame is rejected (:class:`SeenUrls` does it across chunks).
     """
     cells = _Cells(frame, columns)
     good: dict[str, list[Any]] = {name: [] for name in RECORD_COLUMNS}
@@ -218,7 +224,8 @@ def validate_rows(
     records = pd.DataFrame(good, columns=list(RECORD_COLUMNS)).astype(_RECORD_TYPES)
     rejected = pd.DataFrame(bad, columns=list(REJECTED_COLUMNS)).astype({"row": "int64"})
     if check_duplicates:
-        records, rejected = reject_duplicates([records], [rejected])
+        records, repeated = SeenUrls().split(records)
+        rejected = _by_row([rejected, repeated])
     return records, rejected
 
 
@@ -275,29 +282,41 @@ class _Cells:
         )
 
 
-def reject_duplicates(
-    records: list[pd.DataFrame], rejected: list[pd.DataFrame]
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Join chunks; a URL already used by an earlier valid row is rejected as ``duplicate_url``."""
-    good = pd.concat(records, ignore_index=True) if records else _empty_records()
-    bad = pd.concat(rejected, ignore_index=True) if rejected else _empty_rejected()
-    repeated = good["url"].duplicated(keep="first")
-    if repeated.any():
-        first = good.loc[~repeated].set_index("url")["row"]
-        dupes = good.loc[repeated]
-        extra = pd.DataFrame(
-            {
-                "row": dupes["row"].to_numpy(),
-                "reason": "duplicate_url",
-                "detail": [f"same URL as row {first[u]}" for u in dupes["url"]],
-                "url": [redact_url(u) for u in dupes["url"]],
-                "label": dupes["label"].to_numpy(),
-            }
-        )
-        bad = pd.concat([bad, extra], ignore_index=True)
-        good = good.loc[~repeated].reset_index(drop=True)
-    bad = bad.sort_values("row", kind="stable").reset_index(drop=True).astype({"row": "int64"})
-    return good, bad
+class SeenUrls:
+    """The URLs of the valid rows so far, with the row and label of each one's first row. A
+    later row with the same URL is rejected: ``duplicate_url`` when it gives the same label,
+    ``conflicting_label`` when it gives another (the first row is kept either way)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, tuple[int, str]] = {}
+
+    def split(self, records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(the records whose URL is new, the rejected rows of the others)."""
+        keep = np.ones(len(records), dtype=bool)
+        bad: dict[str, list[Any]] = {name: [] for name in REJECTED_COLUMNS}
+        rows, urls, labels = (records[c].tolist() for c in ("row", "url", "label"))
+        for i, (row, url, label) in enumerate(zip(rows, urls, labels, strict=True)):
+            seen = self.first.setdefault(url, (row, label))
+            if seen[0] == row:
+                continue
+            keep[i] = False
+            if seen[1] == label:
+                reason, detail = "duplicate_url", f"same URL as row {seen[0]}"
+            else:
+                reason = "conflicting_label"
+                detail = f"row {seen[0]} gives the same URL the label {seen[1]} (kept)"
+            for key, item in zip(
+                REJECTED_COLUMNS, (row, reason, detail, redact_url(url), label), strict=True
+            ):
+                bad[key].append(item)
+        rejected = pd.DataFrame(bad, columns=list(REJECTED_COLUMNS)).astype({"row": "int64"})
+        return records.loc[keep].reset_index(drop=True), rejected
+
+
+def _by_row(parts: list[pd.DataFrame]) -> pd.DataFrame:
+    """Rejected rows of several chunks, in row order."""
+    bad = pd.concat(parts, ignore_index=True) if parts else _empty_rejected()
+    return bad.sort_values("row", kind="stable").reset_index(drop=True).astype({"row": "int64"})
 
 
 def _empty_records() -> pd.DataFrame:
@@ -349,7 +368,7 @@ def read_records(
     name: str,
     *,
     show_columns: bool = True,
-    chunk_rows: int = CHUNK_ROWS,
+    chunk_rows: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str], int]:
     """Validate UTF-8 CSV bytes chunk by chunk (memory grows with the valid records only):
     (records, rejected, the columns found, the number of data rows)."""
@@ -357,22 +376,25 @@ def read_records(
     columns = find_columns(header, show=show_columns)
     good: list[pd.DataFrame] = []
     bad: list[pd.DataFrame] = []
+    seen = SeenUrls()
     total = 0
-    with Progress(0, "ingest") as bar:
-        for chunk in _read_chunks(data, name, sorted(set(columns.values())), chunk_rows):
+    with Progress(0, "ingest") as bar:  # counts as final as the summary's (before filters)
+        usecols = sorted(set(columns.values()))
+        for chunk in _read_chunks(data, name, usecols, chunk_rows or CHUNK_ROWS):
             records, rejected = validate_rows(
                 chunk, columns, first_row=total + 1, check_duplicates=False
             )
+            records, repeated = seen.split(records)
             total += len(chunk)
-            bar.advance("ok", len(records))
-            if len(rejected):
-                bar.advance("rejected", len(rejected))
-            good.append(records)
-            bad.append(rejected)
+            bar.advance("valid", len(records))
+            if len(rejected) + len(repeated):
+                bar.advance("rejected", len(rejected) + len(repeated))
+            good += [records]
+            bad += [rejected, repeated]
     if total == 0:
         raise PipelineError(f"{name} has a header but no data rows")
-    records, rejected = reject_duplicates(good, bad)
-    return records, rejected, columns, total
+    all_good = pd.concat(good, ignore_index=True) if good else _empty_records()
+    return all_good, _by_row(bad), columns, total
 
 
 def _log_rejected(rejected: pd.DataFrame) -> None:
@@ -425,10 +447,21 @@ def ingest(
     data = csvsource.to_utf8(read_source(source, store, limits), name, encoding)
     local = "://" not in source
     records, rejected, columns, total = read_records(data, name, show_columns=local)
+    extra = csvsource.rows_with_extra_fields(data, len(csvsource.read_header(data, name)))
     del data
     log.info("read %s: %d rows; columns %s", name, total, columns)
+    if extra:
+        shown = ", ".join(str(row) for row in extra[:10]) + (", ..." if len(extra) > 10 else "")
+        log.warning(
+            "%d rows have more fields than the header has columns (rows %s): their extra "
+            "fields were ignored; check the file's quoting",
+            len(extra),
+            shown,
+        )
     _log_rejected(rejected)
+    valid = len(records)
     records, filtered = _filter(records, min_confidence, exclude_golden)
+    kept = len(records)
     if sample is not None:
         records = stratified_sample(records, sample, seed)
     records = records.reset_index(drop=True)
@@ -448,6 +481,7 @@ def ingest(
         filtered=filtered,
         source=name,
         columns=columns,
+        extra_fields=len(extra),
     )
     store.write_parquet(layout.records, records)
     store.write_parquet(layout.rejected, rejected)
@@ -464,5 +498,14 @@ def ingest(
             },
         },
     )
-    log.info("ingested %d rows into %s (%d rejected)", len(records), layout.uri, len(rejected))
+    log.info(
+        "ingested %d rows into %s: of %d rows, %d rejected, %d valid%s%s",
+        len(records),
+        layout.uri,
+        total,
+        len(rejected),
+        valid,
+        f", {valid - kept} filtered out" if valid > kept else "",
+        f", {kept - len(records)} left out by the sample" if kept > len(records) else "",
+    )
     return result

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 from ml.settings import PipelineSettings
+from ml.tasklog import in_task
 
 
 def _download_config(settings: PipelineSettings) -> Any:
@@ -44,6 +45,7 @@ def held_lease(
     return fencing.attempt(ObjectStore(), lease, try_number, task)
 
 
+@in_task
 def ingest_step(params: Mapping[str, Any]) -> dict[str, Any]:
     from ml.ingest import ingest
 
@@ -58,6 +60,7 @@ def ingest_step(params: Mapping[str, Any]) -> dict[str, Any]:
     ).to_json()
 
 
+@in_task
 def plan_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> list[dict[str, Any]]:
     from ml.download import plan_batches
 
@@ -67,6 +70,7 @@ def plan_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> list[di
     ]
 
 
+@in_task
 def download_step(
     params: Mapping[str, Any], batch: Mapping[str, Any], run_id: str = "", try_number: int = 0
 ) -> dict[str, Any]:
@@ -83,6 +87,7 @@ def download_step(
     return {"batch": spec.batch, **result.to_json()}
 
 
+@in_task
 def collect_step(ingested: Mapping[str, Any], results: list[Mapping[str, Any]]) -> dict[str, Any]:
     from ml.download import collect_manifest
 
@@ -91,6 +96,7 @@ def collect_step(ingested: Mapping[str, Any], results: list[Mapping[str, Any]]) 
     return summary
 
 
+@in_task
 def split_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> dict[str, Any]:
     from ml.splits import make_splits
 
@@ -131,6 +137,7 @@ def train_config(
     return TrainConfig(**values)
 
 
+@in_task
 def preflight_step(
     params: Mapping[str, Any], env: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
@@ -149,6 +156,7 @@ def preflight_step(
     return {"device": str(device), "weights": weights.source, "weights_sha256": weights.sha256}
 
 
+@in_task
 def train_step(
     params: Mapping[str, Any],
     split: Mapping[str, Any],
@@ -172,6 +180,7 @@ def train_step(
     return result
 
 
+@in_task
 def change_step(
     params: Mapping[str, Any],
     split: Mapping[str, Any],
@@ -269,6 +278,7 @@ def run_torchrun(
     raise PipelineError("training under torchrun printed no result; see the task log")
 
 
+@in_task
 def register_step(
     params: Mapping[str, Any], trained: Mapping[str, Any], run_id: str = "", try_number: int = 0
 ) -> dict[str, Any]:
@@ -299,6 +309,7 @@ def champion_unchanged(events: Sequence[Mapping[str, Any]]) -> str:
     )
 
 
+@in_task
 def predict_step(
     csv: str, output: str, model_uri: str, env: Mapping[str, str] | None = None
 ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Usage: ``predict("models:/image-sentiment@champion", "images.csv", "predictions.
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,7 @@ def predict(
     ``s3://`` inputs may come from (a run started from a form passes the input roots).
     """
     check_model_uri(model_uri, "--model")
+    require_tracking_uri(model_uri)
     config = config or DownloadConfig()
     store = store or ObjectStore()
     check_destination(out, store)
@@ -174,15 +176,28 @@ def predict(
     }
 
 
-def load_registered(model_uri: str) -> Any:
-    """The registered model (a pyfunc); one clear error when it cannot be loaded."""
+def require_tracking_uri(model_uri: str) -> None:
+    """A registry URI needs MLFLOW_TRACKING_URI: one clear error when it is not set."""
+    if model_uri.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise PipelineError(
+            f"set MLFLOW_TRACKING_URI to the MLflow server that holds {model_uri} (and "
+            "MLFLOW_TRACKING_USERNAME/PASSWORD where it signs users in); for the local stack "
+            "use .venv/bin/python scripts/stack.py serve"
+        )
+
+
+def load_registered(model_uri: str, model_config: dict[str, Any] | None = None) -> Any:
+    """The registered model (a pyfunc); one clear error when it cannot be loaded. A registry
+    URI needs MLFLOW_TRACKING_URI: without it MLflow would look in a new, empty ``mlflow.db``
+    in the current folder and say the model does not exist."""
     import mlflow
 
     from ml.registry import check_tracking_server
 
+    require_tracking_uri(model_uri)
     check_tracking_server()
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
     except Exception as exc:
         first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
         raise PipelineError(

@@ -39,11 +39,19 @@ log = get_logger(__name__)
 DEFAULT_MODEL_NAME = "image-sentiment"
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 DESCRIPTION = (
-    "Image sentiment classifier: ResNet fine-tuned to 5 classes (Highly negative, Negative, "
-    "Neutral, Positive, Highly positive). Input: float32 RGB in [0, 1], shape (N, 3, H, W); "
-    "output: class probabilities. Load the current best with models:/{name}@champion; "
-    "`python -m ml predict` handles images end to end."
+    "Image sentiment classifier: ResNet fine-tuned to 5 classes ({labels}). {interface} Load the "
+    "current best with models:/{name}@champion; `python -m ml serve` serves it over HTTP, "
+    "`python -m ml predict` scores a CSV of image URLs."
 )
+
+
+def model_description(name: str, signature: Any | None) -> str:
+    """The registered model's description, its input and output read from a version's logged
+    signature (so the two cannot disagree)."""
+    from ml.serving import describe_signature
+
+    interface = describe_signature(signature) if signature is not None else ""
+    return DESCRIPTION.format(name=name, labels=", ".join(LABELS), interface=interface)
 
 
 def code_version() -> str:
@@ -176,7 +184,7 @@ def _ensure_registered_model(client: Any, name: str) -> None:
         if not (_missing(exc) or _denied(exc)):
             raise
     try:
-        client.create_registered_model(name, description=DESCRIPTION.format(name=name))
+        client.create_registered_model(name, description=model_description(name, None))
     except MlflowException as again:
         if not _exists(again):
             raise
@@ -244,6 +252,7 @@ def register_model(
     else:
         decision = _decide(client, name, version, run, (margin, resamples, confidence), store)
         _describe_version(client, name, version, run, orchestrator_run_id, decision)
+        _describe_model(client, name, model_uri)
         if decision.promoted:
             fencing.check()
             client.set_registered_model_alias(name, "champion", version)
@@ -452,6 +461,15 @@ def _describe_version(
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version, description=_description(run, decision))
+
+
+def _describe_model(client: Any, name: str, model_uri: str) -> None:
+    """The registered model's description, from the newest version's logged signature."""
+    from mlflow.models import get_model_info
+
+    signature = get_model_info(model_uri).signature
+    fencing.check()
+    client.update_registered_model(name, description=model_description(name, signature))
 
 
 def _description(run: Any, decision: Decision) -> str:

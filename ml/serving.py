@@ -20,7 +20,7 @@ Usage::
     model = mlflow.pyfunc.load_model("models:/image-sentiment@champion")
     model.predict(pd.DataFrame({"image": [open("cat.jpg", "rb").read()]}))
 
-    # served: mlflow models serve -m models:/image-sentiment@champion -p 5001
+    # served: python -m ml serve --model models:/image-sentiment@champion --port 5001
     printf '{"dataframe_split": {"columns": ["image"], "data": [["%s"]]}}' \\
         "$(base64 -w0 cat.jpg)" | curl -s localhost:5001/invocations \\
         -H 'Content-Type: application/json' --data-binary @-
@@ -134,6 +134,35 @@ class ImageClassifier:
         out["status"] = statuses
         out["error"] = errors
         return out[output_columns(self.labels)]
+
+
+#: What each served column holds, in words (the signature gives names and types).
+COLUMN_MEANINGS = {
+    IMAGE_COLUMN: "an encoded JPEG, PNG, WebP or GIF of any size; base64 text in JSON",
+    "label": "the predicted class; null when the image was refused",
+    "confidence": "the predicted class's probability",
+    "status": "ok, or why the image was refused, as in the download manifest",
+    "error": "what was wrong with a refused image",
+}
+
+
+def describe_signature(signature: Any) -> str:
+    """A model signature in words: each input and output column with its type (and meaning)."""
+
+    def columns(schema: Any) -> str:
+        parts = []
+        for column in schema.to_dict():
+            name, kind = column.get("name", "?"), column.get("type", "tensor")
+            meaning = COLUMN_MEANINGS.get(name) or (
+                "the probability of this class" if str(name).startswith("p_") else ""
+            )
+            parts.append(f"{name} ({kind}{': ' + meaning if meaning else ''})")
+        return "; ".join(parts)
+
+    text = f"Input: {columns(signature.inputs)}."
+    if signature.outputs is not None:
+        text += f" Output, one row per input: {columns(signature.outputs)}."
+    return text
 
 
 def with_nulls(frame: pd.DataFrame) -> pd.DataFrame:

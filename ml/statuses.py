@@ -32,6 +32,7 @@ class Status(StrEnum):
     HTTP_ERROR = "http_error"
     TOO_MANY_REDIRECTS = "too_many_redirects"
     TOO_LARGE = "too_large"
+    EMPTY = "empty"
     NOT_IMAGE = "not_image"
     TOO_MANY_PIXELS = "too_many_pixels"
     TOO_COMPLEX = "too_complex"
@@ -50,6 +51,7 @@ DESCRIPTIONS: dict[Status, str] = {
     Status.HTTP_ERROR: "a non-2xx answer (see `http_status`), after retries where they apply",
     Status.TOO_MANY_REDIRECTS: "more than 5 redirects, or a redirect loop",
     Status.TOO_LARGE: "the body exceeds the byte cap",
+    Status.EMPTY: "zero bytes: an empty body, or an empty image value",
     Status.NOT_IMAGE: "the bytes are not JPEG, PNG, WebP or GIF, whatever the Content-Type says",
     Status.TOO_MANY_PIXELS: "the header declares more pixels than allowed, or decoding would "
     "need more memory than the shared budget (decompression bomb)",

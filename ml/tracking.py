@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
 
     try:
         mlflow.set_experiment(cfg.experiment)
-        run = mlflow.start_run(run_id=run_id, run_name=cfg.run_name or None)
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(cfg))
     except Exception as exc:
         from ml.registry import tracking_uri
 
@@ -82,6 +83,17 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
         mlflow.end_run("FAILED")
         raise
     mlflow.end_run()
+
+
+def run_name(cfg: TrainConfig, now: datetime | None = None) -> str:
+    """The MLflow run's name: the one given, else what started it (the Airflow run, or a
+    command-line call and when), never MLflow's random words."""
+    if cfg.run_name:
+        return cfg.run_name
+    if cfg.orchestrator_run_id:
+        return f"airflow {cfg.orchestrator_run_id}"
+    now = now or datetime.now(UTC)
+    return f"cli {now:%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _leave_to_the_newer_attempt() -> None:

@@ -6,6 +6,7 @@ and Airflow (SQLite, LocalExecutor: API server, scheduler, DAG processor, trigge
 
     python scripts/stack.py demo [--sample N] [--epochs N]   # up, one DAG run, summary
     python scripts/stack.py up | status | down
+    python scripts/stack.py serve [--port 5001]   # the champion over HTTP (python -m ml serve)
     python scripts/stack.py up --topology celery   # docker-compose.yaml's topology, natively
     python scripts/stack.py restart airflow-worker --kill   # a worker killed and started again
     python scripts/stack.py stop redis; python scripts/stack.py start redis   # one service
@@ -403,6 +404,19 @@ def one_service(verb: str, name: str, *, kill: bool) -> int:
     pid = start(name) if verb == "start" else restart(name, kill=kill)
     say(f"{name} started again: pid {pid}")
     return 0
+
+
+def serve(port: int, model: str | None) -> int:
+    """``python -m ml serve`` with the running stack's MLflow and S3, until Ctrl-C (it carries
+    the stack's marker, so ``down`` stops it too)."""
+    if not load_state():
+        raise SystemExit("error: the stack is not running: start it with bash scripts/demo")
+    env = {**client_environment(), "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "ml", "serve", "--port", str(port)]
+    command += ["--model", model] if model else []
+    with contextlib.suppress(KeyboardInterrupt):
+        return subprocess.run(command, env=env, check=False).returncode
+    return 130
 
 
 def client_environment() -> dict[str, str]:
@@ -865,6 +879,9 @@ def main() -> int:
         if verb != "start":
             one.add_argument("--kill", action="store_true", help="SIGKILL at once (a crash)")
     commands.add_parser("status", help="show the stack's processes")
+    v = commands.add_parser("serve", help="serve the stack's champion model over HTTP")
+    v.add_argument("--port", type=int, default=5001)
+    v.add_argument("--model", default=None, help="default: models:/image-sentiment@champion")
     args = parser.parse_args()
     if args.command == "demo":
         return demo(args)
@@ -873,6 +890,8 @@ def main() -> int:
         return 0
     if args.command == "down":
         return down()
+    if args.command == "serve":
+        return serve(args.port, args.model)
     if args.command in ("stop", "start", "restart"):
         return one_service(args.command, args.service, kill=getattr(args, "kill", False))
     return status()

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from ml.storage import ObjectStore, S3Uri
+from tests.conftest import REPO
 from tests.helpers import plain_csv
 
 
@@ -114,6 +115,27 @@ def test_predict_refuses_a_model_that_is_not_registered(tmp_path: Path) -> None:
     _one_error_line(done, "models:/<name>@<alias>")
 
 
+@pytest.mark.parametrize("stage", ["serve", "predict"])
+def test_a_registry_model_without_mlflow_says_what_to_set(tmp_path: Path, stage: str) -> None:
+    """Without MLFLOW_TRACKING_URI MLflow would look in a new mlflow.db in the current folder
+    and say the model does not exist: the stage says what to set, and leaves nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    extra = (
+        ["--csv", "x.csv", "--out", str(tmp_path / "out" / "p.csv")] if stage == "predict" else []
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "ml", "-q", stage, *extra],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    _one_error_line(done, "set MLFLOW_TRACKING_URI", "scripts/stack.py serve")
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns
+
+
 def test_imageserver_on_a_busy_or_invalid_port() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -151,6 +173,7 @@ def test_an_unexpected_failure_is_still_one_line(tmp_path: Path) -> None:
         ("ml", "train"),
         ("ml", "register"),
         ("ml", "predict"),
+        ("ml", "serve"),
         ("ml", "stage-weights"),
         ("devkit", "imageserver"),
         ("devkit", "demo"),

@@ -247,6 +247,14 @@ def pipeline_env(
     }
 
 
+def _made_by(client: Any, model: str, run_id: str) -> None:
+    """Version 1 is tagged with the DAG run that made it, and its MLflow run is named after
+    it (not with random words)."""
+    version = client.get_model_version(model, "1")
+    assert version.tags["orchestrator_run_id"] == run_id
+    assert client.get_run(version.run_id).info.run_name == f"airflow {run_id}"
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_dag_runs_end_to_end(
@@ -323,14 +331,13 @@ def test_dag_runs_end_to_end(
     assert all(
         split["splits"][s][label] >= 1 for s in ("train", "valid", "test") for label in LABELS
     )
-    assert registered["model"] == model and registered["version"] == 1
+    assert (registered["model"], registered["version"]) == (model, 1)
     assert registered["aliases"] == ["challenger", "champion"]
-    version = MlflowClient().get_model_version(model, "1")
-    assert version.tags["orchestrator_run_id"] == run.run_id
+    _made_by(MlflowClient(), model, run.run_id)
     assert events["image_sentiment_dataset"]["dataset"].startswith(
         f"s3://{pipeline_env['bucket']}/pipeline/datasets/ds-"
     )
-    assert events["image_sentiment_model"]["version"] == 1
+    assert events["image_sentiment_model"]["version"] == 1 and registered["promoted"]
     checkpoint = store.list_keys(S3Uri(pipeline_env["bucket"], "pipeline/runs"))
     assert any(k.endswith("training/last.pt") for k in checkpoint)  # partitioned by run
 

@@ -64,8 +64,51 @@ def test_find_columns_accepts_common_names(header: list[str], url_col: str, labe
 
 
 def test_missing_url_column_is_a_clear_error() -> None:
-    with pytest.raises(PipelineError, match="no url column found"):
+    """The message names every accepted URL column name, as the code and the README do."""
+    from ml.ingest import COLUMN_NAMES
+    from tests.conftest import REPO
+
+    with pytest.raises(PipelineError, match="no url column found") as refused:
         find_columns(["picture", "label"])
+    readme = " ".join((REPO / "README.md").read_text().split())
+    for name in COLUMN_NAMES["url"] + COLUMN_NAMES["label"][1:]:
+        assert f"`{name}`" in readme, name
+    for name in COLUMN_NAMES["url"]:
+        assert name in str(refused.value), name
+
+
+def test_the_counts_said_while_reading_are_the_counts_at_the_end(
+    store_uri: str,
+    store: ObjectStore,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The progress line's counts already hold the duplicates (a URL found again in a later
+    chunk too); the final line says what the filter and the sample left out; a row with more
+    fields than the header is counted and warned about, never silently cut."""
+    import logging
+
+    header = "url,label,confidence\r"
+    lines = [f"http://a.example/{i}.jpg,Positive,0.9" for i in range(4)]
+    lines += ["http://a.example/9.jpg,Negative,0.2"]  # filtered out by min_confidence
+    lines += ["http://a.example/0.jpg,Negative,0.9"]  # conflicting label, in a later chunk
+    lines += ["http://a.example/5.jpg,Neutral,0.9,stray field"]  # one field too many
+    lines += ["http://a.example/1.jpg,Positive,0.9", "ftp://a.example/x.jpg,Neutral,0.9"]
+    csv_path = tmp_path / "messy.csv"
+    csv_path.write_bytes((header + "\r".join(lines) + "\r").encode())
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr("ml.ingest.CHUNK_ROWS", 3)  # duplicates across chunks
+    result = ingest(str(csv_path), store_uri, min_confidence=0.5, store=store)
+    said = [r.getMessage() for r in caplog.records]
+    progress = next(m for m in said if m.startswith("ingest: "))
+    assert progress == "ingest: 9 done (valid 6, rejected 3)", said
+    assert result.rows == 5 and result.extra_fields == 1
+    assert result.rejected == {"conflicting_label": 1, "duplicate_url": 1, "unsupported_scheme": 1}
+    final = next(m for m in said if m.startswith("ingested "))
+    assert final.endswith("of 9 rows, 3 rejected, 6 valid, 1 filtered out"), final
+    warned = next(m for m in said if "more fields than the header" in m)
+    assert warned.startswith("1 rows have more fields") and "(rows 7)" in warned
 
 
 def test_rejections_have_row_numbers_and_reasons() -> None:
@@ -80,6 +123,7 @@ def test_rejections_have_row_numbers_and_reasons() -> None:
             ("http://a.example/5.jpg", "", "0.5"),
             ("http:///nohost.jpg", "Negative", "0.5"),
             ("http://a.example/6.jpg", "HIGHLY_NEGATIVE", ""),
+            ("http://a.example/6.jpg", "highly negative", "0.4"),
         ],
         header=("url", "label", "confidence"),
     )
@@ -91,12 +135,15 @@ def test_rejections_have_row_numbers_and_reasons() -> None:
         2: "unknown_label",
         3: "empty_url",
         4: "unsupported_scheme",
-        5: "duplicate_url",
+        5: "conflicting_label",  # row 1's URL with another label: row 1 is kept, and it says so
         6: "invalid_confidence",
         7: "missing_label",
         8: "invalid_url",
+        10: "duplicate_url",  # row 9's URL and label again
     }
-    assert "row 1" in rejected.set_index("row").loc[5, "detail"]
+    details = rejected.set_index("row")["detail"]
+    assert details[5] == "row 1 gives the same URL the label Positive (kept)"
+    assert details[10] == "same URL as row 9"
 
 
 def test_stratified_sample_keeps_proportions_and_every_label() -> None:

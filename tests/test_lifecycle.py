@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -160,30 +161,68 @@ def test_a_champion_with_other_labels_is_kept_and_the_reason_says_so(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_a_jpeg_with_a_label(
+def test_the_served_model_answers_each_image_and_refuses_bad_requests(
     trained: dict[str, Any], image_server: ImageServer, tmp_path: Path
 ) -> None:
+    """``python -m ml serve``: a JPEG and a PNG get labels, a non-image and an empty value get
+    their status; a request without Content-Type or without a body gets a 400 that says what
+    to send (MLflow's own app answers those with a 500)."""
     name = f"served-{uuid.uuid4().hex[:6]}"
     register_model(trained["result"]["run_id"], name=name)
+    # The registered model's description is its logged signature in words.
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+
+    description = MlflowClient().get_registered_model(name).description
+    signature = get_model_info(f"models:/{name}/1").signature
+    for column in signature.inputs.input_names() + signature.outputs.input_names():
+        assert f"{column} (" in description, column
+    assert "image (binary" in description and "(N, 3, H, W)" not in description
     with serve_model(f"models:/{name}@champion", tmp_path, free_port()) as address:
         jpeg = image_server_bytes(image_server, "serve/a.jpg", label="Highly positive", w=800)
         png = image_server_bytes(image_server, "serve/b.png", fmt="png", w=40, h=30)
         rows = [[base64.b64encode(jpeg).decode()], [base64.b64encode(png).decode()], ["bm90"]]
+        rows.append([""])
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
-        request = urllib.request.Request(
-            f"{address}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            raw = response.read()
+        status, raw = _post(f"{address}/invocations", body, "application/json")
+        refused = [
+            _post(f"{address}/invocations", b"", None),
+            _post(f"{address}/invocations", b"", "application/json"),
+            _post(f"{address}/invocations", body, None),
+        ]
+    assert status == 200, raw
     answer = json.loads(raw, parse_constant=lambda name: pytest.fail(f"not strict JSON: {name}"))
     predictions = answer["predictions"]
-    assert len(predictions) == 3
+    assert len(predictions) == 4
     for row in predictions[:2]:
         assert row["status"] == "ok" and row["label"] in LABELS
         probs = [row["p_" + label.lower().replace(" ", "_")] for label in LABELS]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert row["confidence"] == pytest.approx(max(probs))
     assert predictions[2]["status"] == "not_image" and predictions[2]["label"] is None
+    assert predictions[3]["status"] == "empty" and predictions[3]["label"] is None
+    for code, text in refused:
+        assert code == 400, (code, text)
+        message = json.loads(text)["message"]
+        assert "Content-Type: application/json" in message and "dataframe_split" in message
+
+
+def _post(url: str, body: bytes, content_type: str | None) -> tuple[int, bytes]:
+    """(HTTP status, body) of a POST; ``content_type`` None sends no Content-Type at all."""
+    import http.client
+
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    try:
+        connection.putrequest("POST", parts.path, skip_accept_encoding=True)
+        if content_type:
+            connection.putheader("Content-Type", content_type)
+        connection.putheader("Content-Length", str(len(body)))
+        connection.endheaders(body)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
 
 
 # ----------------------------------------------------------- nothing new: nothing to train

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -58,6 +59,7 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         # The new model version is an asset event: the batch-inference DAG ran on it.
         assert summary["inference"]["predicted"] >= 15, summary["inference"]
         marker = json.loads((tmp_path / "stack" / "state.json").read_text())["marker"]
+        _the_readme_serve_command_answers(env, tmp_path)
         # Nothing listens wider than it must: every socket of every service is on loopback.
         status = subprocess.run(
             [str(REPO / ".venv" / "bin" / "python"), "scripts/stack.py", "status"],
@@ -103,3 +105,51 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
     assert survivors == []
     assert not any(_listening(port) for port in ports.values())
     assert not (tmp_path / "stack").exists()
+
+
+def _the_readme_serve_command_answers(env: dict[str, str], tmp_path: Path) -> None:
+    """The README's serve command, from a shell with neither the venv on PATH nor any MLflow
+    setting: it serves the demo's champion and answers a JPEG with a label, leaving no
+    mlflow.db behind."""
+    import base64
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    from devkit.servers import wait_http
+
+    port = free_port()
+    fresh = {k: v for k, v in env.items() if k.startswith("STACK_")}
+    fresh |= {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    before = sorted(p.name for p in REPO.iterdir())
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen(
+            [".venv/bin/python", "scripts/stack.py", "serve", "--port", str(port)],
+            cwd=REPO,
+            env=fresh,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 240, process=server)
+        picture = io.BytesIO()
+        Image.new("RGB", (90, 60), (200, 40, 40)).save(picture, "JPEG")
+        row = [base64.b64encode(picture.getvalue()).decode()]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [row]}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            (answer,) = json.loads(response.read())["predictions"]
+    except BaseException:
+        print((tmp_path / "serve.log").read_text(errors="replace")[-3000:])
+        raise
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert answer["status"] == "ok" and answer["label"], answer
+    assert sorted(p.name for p in REPO.iterdir()) == before  # no mlflow.db, no mlruns

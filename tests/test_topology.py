@@ -347,6 +347,10 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
         assert task["queue"] == role, task["task_id"]
         assert task["hostname"].endswith(f"-{role}"), (task["task_id"], task["hostname"])
     assert stack.api("GET", "/pools/gpu")["slots"] == 1  # airflow-init's pool, ML_GPU_WORKERS
+    # A successful task's log holds no error lines (MLflow's messages keep their own level).
+    for task in tasks:
+        if task["task_id"] in ("ingest", "train", "register"):
+            assert _error_lines(stack, run_id, task) == [], task["task_id"]
     assert next(t for t in tasks if t["task_id"] == "train")["pool"] == "gpu"
     batches = [t for t in tasks if t["task_id"] == "download_batch"]
     assert len(batches) == 4 and len({t["pid"] for t in batches}) >= 2
@@ -380,6 +384,22 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
     assert scored_by and all(
         t["queue"] == "default" and t["hostname"].endswith("-default") for t in scored_by
     ), [(t["task_id"], t["queue"], t["hostname"]) for t in scored_by]
+
+
+def _error_lines(stack: ModuleType, run_id: str, task: dict[str, Any]) -> list[str]:
+    """The error-level lines of a task's log (Airflow marks anything on stderr so)."""
+    quoted = urllib.parse.quote(run_id, safe="")
+    path = (
+        f"/dags/{stack.DAG_ID}/dagRuns/{quoted}/taskInstances/{task['task_id']}/logs/"
+        f"{task['try_number']}"
+    )
+    entries = stack.api("GET", path)["content"]
+    assert len(entries) > 3, entries  # the log was read
+    return [
+        str(entry.get("event"))[:300]
+        for entry in entries
+        if isinstance(entry, dict) and str(entry.get("level", "")).lower() in ("error", "critical")
+    ]
 
 
 def _redis_crashes_while_a_task_is_queued(stack: ModuleType, conf: dict[str, Any]) -> str:

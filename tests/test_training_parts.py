@@ -482,3 +482,43 @@ def test_the_logged_model_takes_encoded_images_of_any_size(tmp_path: Path) -> No
     assert np.allclose(rows.loc[ok, [f"p_{x}" for x in labels]].sum(axis=1), 1, atol=1e-5)
     assert rows["status"].tolist()[4:] == ["not_image", "too_many_pixels", "too_complex"]
     assert rows.loc[0, "label"] == rows.loc[3, "label"]  # base64 text is the same picture
+
+
+def test_runs_are_named_after_what_started_them() -> None:
+    from datetime import UTC, datetime
+
+    from ml.tracking import run_name
+
+    split = "s3://b/d/splits/s/splits.parquet"
+    assert (
+        run_name(TrainConfig(split=split, orchestrator_run_id="manual__x")) == "airflow manual__x"
+    )
+    when = datetime(2026, 12, 2, 1, 2, 3, tzinfo=UTC)
+    assert run_name(TrainConfig(split=split), when) == "cli 2026-12-02 01:02:03 UTC"
+    assert run_name(TrainConfig(split=split, run_name="mine", orchestrator_run_id="x")) == "mine"
+
+
+def test_mlflow_messages_keep_their_level_in_a_task(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task log marks stderr lines as errors: inside a pipeline step MLflow's records reach
+    the root logger at their own level, and what it prints to stderr goes to stdout."""
+    import logging
+
+    import mlflow  # noqa: F401 - configures its stderr handler
+    from mlflow.utils.logging_utils import eprint
+
+    from ml.tasklog import task_logging
+
+    caplog.set_level(logging.INFO)
+    assert logging.getLogger("mlflow").handlers and not logging.getLogger("mlflow").propagate
+    capsys.readouterr()
+    with task_logging():
+        logging.getLogger("mlflow.tracking").info("created a run")
+        logging.getLogger("mlflow.tracking").warning("a warning stays a warning")
+        eprint("View run at http://mlflow/#/runs/1")
+    out, err = capsys.readouterr()
+    assert err == "" and "View run at" in out
+    levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "mlflow.tracking"}
+    assert levels == {"created a run": logging.INFO, "a warning stays a warning": logging.WARNING}
+    assert logging.getLogger("mlflow").handlers and not logging.getLogger("mlflow").propagate
