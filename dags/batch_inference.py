@@ -19,10 +19,9 @@ import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
 # The form checks with the same rule the worker enforces (ml.containment: light, stdlib only).
-from ml.containment import MODEL_URI_PATTERN
+from ml.containment import MODEL_URI_RULE, OUTPUT_RULE
 
 MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
-OUTPUT_PATTERN = r"^$|^[^\x00-\x1f]*\.(csv|parquet)$"
 STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
 MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL_NAME}")
 
@@ -47,7 +46,7 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
         "output": Param(
             "",
             type="string",
-            pattern=OUTPUT_PATTERN,
+            **OUTPUT_RULE.schema(),
             title="Output",
             description="Where predictions go: a .csv or .parquet inside the store "
             "(or inside ML_OUTPUT_DIR on the workers); empty: under the store, per "
@@ -56,7 +55,7 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
         "model_uri": Param(
             f"models:/{MODEL_NAME}@champion",
             type="string",
-            pattern=MODEL_URI_PATTERN,
+            **MODEL_URI_RULE.schema(),
             title="Model",
             description="A registered model: models:/<name>@<alias> or models:/<name>/<version>.",
         ),

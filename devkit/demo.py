@@ -34,8 +34,16 @@ REPO = Path(__file__).resolve().parent.parent
 DATASET_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.csv"
 #: Class shares of the real dataset (ANALYSIS.md), used for a generated stand-in.
 REAL_SHARES = (0.0181, 0.1357, 0.2707, 0.5477, 0.0277)
-#: Every Nth demo row gets a fault, so the manifest shows statuses other than ok.
-DEMO_FAULTS = ((41, "404"), (97, "truncated"), (151, "html"), (173, "redirect-blocked"))
+#: Demo rows (numbered in the staged CSV) made faulty, so the manifest shows other statuses.
+DEMO_FAULTS = ((7, "404"), (13, "truncated"), (19, "html"), (23, "redirect-blocked"))
+#: Near-duplicate copies added to the demo CSV: (row whose picture is copied, how it is
+#: changed: resized, recompressed), so the split has near-duplicate groups to keep together.
+DEMO_COPIES = (
+    (2, {"scale": "0.6", "quality": "60"}),
+    (3, {"scale": "0.8", "quality": "45"}),
+    (5, {"scale": "0.7"}),
+    (8, {"quality": "35"}),
+)
 
 
 def generated_csv(rows: int, seed: int = 0) -> bytes:
@@ -57,24 +65,48 @@ def generated_csv(rows: int, seed: int = 0) -> bytes:
     return str(frame.to_csv(index=False, lineterminator="\r")).encode()
 
 
-def point_at(data: bytes, base_url: str) -> bytes:
-    """The same CSV with each URL served by the image server at ``base_url`` (a colour per
-    label; every Nth row faulty, see DEMO_FAULTS)."""
+def point_at(data: bytes, base_url: str, *, rows: int = 0, seed: int = 0) -> bytes:
+    """The CSV (a stratified sample of ``rows`` of its rows, when given) with each URL served by
+    the image server at ``base_url`` (a colour per label): a few rows faulty (DEMO_FAULTS) and
+    a few resized or recompressed copies of other rows' pictures added (DEMO_COPIES)."""
     frame = parse_csv(data)
     columns = find_columns(list(frame.columns))
+    url_column, label_column = columns["url"], columns["label"]
+    if 0 < rows < len(frame):
+        frame = _sample(frame, label_column, rows, seed)
+    base = base_url.rstrip("/")
+    paths = [f"{urlsplit(url).hostname}{urlsplit(url).path}" for url in frame[url_column].tolist()]
+    faults = dict(DEMO_FAULTS)
     urls = []
-    for i, (url, label) in enumerate(
-        zip(frame[columns["url"]], frame[columns["label"]], strict=True), start=1
-    ):
-        parts = urlsplit(url)
-        query: dict[str, object] = {"label": label}
-        for every, fault in DEMO_FAULTS:
-            if i % every == 0:
-                query["fault"] = fault
-        urls.append(f"{base_url.rstrip('/')}/{parts.hostname}{parts.path}?{urlencode(query)}")
-    frame[columns["url"]] = urls
+    for i, (path, label) in enumerate(zip(paths, frame[label_column], strict=True), start=1):
+        query = {"label": label, **({"fault": faults[i]} if i in faults else {})}
+        urls.append(f"{base}/{path}?{urlencode(query)}")
+    frame[url_column] = urls
+    copies = [
+        {
+            **frame.iloc[row - 1].to_dict(),
+            url_column: f"{base}/copies/{n}.jpg?"
+            + urlencode(
+                {"label": frame.iloc[row - 1][label_column], "content": f"/{paths[row - 1]}", **how}
+            ),
+        }
+        for n, (row, how) in enumerate(DEMO_COPIES, start=1)
+        if row <= len(frame) and row not in faults
+    ]
+    frame = pd.concat([frame, pd.DataFrame(copies, columns=frame.columns)], ignore_index=True)
     # Quote every field: the CrowdFlower file has newlines inside quoted fields.
     return str(frame.to_csv(index=False, lineterminator="\r", quoting=csv.QUOTE_ALL)).encode()
+
+
+def _sample(frame: pd.DataFrame, label_column: str, rows: int, seed: int) -> pd.DataFrame:
+    """``rows`` rows of ``frame``, label shares kept (as ingest's ``sample`` does)."""
+    from ml.ingest import stratified_sample
+    from ml.labels import normalize_label
+
+    labels = frame[label_column].map(normalize_label)
+    keyed = pd.DataFrame({"label": labels, "position": range(len(frame))}).dropna()
+    chosen = stratified_sample(keyed.reset_index(drop=True), rows, seed)["position"]
+    return frame.iloc[sorted(chosen)].reset_index(drop=True)
 
 
 def source_csv(csv_path: str | None = None, rows: int = 500, seed: int = 0) -> bytes:
@@ -97,10 +129,13 @@ def stage_demo_inputs(
     score_uri: str,
     csv_path: str | None = None,
     score_rows: int = 20,
+    *,
+    rows: int = 0,
 ) -> None:
-    """Upload the demo's training CSV (pointed at the image server) and a CSV of a few of its
-    URLs for the batch-inference DAG to score."""
-    upload_inputs(point_at(source_csv(csv_path), base_url), sample_uri, score_uri, score_rows)
+    """Upload the demo's training CSV (``rows`` rows of the source, pointed at the image
+    server) and a CSV of a few of its URLs for the batch-inference DAG to score."""
+    data = point_at(source_csv(csv_path), base_url, rows=rows)
+    upload_inputs(data, sample_uri, score_uri, score_rows)
 
 
 def upload_inputs(data: bytes, sample_uri: str, score_uri: str, score_rows: int = 20) -> None:
@@ -124,10 +159,9 @@ def run_demo(*, sample: int = 200, csv: str | None = None, seed: int = 0) -> dic
         store = ObjectStore()
         store.ensure_bucket("demo")
         csv_uri = S3Uri("demo", "input/sample.csv")
-        store.put_bytes(csv_uri, point_at(source, server.base_url), content_type="text/csv")
-        ingested = ingest(
-            str(csv_uri), "s3://demo/pipeline", sample=sample, seed=seed, store=store
-        ).to_json()
+        staged = point_at(source, server.base_url, rows=sample, seed=seed)
+        store.put_bytes(csv_uri, staged, content_type="text/csv")
+        ingested = ingest(str(csv_uri), "s3://demo/pipeline", store=store).to_json()
         config = DownloadConfig(
             allow_networks=("127.0.0.0/8",), fetch=FetchConfig(deadline=10.0, retries=1)
         )

@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from ml.errors import ParameterError
+from ml.params import TextRule
 from ml.redact import redact_url
 from ml.uri import S3Uri
 
@@ -31,6 +32,17 @@ NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}"
 ALIAS_PATTERN = r"[A-Za-z][A-Za-z0-9_\-]{0,63}"
 #: The model URIs a form may name (also the trigger form's JSON-schema pattern).
 MODEL_URI_PATTERN = rf"^models:/{NAME_PATTERN}(@{ALIAS_PATTERN}|/[1-9][0-9]{{0,9}})$"
+#: The batch-inference form's rules (the workers check them again, with these functions).
+MODEL_URI_RULE = TextRule(
+    MODEL_URI_PATTERN,
+    "a registered model, models:/NAME@ALIAS or models:/NAME/VERSION, for example "
+    "models:/image-sentiment@champion",
+)
+OUTPUT_RULE = TextRule(
+    r"^$|^[^\x00-\x1f]*\.(csv|parquet)$",
+    "empty, or a path or s3:// URI ending in .csv or .parquet, for example "
+    "s3://bucket/predictions/today.parquet",
+)
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 

@@ -39,6 +39,23 @@ _KIND_WORDS = {int: "a whole number", float: "a number", bool: "true or false", 
 
 
 @dataclass(frozen=True)
+class TextRule:
+    """A rule for a text field, stated in words with an example (``expects``) and checked by
+    a regular expression. A trigger form carries it as the JSON-schema ``format`` named by
+    the words, which the API server checks (``plugins/form_rules.py`` registers every rule),
+    so a refusal reads "'x' is not a '<the rule in words>'", never a regular expression."""
+
+    pattern: str
+    expects: str
+
+    def matches(self, value: object) -> bool:
+        return isinstance(value, str) and re.match(self.pattern, value) is not None
+
+    def schema(self) -> dict[str, str]:
+        return {"format": self.expects}
+
+
+@dataclass(frozen=True)
 class Parameter:
     """One run parameter. ``form`` puts it on the trigger form; ``env`` names the environment
     variable that sets the form's default (deployment configuration). A ``pattern`` comes with
@@ -151,7 +168,7 @@ class Parameter:
         if self.choices:
             schema["enum"] = list(self.choices)
         if self.pattern:
-            schema["pattern"] = self.pattern
+            schema.update(TextRule(self.pattern, self.expects).schema())
         if self.min_length:
             schema["minLength"] = self.min_length
         return schema
@@ -349,8 +366,9 @@ _DECLARED = (
         "resnet152",
         "Architecture",
         form=False,
+        env="ML_ARCH",
         choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"),
-        description="torchvision ResNet depth.",
+        description="torchvision ResNet depth (a deployment sets it with ML_ARCH).",
     ),
     _p(
         "weights",
@@ -638,6 +656,11 @@ DOWNLOAD: tuple[str, ...] = (
     "max_side",
     "flush_rows",
 )
+
+
+def text_rules() -> list[TextRule]:
+    """The rules of the parameters' text fields (see :class:`TextRule`)."""
+    return [TextRule(p.pattern, p.expects) for p in PARAMETERS.values() if p.pattern]
 
 
 def check_all(values: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:

@@ -119,13 +119,17 @@ def train_config(
     settings: PipelineSettings, split: str, run_id: str, env: Mapping[str, str]
 ) -> Any:
     """The TrainConfig a run's parameters describe (the form's values for the fields they
-    share, by name), its checkpoints in the run's folder."""
+    share, by name; the deployment's settings, such as ``ML_ARCH``, for fields off the form),
+    its checkpoints in the run's folder."""
     from ml.layout import StoreLayout
-    from ml.params import fields_of
+    from ml.params import PARAMETERS, fields_of
     from ml.train_config import TrainConfig
 
     values = {
-        name: settings.values[name] for name in fields_of(TrainConfig) if name in settings.values
+        name: settings.values[name]
+        if name in settings.values
+        else PARAMETERS[name].default_for(env)
+        for name in fields_of(TrainConfig)
     }
     values.update(
         split=split,

@@ -249,17 +249,20 @@ def _result_frame(
             "error": [e for _, _, e in loaded],
         }
     )
-    columns = [c for c in scored.columns if c not in ("status", "error")]
-    for column in columns:
-        result[column] = None if column == "label" else np.nan
-    if len(ready):
-        rows = list(ready)
-        result.loc[rows, columns] = scored[columns].to_numpy()
-        result.loc[rows, "status"] = scored["status"].to_numpy()
-        result.loc[rows, "error"] = scored["error"].to_numpy()
-    for column in columns:
-        if column != "label":
-            result[column] = result[column].astype("float64")
+    rows = list(ready)
+    for column in [c for c in scored.columns if c not in ("status", "error")]:
+        if column == "label":  # text; None where the model did not run or refused the image
+            labels: list[Any] = [None] * len(values)
+            for row, label in zip(rows, scored[column].tolist(), strict=True):
+                labels[row] = label
+            result[column] = labels
+        else:  # numbers; NaN there (a served model answers a refused image with None)
+            numbers = np.full(len(values), np.nan)
+            numbers[rows] = pd.to_numeric(scored[column], errors="coerce").to_numpy("float64")
+            result[column] = numbers
+    if rows:
+        result.loc[rows, "status"] = scored["status"].astype(str).to_numpy()
+        result.loc[rows, "error"] = scored["error"].astype(str).to_numpy()
     return result
 
 

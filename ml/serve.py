@@ -48,7 +48,7 @@ def scoring_app(model: Any) -> Any:
 
     app = scoring_server.init(model)
 
-    @app.middleware("http")
+    @app.middleware("http")  # type: ignore[untyped-decorator]
     async def refuse(request: Request, call_next: Any) -> Any:
         reason = refusal(request.method, request.url.path, dict(request.headers))
         if reason:

@@ -15,8 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -105,6 +107,35 @@ def _leave_to_the_newer_attempt() -> None:
     with contextlib.suppress(AttributeError, IndexError):
         fluent._active_run_stack.get().pop()  # type: ignore[no-untyped-call]
     MLFLOW_RUN_ID.unset()  # type: ignore[no-untyped-call]
+
+
+#: The run tag that says where training is, for people and tools watching a running task.
+PROGRESS_TAG = "progress"
+
+
+def set_progress(text: str) -> None:
+    """Where training is now (the run's ``progress`` tag: the MLflow UI shows it, and the
+    local stack's progress line reads it)."""
+    fencing.check()  # a superseded attempt logs nothing more
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.set_tag(PROGRESS_TAG, text)
+
+
+def progress_reporter(label: str, total: int, every: float = 10.0) -> Callable[[int], None]:
+    """A step counter that sets the progress tag ("epoch 2/3: step 14/40") on its first step,
+    then at most every ``every`` seconds, and on the last step."""
+    done, last = 0, -math.inf
+
+    def report(count: int = 1) -> None:
+        nonlocal done, last
+        done += count
+        if time.monotonic() - last >= every or done >= total:
+            last = time.monotonic()
+            set_progress(f"{label}: step {done}/{total}")
+
+    return report
 
 
 def log_precision(used: str, note: str) -> None:

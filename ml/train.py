@@ -25,6 +25,7 @@ No weight decay on BatchNorm parameters and biases. Losses are logged on the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -167,11 +168,8 @@ def _run_epochs(session: Session) -> None:
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         train_mode(session.model, frozen)
-        bar = (
-            Progress(session.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-            if rt.main
-            else None
-        )
+        label = f"epoch {epoch + 1}/{cfg.epochs}"
+        bar = Progress(session.steps_per_epoch, label) if rt.main else None
         with bar or nullcontext():
             stats = train_one_epoch(
                 session.model,
@@ -179,7 +177,7 @@ def _run_epochs(session: Session) -> None:
                 session.step,
                 cfg,
                 rt,
-                bar.advance if bar else None,
+                _on_step(bar, label, session.steps_per_epoch),
             )
         stop = _end_epoch(session, epoch, stats) if rt.main else False
         if rt.world > 1:
@@ -189,6 +187,21 @@ def _run_epochs(session: Session) -> None:
         if stop:
             log.info("early stop: no better validation macro-F1 for %d epochs", cfg.patience)
             break
+
+
+def _on_step(bar: Progress | None, label: str, steps: int) -> Callable[[str], None] | None:
+    """Each step advances the bar and the MLflow run's progress tag (on rank 0)."""
+    if bar is None:
+        return None
+    from ml import tracking
+
+    report = tracking.progress_reporter(label, steps)
+
+    def advance(status: str) -> None:
+        bar.advance(status)
+        report(1)
+
+    return advance
 
 
 def _resume(session: Session, saved: dict[str, Any]) -> None:
@@ -266,6 +279,8 @@ def _fine_tune(cfg: TrainConfig, rt: Runtime, store: ObjectStore | None) -> dict
             tracking.log_precision(used, note)
         if not session.state.finished:
             _run_epochs(session)
+        if run is not None:
+            tracking.set_progress("testing the best epoch and logging the model")
         checkpoints.wait()
         if not rt.main:
             dist.barrier()
@@ -338,6 +353,7 @@ def _finish(
         preprocessing,
         weights,
     )
+    tracking.set_progress(f"finished: best epoch {state.best_epoch + 1} of {len(state.history)}")
     return {
         "run_id": run.info.run_id,
         "model_uri": model_uri,

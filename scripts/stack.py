@@ -71,10 +71,13 @@ DEMO_CSV = f"s3://{BUCKET}/input/sample.csv"
 SCORE_CSV = f"s3://{BUCKET}/input/score.csv"
 INFERENCE_DAG_ID = "image_sentiment_batch_inference"
 #: The embedded defaults of the demo run: small and CPU-sized, with a real DAG run end to end.
+#: The demo's run: the staged CSV as it is (its sample is made when it is staged), a larger
+#: test split than the default so that the promotion compares on 40 images, not 10.
 DEMO_CONF = {
     "csv": DEMO_CSV,
-    "sample": 200,
-    "epochs": 3,
+    "sample": 0,
+    "ratios": "0.6,0.2,0.2",
+    "epochs": 16,
     "batch_size": 16,
     "image_size": 64,
     "weights": "none",
@@ -116,6 +119,7 @@ def environment(marker: str) -> dict[str, str]:
         "ML_CSV": DEMO_CSV,
         "ML_SCHEDULE": "none",
         "ML_DOWNLOAD_PARALLELISM": "2",
+        "ML_ARCH": "resnet18",  # the demo shows the pipeline on a CPU, not ResNet-152's accuracy
         "ML_INFERENCE_CSV": SCORE_CSV,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -471,7 +475,9 @@ def _wait_airflow_ready(timeout: float = 180) -> None:
     )
 
 
-def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
+def prepare_demo_csv(sample_source: str | None, real: bool = False, rows: int = 200) -> None:
+    """Stage the demo's CSV: ``rows`` rows of the source (stratified), pointed at the image
+    server, with a few faulty rows and near-duplicate copies; or (``real``) the CSV as it is."""
     from devkit.demo import source_csv, stage_demo_inputs
     from ml.errors import PipelineError
     from ml.storage import ObjectStore, S3Uri
@@ -483,7 +489,7 @@ def prepare_demo_csv(sample_source: str | None, real: bool = False) -> None:
                     S3Uri.parse(DEMO_CSV), source_csv(sample_source), content_type="text/csv"
                 )
             else:
-                stage_demo_inputs(url("images"), DEMO_CSV, SCORE_CSV, sample_source)
+                stage_demo_inputs(url("images"), DEMO_CSV, SCORE_CSV, sample_source, rows=rows)
         except PipelineError as exc:
             raise SystemExit(f"error: {exc}") from None
 
@@ -504,12 +510,14 @@ def _tasks(run_id: str) -> list[dict[str, Any]]:
 
 
 def wait(run_id: str, timeout: float) -> str:
+    """The run's final state, printing a progress line whenever it changes; "timeout" when
+    it is still going after ``timeout`` seconds."""
     quoted = urllib.parse.quote(run_id, safe="")
     started = time.monotonic()
     shown = ""
     while time.monotonic() - started < timeout:
         state = api("GET", f"/dags/{DAG_ID}/dagRuns/{quoted}")["state"]
-        line = _progress(_tasks(run_id))
+        line = _progress(_tasks(run_id), run_id)
         if line != shown:
             say(f"[{time.monotonic() - started:5.0f}s] {line}")
             shown = line
@@ -519,35 +527,70 @@ def wait(run_id: str, timeout: float) -> str:
     return "timeout"
 
 
-def _progress(tasks: list[dict[str, Any]]) -> str:
-    order = [
-        "ingest",
-        "plan_batches",
-        "download_batch",
-        "collect_manifest",
-        "split",
-        "changes",
-        "train",
-        "register",
-    ]
-    marks = {
-        "skipped": "skipped",
-        "success": "done",
-        "running": "running",
-        "failed": "FAILED",
-        "up_for_retry": "retrying",
-        "queued": "queued",
-        "scheduled": "queued",
-    }
+#: The DAG's tasks in the order they run.
+TASK_ORDER = (
+    "preflight",
+    "ingest",
+    "plan_batches",
+    "download_batch",
+    "collect_manifest",
+    "split",
+    "changes",
+    "train",
+    "register",
+)
+MARKS = {
+    "skipped": "skipped",
+    "success": "done",
+    "running": "running",
+    "failed": "FAILED",
+    "up_for_retry": "retrying",
+    "up_for_reschedule": "waiting",
+    "queued": "queued",
+    "scheduled": "queued",
+    "deferred": "deferred",
+    "upstream_failed": "not run",
+}
+
+
+def _progress(tasks: list[dict[str, Any]], run_id: str = "") -> str:
+    """Every task's state on one line; a running ``train`` says its epoch and step."""
     parts = []
-    for name in order:
+    for name in TASK_ORDER:
         mine = [t for t in tasks if t["task_id"] == name]
         states = [t["state"] for t in mine]
         if name == "download_batch" and len(mine) > 1:
             parts.append(f"{name} {states.count('success')}/{len(mine)}")
-        else:
-            parts.append(f"{name} {marks.get(states[0] or '', 'waiting') if states else '-'}")
+            continue
+        mark = MARKS.get(states[0] or "", "waiting") if states else "-"
+        if name == "train" and mark == "running" and run_id:
+            mark = _training_progress(run_id) or mark
+        parts.append(f"{name} {mark}")
     return " | ".join(parts)
+
+
+def _training_progress(run_id: str) -> str:
+    """Where the DAG run's training is (its MLflow run's progress tag), or ""."""
+    from ml.params import PARAMETERS
+    from ml.tracking import PROGRESS_TAG
+
+    try:
+        with _stack_environment(client_environment()):
+            from mlflow import MlflowClient
+
+            client = MlflowClient()
+            experiment = client.get_experiment_by_name(PARAMETERS["experiment"].default)
+            if experiment is None:
+                return ""
+            runs = client.search_runs(
+                [experiment.experiment_id],
+                filter_string=f"tags.orchestrator_run_id = '{run_id}'",
+                max_results=1,
+            )
+    except Exception:  # progress is a courtesy: the line then says "running"
+        return ""
+    tags = runs[0].data.tags if runs else {}
+    return f"({tags[PROGRESS_TAG]})" if PROGRESS_TAG in tags else ""
 
 
 def xcom(run_id: str, task_id: str, dag_id: str = DAG_ID) -> Any:
@@ -562,34 +605,41 @@ def xcom(run_id: str, task_id: str, dag_id: str = DAG_ID) -> Any:
 
 def demo(args: argparse.Namespace) -> int:
     up(args.topology)
-    conf = {**DEMO_CONF, "sample": args.sample, "epochs": args.epochs}
+    epochs = 1 if args.retrain else int(args.epochs)
+    conf = {**DEMO_CONF, "epochs": epochs}
     if args.real:
         say("using the CSV as it is: images are fetched from their real hosts (needs internet)")
+        conf["sample"] = args.sample
     else:
         say(
-            "pointing a sample of the CrowdFlower CSV at the local image server "
-            "(its images are SYNTHETIC: a colour per label on noise, not the real photos) ..."
+            f"staging a {args.sample}-row sample of the CrowdFlower CSV pointed at the local "
+            "image server (its images are SYNTHETIC: a colour per label on noise, not the real "
+            "photos; a few URLs are faulty and a few pictures copied, on purpose) ..."
         )
-    prepare_demo_csv(args.csv, args.real)
-    first = run_and_report(conf, args.timeout, f"synthetic images, {args.epochs} CPU epochs")
+    prepare_demo_csv(args.csv, args.real, args.sample)
+    arch = client_environment().get("ML_ARCH", "resnet152")
+    note = f"{arch}, {epochs} CPU epoch{'s' if epochs > 1 else ''}"
+    first = run_and_report(conf, args.timeout, f"synthetic images, {note}")
     if first is None:
         return 1
     runs = [first]
     if args.retrain:
         say(
-            "\nretraining with one more epoch, as an experiment would; the registry scores the "
-            "champion on the new version's test images and promotes only a gain beyond noise ..."
+            f"\nretraining with a better setting ({args.epochs} epochs instead of 1), as an "
+            "experiment would; the registry scores the champion on the new version's test "
+            "images and promotes only a gain beyond noise ..."
         )
-        retrain = {**conf, "epochs": args.epochs + 1}
-        second = run_and_report(retrain, args.timeout, f"{args.epochs + 1} CPU epochs")
+        second = run_and_report(
+            {**conf, "epochs": args.epochs}, args.timeout, f"{arch}, {args.epochs} CPU epochs"
+        )
         if second is None:
             return 1
         runs.append(second)
     scored = wait_inference(120)
     if scored:
         say(
-            f"  inference  : the champion triggered {INFERENCE_DAG_ID}; "
-            f"{scored.get('predicted', 0)} images scored -> {scored.get('predictions')}"
+            f"  inference  : {INFERENCE_DAG_ID} scored {scored.get('predicted', 0)} images with "
+            f"the champion -> {scored.get('predictions')}"
         )
     say("The stack stays up for browsing. Stop it with: bash scripts/stop")
     print(json.dumps({"runs": runs, "inference": scored}), flush=True)
@@ -604,6 +654,13 @@ def run_and_report(conf: dict[str, Any], timeout: float, note: str) -> dict[str,
     run_link = f"http://localhost:{PORTS['airflow']}/dags/{DAG_ID}/runs/" + urllib.parse.quote(
         run_id, safe=""
     )
+    if result == "timeout":
+        say(
+            f"\nthe run is still going after {timeout:.0f} s (the demo stopped waiting, not the "
+            f"run): follow it at {run_link}, or wait longer next time with --timeout SECONDS; "
+            "the stack stays up (stop it with: bash scripts/stop)"
+        )
+        return None
     if result != "success":
         failed = [t["task_id"] for t in _tasks(run_id) if t["state"] == "failed"]
         say(
@@ -621,7 +678,11 @@ def run_and_report(conf: dict[str, Any], timeout: float, note: str) -> dict[str,
         f"near-duplicate groups of {split['near_duplicate_images']} images kept in one split"
     )
     states = {t["task_id"]: t["state"] for t in _tasks(run_id)}
-    summary: dict[str, Any] = {"dag_run_id": run_id, "downloads": manifest["statuses"]}
+    summary: dict[str, Any] = {
+        "dag_run_id": run_id,
+        "downloads": manifest["statuses"],
+        "near_duplicate_groups": split["near_duplicate_groups"],
+    }
     if states.get("register") != "success":
         say(
             "  model      : nothing new to train: the data and settings equal the champion's "
@@ -661,17 +722,20 @@ def describe_promotion(promotion: dict[str, Any]) -> str:
 
 
 def wait_inference(timeout: float) -> dict[str, Any] | None:
-    """The batch-inference run that the model asset triggered, once it has finished."""
+    """The newest batch-inference run that scored, once none is waiting or running (a run
+    triggered by a version that stayed challenger is skipped: nothing new to score)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = api("GET", f"/dags/{INFERENCE_DAG_ID}/dagRuns").get("dag_runs", [])
-        done = [r for r in runs if r["state"] in ("success", "failed")]
-        if done:
-            try:
-                result: dict[str, Any] = xcom(done[-1]["dag_run_id"], "predict", INFERENCE_DAG_ID)
-            except urllib.error.HTTPError:
-                return None
-            return result
+        if runs and all(r["state"] in ("success", "failed") for r in runs):
+            for run in sorted(runs, key=lambda r: str(r.get("run_after")), reverse=True):
+                try:
+                    result = xcom(run["dag_run_id"], "predict", INFERENCE_DAG_ID)
+                except urllib.error.HTTPError:  # skipped: no result
+                    continue
+                if result:
+                    return dict(result)
+            return None
         time.sleep(3)
     say(f"  inference  : {INFERENCE_DAG_ID} had not finished after {timeout:.0f}s; see the UI")
     return None
@@ -843,17 +907,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     d = commands.add_parser("demo", help="start the stack, run the DAG once, print the result")
-    d.add_argument("--sample", type=int, default=DEMO_CONF["sample"])
-    d.add_argument("--epochs", type=int, default=DEMO_CONF["epochs"])
+    d.add_argument("--sample", type=int, default=200, help="rows of the CSV (default: 200)")
+    d.add_argument(
+        "--epochs",
+        type=int,
+        default=DEMO_CONF["epochs"],
+        help="epochs of the retrain (the first run trains 1) (default: %(default)s)",
+    )
     d.add_argument(
         "--retrain",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="a second run with one more epoch, to show the promotion decision",
+        help="a quick first model, then a retrain with --epochs, to show the promotion decision",
     )
     d.add_argument("--csv", default=None, help="CSV to sample (default: the CrowdFlower file)")
     d.add_argument("--topology", choices=("local", "celery"), default="local", help="see up")
-    d.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
+    d.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds to wait for each run; the run goes on after (default: %(default)s)",
+    )
     d.add_argument(
         "--real",
         action="store_true",

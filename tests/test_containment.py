@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -227,13 +228,29 @@ def test_the_inference_form_refuses_other_model_uris_and_outputs() -> None:
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.MODEL_URI_PATTERN == MODEL_URI_PATTERN
+    assert module.MODEL_URI_RULE.pattern == MODEL_URI_PATTERN
     from airflow.sdk.definitions.param import ParamsDict
 
+    _load_plugin("form_rules")
     dag = module.image_sentiment_batch_inference()
     params = ParamsDict(dag.params)
-    for key, value in (("model_uri", "runs:/1/model"), ("output", "x.py")):
-        with pytest.raises(Exception, match="does not match"):
+    for key, value, words in (
+        ("model_uri", "runs:/1/model", "for example models:/image-sentiment@champion"),
+        ("output", "x.py", "ending in .csv or .parquet"),
+    ):
+        with pytest.raises(Exception, match=words) as refused:
             params[key] = value
             params.validate()
+        assert "^" not in str(refused.value).splitlines()[0]
     assert os.environ.get("ML_OUTPUT_DIR") is None
+
+
+def _load_plugin(name: str) -> Any:
+    """A module of the plugins folder, as Airflow loads it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "plugins" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -158,9 +158,41 @@ def test_inference_skips_when_the_champion_did_not_move(
     assert len(calls) == 2
 
 
+def test_every_text_rule_of_the_forms_is_checked_in_words(dagbag: Any) -> None:
+    """Each text field's rule is a JSON-schema format the form-rules plugin registers (a
+    format nobody registers would go unchecked), and a refusal says the rule in words."""
+    from airflow.sdk.definitions.param import ParamsDict
+    from jsonschema import FormatChecker
+
+    from tests.test_containment import _load_plugin
+
+    plugin = _load_plugin("form_rules")
+    formats = {
+        param.schema["format"]
+        for dag in dagbag.dags.values()
+        for _, param in dag.params.items()
+        if "format" in param.schema
+    }
+    assert formats and formats <= {rule.expects for rule in plugin.RULES}
+    assert formats <= set(FormatChecker().checkers)
+    assert all("pattern" not in p.schema for d in dagbag.dags.values() for _, p in d.params.items())
+    for name, bad, words in (
+        ("ratios", "eighty,twenty", "for example 0.8,0.15,0.05"),
+        ("model_name", "a b", "for example image-sentiment"),
+        ("device", "tpu", "cuda:N"),
+    ):
+        params = ParamsDict(dict(dagbag.dags["image_sentiment"].params.items()))
+        with pytest.raises(Exception, match=words) as refused:
+            params[name] = bad
+        assert "^" not in str(refused.value).splitlines()[0], str(refused.value)
+
+
 def test_trigger_form_refuses_bad_values(dagbag: Any) -> None:
     from airflow.sdk.definitions.param import ParamsDict
 
+    from tests.test_containment import _load_plugin
+
+    _load_plugin("form_rules")
     params = dagbag.dags["image_sentiment"].params
     form = {k: params[k] for k in params}
     ParamsDict(dict(params.items())).validate()  # the defaults are valid

@@ -522,3 +522,30 @@ def test_mlflow_messages_keep_their_level_in_a_task(
     levels = {r.getMessage(): r.levelno for r in caplog.records if r.name == "mlflow.tracking"}
     assert levels == {"created a run": logging.INFO, "a warning stays a warning": logging.WARNING}
     assert logging.getLogger("mlflow").handlers and not logging.getLogger("mlflow").propagate
+
+
+def test_predictions_keep_images_the_model_refused() -> None:
+    """A served model answers a refused image with None (strict JSON): the prediction table
+    still has one row per input, NaN probabilities and no label there."""
+    import pandas as pd
+
+    from ml.predict import _result_frame
+
+    scored = pd.DataFrame(
+        {
+            "label": ["Positive", None],
+            "confidence": [0.9, None],
+            "p_positive": [0.9, None],
+            "status": ["ok", "undecodable"],
+            "error": ["", "truncated"],
+        }
+    )
+    loaded = [(b"x", "ok", ""), (None, "http_error", "404"), (b"y", "ok", "")]
+    table = _result_frame(["u1", "u2", "u3"], loaded, [0, 2], scored)
+    assert table["label"][0] == "Positive" and table["label"].isna().tolist() == [False, True, True]
+    assert table["status"].tolist() == ["ok", "http_error", "undecodable"]
+    assert table["confidence"].dtype == "float64" and table["confidence"].isna().tolist() == [
+        False,
+        True,
+        True,
+    ]
