@@ -17,6 +17,7 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
+from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
 
 # The form checks with the same rule the worker enforces (ml.containment: light, stdlib only).
 from ml.containment import MODEL_URI_RULE, OUTPUT_RULE
@@ -63,12 +64,12 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
 )
 def image_sentiment_batch_inference() -> None:
     @task
+    @fail_fast()  # a wrong parameter fails at once, without retries (plugins/task_policy.py)
     def predict(
         *, params: dict[str, Any], run_id: str, triggering_asset_events: Any = None
     ) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+        from airflow.sdk.exceptions import AirflowSkipException
 
-        from ml.errors import ParameterError
         from ml.layout import StoreLayout
         from ml.pipeline import champion_unchanged, predict_step
 
@@ -82,10 +83,7 @@ def image_sentiment_batch_inference() -> None:
         if unchanged := champion_unchanged(events):  # a register that promoted nothing
             raise AirflowSkipException(unchanged)
         output = params["output"] or str(StoreLayout.parse(STORE).run_predictions(run_id))
-        try:
-            return predict_step(params["csv"], output, params["model_uri"])
-        except ParameterError as error:  # a wrong parameter: retrying cannot help
-            raise AirflowFailException(str(error)) from None
+        return predict_step(params["csv"], output, params["model_uri"])
 
     predict()
 

@@ -32,13 +32,14 @@ for manual runs only), `ML_CSV` (the CSV scheduled runs read; default
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import Asset, Metadata, Param, dag, task
+from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
 
+from ml.errors import PipelineError
 from ml.params import FORM
 
 DAG_ID = "image_sentiment"
@@ -60,19 +61,6 @@ PARAMS = {
 }
 
 
-def _fail_fast_on_bad_params(step: Callable[..., Any], *args: Any) -> Any:
-    """Runs ``step``; a wrong parameter (or a batch too big for the GPU) fails the run at once,
-    with no retries, since the same input fails again; anything else may be retried."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from ml.settings import ParameterError
-
-    try:
-        return step(*args)
-    except ParameterError as error:
-        raise AirflowFailException(str(error)) from None
-
-
 @dag(
     dag_id=DAG_ID,
     schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
@@ -90,34 +78,33 @@ def _fail_fast_on_bad_params(step: Callable[..., Any], *args: Any) -> Any:
     },
 )
 def image_sentiment() -> None:
+    # Every task: a wrong parameter fails at once, without retries (plugins/task_policy.py).
     @task(queue=GPU_QUEUE)
+    @fail_fast(PipelineError)  # missing weights or GPU: an hour of downloads won't help
     def preflight(*, params: dict[str, Any]) -> dict[str, Any]:
         """On the training worker, before any download: its device and the weights exist."""
-        from ml.errors import PipelineError
         from ml.pipeline import preflight_step
 
-        try:
-            return preflight_step(params)
-        except PipelineError as error:  # missing weights or GPU: an hour of downloads won't help
-            from airflow.sdk.exceptions import AirflowFailException
-
-            raise AirflowFailException(str(error)) from None
+        return preflight_step(params)
 
     @task(outlets=[DATASET_ASSET])
+    @fail_fast()
     def ingest(*, params: dict[str, Any]) -> Any:
         from ml.pipeline import ingest_step
 
-        result = _fail_fast_on_bad_params(ingest_step, params)
+        result = ingest_step(params)
         yield Metadata(DATASET_ASSET, {"dataset": result["dataset"], "rows": result["rows"]})
         return result
 
     @task
+    @fail_fast()
     def plan_batches(ingested: dict[str, Any], *, params: dict[str, Any]) -> list[dict[str, Any]]:
         from ml.pipeline import plan_step
 
         return plan_step(params, ingested)
 
     @task(max_active_tis_per_dag=DOWNLOAD_PARALLELISM)
+    @fail_fast()
     def download_batch(
         batch: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any
     ) -> dict[str, Any]:
@@ -128,18 +115,21 @@ def image_sentiment() -> None:
     # none_failed: a rerun with every image already downloaded maps zero batches (skipped),
     # and the manifest, split and change check must still run.
     @task(trigger_rule="none_failed")
+    @fail_fast()
     def collect_manifest(ingested: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
         from ml.pipeline import collect_step
 
         return collect_step(ingested, list(results))
 
     @task
-    def split(ingested: dict[str, Any], *, params: dict[str, Any]) -> dict[str, Any]:
+    @fail_fast()
+    def split(collected: dict[str, Any], *, params: dict[str, Any]) -> dict[str, Any]:
         from ml.pipeline import split_step
 
-        return split_step(params, ingested)
+        return split_step(params, collected)
 
     @task.short_circuit
+    @fail_fast()
     def changes(split: dict[str, Any], *, params: dict[str, Any], run_id: str) -> bool:
         """False (train and register are skipped) when there is nothing new to train."""
         from ml.pipeline import change_step
@@ -150,17 +140,16 @@ def image_sentiment() -> None:
         return bool(plan["train"])
 
     @task(queue=GPU_QUEUE, pool="gpu", execution_timeout=TRAIN_TIMEOUT)
+    @fail_fast()  # also a batch too big for the GPU: it names batch_size
     def train(
         split: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any
     ) -> dict[str, Any]:
-        from functools import partial
-
         from ml.pipeline import train_step
 
-        step = partial(train_step, try_number=ti.try_number)  # a stale try writes nothing
-        return _fail_fast_on_bad_params(step, params, split, run_id)
+        return train_step(params, split, run_id, try_number=ti.try_number)  # fenced by try
 
     @task(queue=GPU_QUEUE, outlets=[MODEL_ASSET])  # scores the champion: a model pass
+    @fail_fast()
     def register(trained: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any) -> Any:
         from ml.pipeline import register_step
 
@@ -178,11 +167,8 @@ def image_sentiment() -> None:
 
     ingested = ingest()
     preflight() >> ingested
-    batches = plan_batches(ingested)
-    results = download_batch.expand(batch=batches)
-    manifest = collect_manifest(ingested, results)
-    splits = split(ingested)
-    manifest >> splits
+    results = download_batch.expand(batch=plan_batches(ingested))
+    splits = split(collect_manifest(ingested, results))
     trained = train(splits)
     changes(splits) >> trained
     register(trained)

@@ -93,15 +93,16 @@ def collect_step(ingested: Mapping[str, Any], results: list[Mapping[str, Any]]) 
 
     summary = collect_manifest(ingested["dataset"])
     summary["downloaded"] = sum(int(r.get("downloaded", 0)) for r in results)
-    return summary
+    return {"dataset": ingested["dataset"], **summary}
 
 
 @in_task
-def split_step(params: Mapping[str, Any], ingested: Mapping[str, Any]) -> dict[str, Any]:
+def split_step(params: Mapping[str, Any], collected: Mapping[str, Any]) -> dict[str, Any]:
+    """The split of the dataset whose manifest ``collected`` (collect_step's result) wrote."""
     from ml.splits import make_splits
 
     s = PipelineSettings.from_params(params)
-    return make_splits(ingested["dataset"], ratios=s.ratios, seed=s.seed)
+    return make_splits(collected["dataset"], ratios=s.ratios, seed=s.seed)
 
 
 def _truthy(value: str | None) -> bool:

@@ -43,6 +43,30 @@ os.environ.update(
 )
 REAL_CSV = REPO.parent / "shared" / "data" / "image-Sentiment-polarity-DFE.csv"
 
+#: Fixtures that start a server (S3, the image server, MLflow) or Airflow: a test that uses one,
+#: directly or through another fixture, is marked ``integration`` (pyproject.toml's meaning).
+SERVER_FIXTURES = frozenset(
+    {"s3_endpoint", "image_server", "mlflow_server", "airflow_db", "topology"}
+)
+#: Fixtures that train a model: a test that uses one is marked ``slow`` (``-m "not slow"``
+#: must skip every training).
+TRAINING_FIXTURES = frozenset({"trained"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The markers say what a test needs: collection fails on a test whose fixtures start
+    servers without ``integration``, or train without ``slow``."""
+    wrong = []
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        marks = {mark.name for mark in item.iter_markers()}
+        for fixtures, marker in ((SERVER_FIXTURES, "integration"), (TRAINING_FIXTURES, "slow")):
+            if used & fixtures and marker not in marks:
+                wrong.append(f"{item.nodeid} uses {sorted(used & fixtures)}: mark it {marker}")
+    if wrong:
+        raise pytest.UsageError("markers that do not say what a test needs:\n" + "\n".join(wrong))
+
+
 #: Non-loopback connection attempts seen by the audit hook (each was refused).
 OFF_MACHINE: list[str] = []
 

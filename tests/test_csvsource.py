@@ -148,6 +148,7 @@ def test_a_csv_url_is_capped_and_bounded_in_time(csv_server: str) -> None:
     assert time.monotonic() - started < 2.5
 
 
+@pytest.mark.integration
 def test_nothing_fetched_is_echoed(csv_server: str, store_uri: str) -> None:
     with pytest.raises(PipelineError) as info:
         ingest(f"{csv_server}/page.csv", store_uri, limits=LOOPBACK)
@@ -159,6 +160,7 @@ def test_nothing_fetched_is_echoed(csv_server: str, store_uri: str) -> None:
     assert "SECRET_COLUMN" not in str(hidden.value) and "2 columns" in str(hidden.value)
 
 
+@pytest.mark.integration
 def test_s3_objects_are_capped(store_uri: str, store: object) -> None:
     from ml.storage import ObjectStore, S3Uri
 

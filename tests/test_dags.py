@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from devkit.imageserver import ImageServer
+from ml.errors import PipelineError
 from ml.labels import LABELS
 from ml.params import FORM
 from ml.settings import ParameterError, PipelineSettings
@@ -88,17 +89,20 @@ def test_dag_file_parses_fast_and_light(path: Path) -> None:
     assert report["seconds"] < 1.0, report["seconds"]
 
 
+@pytest.mark.integration
 def test_dags_import_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
     assert {"image_sentiment", "image_sentiment_batch_inference"} <= set(dagbag.dags)
 
 
+@pytest.mark.integration
 def test_every_task_retries(dagbag: Any) -> None:
     for dag in dagbag.dags.values():
         for task in dag.tasks:
             assert task.retries >= 1, f"{dag.dag_id}.{task.task_id} has no retries"
 
 
+@pytest.mark.integration
 def test_pipeline_shape(dagbag: Any) -> None:
     dag = dagbag.dags["image_sentiment"]
     assert dag.max_active_runs == 1 and dag.catchup is False and dag.doc_md
@@ -131,6 +135,7 @@ def test_pipeline_shape(dagbag: Any) -> None:
     assert [asset.name for asset in condition.objects] == ["image_sentiment_model"]
 
 
+@pytest.mark.integration
 def test_inference_skips_when_the_champion_did_not_move(
     dagbag: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -158,6 +163,7 @@ def test_inference_skips_when_the_champion_did_not_move(
     assert len(calls) == 2
 
 
+@pytest.mark.integration
 def test_every_text_rule_of_the_forms_is_checked_in_words(dagbag: Any) -> None:
     """Each text field's rule is a JSON-schema format the form-rules plugin registers (a
     format nobody registers would go unchecked), and a refusal says the rule in words."""
@@ -187,6 +193,7 @@ def test_every_text_rule_of_the_forms_is_checked_in_words(dagbag: Any) -> None:
         assert "^" not in str(refused.value).splitlines()[0], str(refused.value)
 
 
+@pytest.mark.integration
 def test_trigger_form_refuses_bad_values(dagbag: Any) -> None:
     from airflow.sdk.definitions.param import ParamsDict
 
@@ -223,6 +230,27 @@ def test_bad_parameters_fail_the_first_task_clearly(monkeypatch: pytest.MonkeyPa
         PipelineSettings.from_params({"csv": "x.csv"})
 
 
+@pytest.mark.integration
+def test_every_task_fails_at_once_on_a_bad_parameter(
+    dagbag: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One policy, on every task of both workflows: a wrong parameter fails the task without
+    its retries (a plain task and one that yields asset metadata alike)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for dag in dagbag.dags.values():
+        for task in dag.tasks:
+            refused = getattr(task.python_callable, "fails_fast_on", ())
+            assert ParameterError in refused or PipelineError in refused, task.task_id
+    monkeypatch.setenv("ML_STORE", "s3://bucket/prefix")
+    tasks = dagbag.dags["image_sentiment"].task_dict
+    bad = {"csv": "s3://bucket/prefix/in.csv", "ratios": "0.5,0.5,0.5"}
+    with pytest.raises(AirflowFailException, match="'ratios'.*sum to 1"):
+        tasks["plan_batches"].python_callable({"dataset": "x"}, params=bad)
+    with pytest.raises(AirflowFailException, match="'ratios'.*sum to 1"):
+        list(tasks["ingest"].python_callable(params=bad))  # the generator fails as it runs
+
+
 def test_mlflow_link_urls() -> None:
     sys.path.insert(0, str(REPO / "plugins"))
     try:
@@ -240,6 +268,7 @@ def test_mlflow_link_urls() -> None:
     assert mlflow_url("train", {}, "http://m") == ""
 
 
+@pytest.mark.integration
 def test_plugin_is_loaded(airflow_db: Path) -> None:
     from airflow import plugins_manager
 

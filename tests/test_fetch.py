@@ -51,6 +51,7 @@ def _error(fetcher: Fetcher, url: str) -> FetchError:
     return info.value
 
 
+@pytest.mark.integration
 def test_ok(fetcher: Fetcher, image_server: ImageServer) -> None:
     response = fetcher.fetch(image_server.url("a/ok.jpg"))
     assert response.http_status == 200 and response.body[:3] == b"\xff\xd8\xff"
@@ -70,6 +71,7 @@ def test_ok(fetcher: Fetcher, image_server: ImageServer) -> None:
         ({"fault": "reset"}, "connection_error", None, 3),
     ],
 )
+@pytest.mark.integration
 def test_fault_statuses(
     fetcher: Fetcher,
     image_server: ImageServer,
@@ -82,12 +84,14 @@ def test_fault_statuses(
     assert (error.status, error.http_status, error.attempts) == (status, http_status, attempts)
 
 
+@pytest.mark.integration
 def test_transient_500_is_retried(fetcher: Fetcher, image_server: ImageServer) -> None:
     url = image_server.url("flaky/500.jpg", fault="500", fail="2")
     response = fetcher.fetch(url)
     assert response.attempts == 3 and response.http_status == 200
 
 
+@pytest.mark.integration
 def test_retry_after_is_honoured(fetcher: Fetcher, image_server: ImageServer) -> None:
     url = image_server.url("flaky/429.jpg", fault="429", fail="1", retry_after="1")
     started = time.monotonic()
@@ -104,6 +108,7 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after(None, 10) is None
 
 
+@pytest.mark.integration
 def test_trickling_body_hits_the_deadline(fetcher: Fetcher, image_server: ImageServer) -> None:
     started = time.monotonic()
     error = _error(fetcher, image_server.url("slow/1.jpg", fault="slow", interval="0.2"))
@@ -112,11 +117,13 @@ def test_trickling_body_hits_the_deadline(fetcher: Fetcher, image_server: ImageS
     assert elapsed < CONFIG.deadline + 1.5
 
 
+@pytest.mark.integration
 def test_redirects_are_followed(fetcher: Fetcher, image_server: ImageServer) -> None:
     response = fetcher.fetch(image_server.url("moved/1.jpg", fault="redirect", hops="2"))
     assert response.http_status == 200 and "fault" not in response.final_url
 
 
+@pytest.mark.integration
 def test_redirect_to_metadata_address_is_blocked_without_connecting(
     fetcher: Fetcher, image_server: ImageServer, connections: list[tuple[str, int]]
 ) -> None:
@@ -125,11 +132,13 @@ def test_redirect_to_metadata_address_is_blocked_without_connecting(
     assert all(host == "127.0.0.1" for host, _ in connections)
 
 
+@pytest.mark.integration
 def test_redirect_to_other_scheme_is_blocked(fetcher: Fetcher, image_server: ImageServer) -> None:
     url = image_server.url("evil/2.jpg", fault="redirect-blocked", to="file:///etc/passwd")
     assert _error(fetcher, url).status == "blocked"
 
 
+@pytest.mark.integration
 def test_loopback_is_blocked_by_default(
     image_server: ImageServer, connections: list[tuple[str, int]]
 ) -> None:
@@ -163,6 +172,7 @@ def test_injected_names_to_blocked_addresses_never_connect(
     assert connections == []
 
 
+@pytest.mark.integration
 def test_injected_name_to_allowed_address_connects_there(
     image_server: ImageServer, connections: list[tuple[str, int]]
 ) -> None:
@@ -209,6 +219,7 @@ SLOW = FetchConfig(
 )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("fault", ["slow-headers", "stall", "slow"])
 def test_trickled_status_line_headers_or_body_end_at_the_deadline(
     image_server: ImageServer, fault: str
@@ -221,6 +232,16 @@ def test_trickled_status_line_headers_or_body_end_at_the_deadline(
     assert SLOW.deadline - 0.2 <= elapsed < SLOW.deadline + 1.0
 
 
+def _arrived(image_server: ImageServer, path: str, timeout: float = 10.0) -> None:
+    """Wait until the image server has received a request for ``path`` (the event the test
+    synchronises on, not a guess at how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while not any(hit.split("?")[0] == path for hit in list(image_server.hits)):
+        assert time.monotonic() < deadline, f"no request for {path} within {timeout:g}s"
+        time.sleep(0.01)
+
+
+@pytest.mark.integration
 def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> None:
     """per_host=1: the good URL waits for the slot, and gets it when the deadline frees it."""
     import threading
@@ -228,9 +249,9 @@ def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> No
     fetcher = Fetcher(SLOW, AddressPolicy.from_cidrs(["127.0.0.0/8"]))
     results: dict[str, object] = {}
 
-    def run(name: str, url: str) -> None:
+    def run(name: str, url: str, deadline: float | None = None) -> None:
         try:
-            results[name] = fetcher.fetch(url).http_status
+            results[name] = fetcher.fetch(url, deadline=deadline).http_status
         except FetchError as exc:
             results[name] = exc.status
 
@@ -239,8 +260,10 @@ def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> No
         args=("stuck", image_server.url("slot/stuck.jpg", fault="slow-headers", interval="0.5")),
     )
     stuck.start()
-    time.sleep(0.3)
-    good = threading.Thread(target=run, args=("good", image_server.url("slot/good.jpg")))
+    _arrived(image_server, "/slot/stuck.jpg")  # the stuck fetch holds the host's one slot
+    # The good fetch may wait longer than the stuck one's deadline: it gets the slot then.
+    good_url = image_server.url("slot/good.jpg")
+    good = threading.Thread(target=run, args=("good", good_url, SLOW.deadline + 2.0))
     good.start()
     stuck.join(5)
     good.join(5)
@@ -251,6 +274,7 @@ def test_a_stuck_fetch_gives_its_host_slot_back(image_server: ImageServer) -> No
     assert time.monotonic() - started < 1.0
 
 
+@pytest.mark.integration
 def test_waiting_for_a_pool_slot_is_bounded(image_server: ImageServer) -> None:
     import threading
 
@@ -264,7 +288,7 @@ def test_waiting_for_a_pool_slot_is_bounded(image_server: ImageServer) -> None:
 
     hog = threading.Thread(target=hog_slot)
     hog.start()
-    time.sleep(0.2)
+    _arrived(image_server, "/pool/hog.jpg")  # the hog holds the pool's one connection
     started = time.monotonic()
     error = _error(fetcher, image_server.url("pool/waiting.jpg"))
     assert error.status == "timeout" and "no free connection" in str(error)
@@ -371,6 +395,7 @@ def _self_signed(folder):  # type: ignore[no-untyped-def]
     return str(cert_path), str(key_path)
 
 
+@pytest.mark.integration
 def test_messages_never_carry_url_credentials(image_server: ImageServer) -> None:
     fetcher = Fetcher(CONFIG, AddressPolicy())  # loopback refused: the error names the host
     url = image_server.url("secret.jpg", token="s3cr3t").replace("http://", "http://me:pw@")

@@ -77,6 +77,7 @@ def test_missing_url_column_is_a_clear_error() -> None:
         assert name in str(refused.value), name
 
 
+@pytest.mark.integration
 def test_the_counts_said_while_reading_are_the_counts_at_the_end(
     store_uri: str,
     store: ObjectStore,
@@ -283,6 +284,7 @@ def test_cli_prints_one_json_line(real_csv: Path, store_uri: str, s3_endpoint: s
     assert summary["rejected"] == {}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "message"),
     [

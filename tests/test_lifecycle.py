@@ -131,6 +131,7 @@ def test_a_retrain_with_another_seed_is_within_noise(
     assert expected in result["promotion"]["reason"]
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_champion_with_other_labels_is_kept_and_the_reason_says_so(
     trained: dict[str, Any], tmp_path: Path

@@ -206,6 +206,7 @@ def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None
     assert data == {"data/label_map.json", "data/split_counts.json"}
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_finished_training_is_not_repeated(trained: dict[str, Any]) -> None:
     started = time.monotonic()
