@@ -69,6 +69,7 @@ NATIVE = {
         "a killed worker's task is retried after a minute, not compose's default five",
     ),
     "ML_TRAIN_DEVICE": ("cpu", "no GPU on these machines: the gpu-queue worker trains on the CPU"),
+    "ML_ARCH": ("resnet18", "on the CPU, ResNet-18 keeps a run short (compose: ResNet-152)"),
     "ML_ALLOW_NETWORKS": ("127.0.0.0/8", "the image server stands in for the internet"),
 }
 #: Every other way the native topology differs from docker-compose.yaml, with its reason:

@@ -95,7 +95,10 @@ class Parameter:
         """The default, or the deployment's ``env`` override of it."""
         env = os.environ if env is None else env
         if self.env and env.get(self.env, "").strip():
-            return self.check(env[self.env])
+            try:
+                return self.check(env[self.env])
+            except ParameterError as error:  # the deployment's setting: say which one
+                raise ParameterError(f"{error} (set by {self.env} in the deployment)") from None
         return self.default
 
     def rule(self) -> str:

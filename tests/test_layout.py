@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
@@ -70,11 +69,42 @@ def test_statuses_are_documented_once_and_everywhere() -> None:
     assert set(DESCRIPTIONS) == set(Status)
 
 
-def test_one_except_covers_every_per_item_failure() -> None:
-    from ml.fetch import FetchError
-    from ml.imaging import ImageRejected
+def test_every_per_item_failure_becomes_its_status() -> None:
+    """A refused fetch (FetchError) and a refused image (ImageRejected) are both ``Rejected``:
+    each becomes its own manifest status, never an internal error, and nothing is stored."""
+    from ml.download import _Worker
+    from ml.fetch import FetchError, FetchResponse
+    from ml.imaging import ImageConfig, ImageRejected
+    from ml.layout import DatasetLayout
     from ml.statuses import Rejected
+    from ml.uri import S3Uri
 
     assert issubclass(FetchError, Rejected) and issubclass(ImageRejected, Rejected)
-    text = Path(REPO / "ml" / "download.py").read_text()
-    assert "except Rejected" in text and "except FetchError" not in text
+
+    class Fetcher:
+        def fetch(self, url: str) -> FetchResponse:
+            if "gone" in url:
+                raise FetchError(Status.HTTP_ERROR, "HTTP 404", http_status=404)
+            return FetchResponse(b"<html>not a picture</html>", 200, url, 1)
+
+    class Store:
+        def put_bytes(self, *args: object, **kwargs: object) -> bool:
+            raise AssertionError("a refused item must not be stored")
+
+    layout = DatasetLayout(S3Uri("b", "p"), "ds-0")
+    worker = _Worker(Fetcher(), Store(), layout, ImageConfig())  # type: ignore[arg-type]
+    rows = [
+        worker({"url": f"http://h.example/{name}.jpg", "id": name, "label": "Neutral", "row": 1})
+        for name in ("gone", "page")
+    ]
+    assert [(r["status"], r.get("http_status")) for r in rows] == [
+        (Status.HTTP_ERROR, 404),
+        (Status.NOT_IMAGE, 200),
+    ]
+
+
+def test_the_readme_lists_the_manifest_columns_as_the_code_has_them() -> None:
+    from ml.download import MANIFEST_COLUMNS
+
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"`{', '.join(MANIFEST_COLUMNS)}`" in readme

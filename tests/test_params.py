@@ -55,7 +55,13 @@ def test_one_name_per_parameter_everywhere() -> None:
         if parameter.name in ("csv", "download_batch_size", "force_retrain"):
             continue  # a positional; knobs of the DAG alone (batching, the unchanged check)
         assert parameter.name in stage_options, f"{parameter.name} has no CLI option"
-    assert "lr" not in PARAMETERS and "concurrency" not in PARAMETERS
+    # One flag per parameter, and every stage spells it so (no alias, no second spelling).
+    flags = [p.flag for p in PARAMETERS.values()]
+    assert len(set(flags)) == len(flags)
+    for stage in ("ingest", "download", "split", "train", "register", "predict"):
+        for name, action in _options(stage).items():
+            if name in PARAMETERS and action.option_strings:  # not a positional
+                assert action.option_strings[0] == PARAMETERS[name].flag, (stage, name)
 
 
 def test_the_form_is_derived_from_the_declarations(monkeypatch: pytest.MonkeyPatch) -> None:
