@@ -12,7 +12,6 @@ with the same safety rules as the training downloads.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pendulum
@@ -21,10 +20,10 @@ from task_policy import fail_fast  # plugins/: Airflow puts it on the import pat
 
 # The form checks with the same rule the worker enforces (ml.containment: light, stdlib only).
 from ml.containment import MODEL_URI_RULE, OUTPUT_RULE
+from ml.deployment import Deployment
 
-MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
-STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
-MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL_NAME}")
+DEPLOYMENT = Deployment.from_env()  # ML_STORE, ML_MODEL_NAME, ML_INFERENCE_CSV
+MODEL_ASSET = Asset(*DEPLOYMENT.model_asset)
 
 
 @dag(
@@ -38,7 +37,7 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
     default_args={"retries": 2, "retry_exponential_backoff": 2.0},
     params={
         "csv": Param(
-            os.environ.get("ML_INFERENCE_CSV", ""),
+            DEPLOYMENT.inference_csv,
             type="string",
             title="CSV",
             description="Images to score: column url (http(s) or s3:// URIs). Empty: "
@@ -54,7 +53,7 @@ MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL
             "run.",
         ),
         "model_uri": Param(
-            f"models:/{MODEL_NAME}@champion",
+            DEPLOYMENT.champion_uri,
             type="string",
             **MODEL_URI_RULE.schema(),
             title="Model",
@@ -82,7 +81,8 @@ def image_sentiment_batch_inference() -> None:
         ]
         if unchanged := champion_unchanged(events):  # a register that promoted nothing
             raise AirflowSkipException(unchanged)
-        output = params["output"] or str(StoreLayout.parse(STORE).run_predictions(run_id))
+        store = StoreLayout.parse(DEPLOYMENT.store)
+        output = params["output"] or str(store.run_predictions(run_id))
         return predict_step(params["csv"], output, params["model_uri"])
 
     predict()

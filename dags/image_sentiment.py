@@ -31,7 +31,6 @@ for manual runs only), `ML_CSV` (the CSV scheduled runs read; default
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -39,31 +38,27 @@ import pendulum
 from airflow.sdk import Asset, Metadata, Param, dag, task
 from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
 
+from ml.deployment import Deployment
 from ml.errors import PipelineError
 from ml.params import FORM
 
 DAG_ID = "image_sentiment"
-STORE = os.environ.get("ML_STORE", "s3://image-sentiment/pipeline").rstrip("/")
-MODEL_NAME = os.environ.get("ML_MODEL_NAME", "image-sentiment")
-DATASET_ASSET = Asset(name="image_sentiment_dataset", uri=f"{STORE}/datasets")
-MODEL_ASSET = Asset(name="image_sentiment_model", uri=f"mlflow-registry://{MODEL_NAME}")
-SCHEDULE = os.environ.get("ML_SCHEDULE", "@weekly")
-DOWNLOAD_PARALLELISM = int(os.environ.get("ML_DOWNLOAD_PARALLELISM", "4"))
-TRAIN_TIMEOUT = timedelta(hours=float(os.environ.get("ML_TRAIN_TIMEOUT_HOURS", "12")))
-GPU_QUEUE = os.environ.get("ML_GPU_QUEUE", "gpu")
-CSV = os.environ.get("ML_CSV") or f"{STORE}/input/images.csv"
+DEPLOYMENT = Deployment.from_env()  # ML_STORE, ML_MODEL_NAME, ML_CSV, ML_SCHEDULE, ...
+DATASET_ASSET = Asset(*DEPLOYMENT.dataset_asset)
+MODEL_ASSET = Asset(*DEPLOYMENT.model_asset)
+GPU_QUEUE = DEPLOYMENT.gpu_queue
 
 # The trigger form, derived from the one declaration of every run parameter (ml.params: a
 # light, standard-library module); the deployment's ML_* variables set some defaults.
 PARAMS = {
-    p.name: Param(CSV if p.name == "csv" else p.default_for(os.environ), **p.json_schema())
+    p.name: Param(DEPLOYMENT.csv if p.name == "csv" else p.default_for(), **p.json_schema())
     for p in FORM
 }
 
 
 @dag(
     dag_id=DAG_ID,
-    schedule=None if SCHEDULE.lower() in ("", "none") else SCHEDULE,
+    schedule=DEPLOYMENT.schedule,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -103,7 +98,7 @@ def image_sentiment() -> None:
 
         return plan_step(params, ingested)
 
-    @task(max_active_tis_per_dag=DOWNLOAD_PARALLELISM)
+    @task(max_active_tis_per_dag=DEPLOYMENT.download_parallelism)
     @fail_fast()
     def download_batch(
         batch: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any
@@ -139,7 +134,11 @@ def image_sentiment() -> None:
         get_logger("ml.pipeline").info("%s", plan["reason"])
         return bool(plan["train"])
 
-    @task(queue=GPU_QUEUE, pool="gpu", execution_timeout=TRAIN_TIMEOUT)
+    @task(
+        queue=GPU_QUEUE,
+        pool="gpu",
+        execution_timeout=timedelta(hours=DEPLOYMENT.train_timeout_hours),
+    )
     @fail_fast()  # also a batch too big for the GPU: it names batch_size
     def train(
         split: dict[str, Any], *, params: dict[str, Any], run_id: str, ti: Any

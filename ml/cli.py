@@ -253,12 +253,7 @@ def _predict_parser(stages: Stages) -> None:
     p.add_argument("--csv", required=True, help="local path, http(s) URL or s3:// URI")
     p.add_argument("--out", required=True, help="output .csv or .parquet, local or s3://")
     p.add_argument("--bucket", default=None, help="bucket for bare object keys")
-    p.add_argument(
-        "--inference-batch-size",
-        type=positive_int,
-        default=32,
-        help="images per forward pass (default: %(default)s)",
-    )
+    add_options(p, ["inference_batch_size"])
     _download_options(p)
     p.set_defaults(run=_run_predict)
 
@@ -292,12 +287,11 @@ def _serve_parser(stages: Stages) -> None:
 
 
 def _model_option(parser: argparse.ArgumentParser) -> None:
-    from ml.params import PARAMETERS
+    from ml.deployment import Deployment
 
-    name = PARAMETERS["model_name"].default_for()
     parser.add_argument(
         "--model",
-        default=f"models:/{name}@champion",
+        default=Deployment.from_env().champion_uri,
         help="a registered model: models:/<name>@<alias> or models:/<name>/<version> "
         "(default: %(default)s)",
     )

@@ -225,7 +225,7 @@ def read_records(layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
 def plan_batches(
     dataset: str,
     *,
-    batch_size: int = 500,
+    batch_size: int = PARAMETERS["download_batch_size"].default,
     max_batches: int = MAX_BATCHES,
     store: ObjectStore | None = None,
 ) -> list[BatchSpec]:

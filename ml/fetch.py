@@ -51,6 +51,7 @@ from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util.ssl_ import create_urllib3_context
 
 from ml.netpolicy import AddressPolicy, BlockedAddress
+from ml.params import PARAMETERS
 from ml.redact import redact_text, redact_url
 from ml.statuses import Rejected, Status
 
@@ -65,19 +66,20 @@ _DRAIN_LIMIT = 64 * 1024
 class FetchConfig:
     """Limits for one image fetch. All times are seconds."""
 
-    connect_timeout: float = 5.0
-    read_timeout: float = 10.0
+    # The limits a run may set are declared (default, range, help) in ml.params only.
+    connect_timeout: float = PARAMETERS["connect_timeout"].field()
+    read_timeout: float = PARAMETERS["read_timeout"].field()
     #: Total time for one image: every attempt, backoff and byte of the body.
-    deadline: float = 30.0
+    deadline: float = PARAMETERS["deadline"].field()
     #: Extra attempts after the first for retryable failures.
-    retries: int = 2
+    retries: int = PARAMETERS["retries"].field()
     backoff_base: float = 0.5
     backoff_max: float = 8.0
     #: Longest Retry-After honoured; a longer one ends the image's attempts.
     max_retry_after: float = 20.0
-    max_bytes: int = 10 * MiB
+    max_bytes: int = PARAMETERS["max_bytes"].field()
     max_redirects: int = 5
-    per_host: int = 16
+    per_host: int = PARAMETERS["per_host"].field()
     user_agent: str = "image-sentiment-pipeline/0.1 (dataset downloader)"
     accept: str = "image/*"
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from ml.dedup import perceptual_hash
+from ml.params import PARAMETERS
 from ml.statuses import Rejected, Status
 
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own limit before decoding, with a clear status
@@ -69,9 +70,9 @@ _WORKING_BYTES_PER_PIXEL = 4 + 3
 @dataclass(frozen=True)
 class ImageConfig:
     #: Shorter side of the stored image is at most this (0 keeps the original size).
-    max_side: int = 256
+    max_side: int = PARAMETERS["max_side"].field()
     #: Refuse images with more pixels than this before decoding (decompression bombs).
-    max_pixels: int = 40_000_000
+    max_pixels: int = PARAMETERS["max_pixels"].field()
     #: Refuse JPEGs with more scans than this before decoding (CPU bombs); 10 is typical.
     max_scans: int = 100
     #: Decode memory shared by all threads of the process (bytes); one image may use it all.

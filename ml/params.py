@@ -259,7 +259,8 @@ _DECLARED = (
         500,
         "URLs per download batch",
         minimum=1,
-        description="Raised automatically to stay within 1024 batches.",
+        description="URLs per mapped download batch; raised automatically to stay within "
+        "1024 batches.",
     ),
     _p(
         "max_side",
@@ -502,7 +503,8 @@ _DECLARED = (
         "bf16",
         "Precision",
         choices=("bf16", "fp16", "fp32"),
-        description="Mixed precision on CUDA (fp16 with a grad scaler).",
+        description="Mixed precision on CUDA: bf16 (fp16 with a grad scaler where the GPU has "
+        "no native bf16), fp16 (grad scaler) or fp32.",
     ),
     _p(
         "channels_last",
@@ -538,7 +540,8 @@ _DECLARED = (
         "Data loader workers",
         minimum=-1,
         maximum=16,
-        description="Per training process; -1 sizes them from the worker's CPUs.",
+        description="Data loader workers per training process; -1: the worker's CPUs less one "
+        "per process, shared, at most 8 each.",
     ),
     _p(
         "max_steps_per_epoch",
@@ -594,6 +597,16 @@ _DECLARED = (
         "Orchestrator run id",
         form=False,
         description="The orchestrator's run id, tagged on the run and the model version.",
+    ),
+    _p(
+        "inference_batch_size",
+        int,
+        32,
+        "Images per forward pass",
+        minimum=1,
+        maximum=4096,
+        form=False,
+        description="Images per forward pass when a registered model scores images.",
     ),
     # --- register -----------------------------------------------------------------------
     _p(
@@ -659,6 +672,29 @@ DOWNLOAD: tuple[str, ...] = (
     "max_side",
     "flush_rows",
 )
+
+
+def form_table() -> str:
+    """The trigger form's parameters as the README's Markdown table (a test keeps them equal:
+    regenerate with ``python -c "from ml.params import form_table; print(form_table())"``)."""
+
+    def shown(parameter: Parameter) -> str:
+        if parameter.name == "csv":
+            return "`$ML_CSV` or `$ML_STORE/input/images.csv`"
+        value = parameter.default
+        text = (
+            str(value).lower()
+            if isinstance(value, bool)
+            else f"{value:g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+        text = f"`{text}`"
+        return f"{text} (`{parameter.env}`)" if parameter.env else text
+
+    rows = ["| parameter | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{p.name}` | {shown(p)} | {p.description} |" for p in FORM]
+    return "\n".join(rows)
 
 
 def text_rules() -> list[TextRule]:

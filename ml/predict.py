@@ -28,6 +28,7 @@ from ml.errors import PipelineError
 from ml.fetch import Fetcher
 from ml.labels import LABELS
 from ml.netpolicy import AddressPolicy
+from ml.params import PARAMETERS
 from ml.redact import get_logger, redact_text, redact_url
 from ml.serving import IMAGE_COLUMN, ImageClassifier
 from ml.statuses import Rejected, Status
@@ -132,7 +133,7 @@ def predict(
     *,
     bucket: str | None = None,
     config: DownloadConfig | None = None,
-    batch_size: int = 32,
+    batch_size: int = PARAMETERS["inference_batch_size"].default,
     store: ObjectStore | None = None,
     s3_roots: Sequence[str] | None = None,
 ) -> dict[str, Any]:

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ml.params import PARAMETERS
+
 FALLBACKS = {
     "unloadable": "the champion cannot be loaded: promote (a servable model replaces it)",
     "labels": "the champion predicts other labels: keep it, a person decides",
@@ -83,8 +85,8 @@ def compare(
     new_probs: np.ndarray,
     champion_probs: np.ndarray,
     *,
-    resamples: int = 1000,
-    confidence: float = 0.95,
+    resamples: int = PARAMETERS["promotion_resamples"].default,
+    confidence: float = PARAMETERS["promotion_confidence"].default,
     seed: int = 0,
 ) -> Comparison:
     """Macro-F1 of both models on the same images, and a paired bootstrap of the gain."""

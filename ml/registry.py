@@ -28,6 +28,7 @@ from ml.containment import check_name
 from ml.errors import PipelineError
 from ml.imaging import ImageConfig
 from ml.labels import LABELS
+from ml.params import PARAMETERS
 from ml.predict import classify, load_registered
 from ml.promotion import FALLBACKS, Comparison, compare, decide
 from ml.redact import get_logger, redact_text, redact_url
@@ -36,7 +37,7 @@ from ml.uri import S3Uri
 
 log = get_logger(__name__)
 
-DEFAULT_MODEL_NAME = "image-sentiment"
+DEFAULT_MODEL_NAME = PARAMETERS["model_name"].default
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 DESCRIPTION = (
     "Image sentiment classifier: ResNet fine-tuned to 5 classes ({labels}). {interface} Load the "
@@ -225,9 +226,9 @@ def register_model(
     run_id: str,
     *,
     name: str = DEFAULT_MODEL_NAME,
-    margin: float = 0.0,
-    resamples: int = 1000,
-    confidence: float = 0.95,
+    margin: float = PARAMETERS["promotion_margin"].default,
+    resamples: int = PARAMETERS["promotion_resamples"].default,
+    confidence: float = PARAMETERS["promotion_confidence"].default,
     orchestrator_run_id: str = "",
     client: Any | None = None,
     store: Any | None = None,
@@ -355,7 +356,7 @@ def _score_both(
         return Decision(False, f"{FALLBACKS['labels']}: {labels}", number, rule="fallback")
     bucket = S3Uri.parse(run.data.tags["split"]).bucket
     images = _read_images(store, bucket, list(predictions["object_key"]))
-    rows = classify(model, images, ImageConfig(), 32)
+    rows = classify(model, images, ImageConfig(), PARAMETERS["inference_batch_size"].default)
     usable = (rows["status"] == "ok").to_numpy()
     columns = [probability_column(label) for label in LABELS]
     return (

@@ -42,6 +42,7 @@ from mlflow.pyfunc.model import PythonModel
 
 from ml.imaging import ImageConfig, normalize_image
 from ml.model import Classifier, architecture
+from ml.params import PARAMETERS
 from ml.runtime import choose_device
 from ml.statuses import Rejected, Status
 from ml.transforms import Preprocessing, decode
@@ -51,7 +52,7 @@ ENTRY = Path(__file__).with_name("_served_model.py")
 PACKAGE = Path(__file__).parent
 IMAGE_COLUMN = "image"
 #: Images classified per forward pass.
-BATCH = 32
+BATCH: int = PARAMETERS["inference_batch_size"].default
 
 
 def probability_column(label: str) -> str:

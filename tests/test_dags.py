@@ -27,7 +27,16 @@ from tests.helpers import labelled_urls, plain_csv
 DAG_FILES = sorted((REPO / "dags").glob("*.py"))
 HEAVY = ("torch", "mlflow", "pandas", "boto3", "numpy", "PIL", "sklearn", "pyarrow")
 #: The pipeline's modules a DAG file may load at parse time: declarations, standard library only.
-LIGHT_ML = {"ml", "ml.errors", "ml.labels", "ml.params", "ml.containment", "ml.redact", "ml.uri"}
+LIGHT_ML = {
+    "ml",
+    "ml.errors",
+    "ml.labels",
+    "ml.params",
+    "ml.containment",
+    "ml.deployment",
+    "ml.redact",
+    "ml.uri",
+}
 
 PARSE = """
 import importlib.util, json, sys, time

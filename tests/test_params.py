@@ -142,3 +142,29 @@ def test_settings_expose_every_form_parameter() -> None:
     assert set(settings.values) == {p.name for p in FORM}
     with pytest.raises(AttributeError):
         _ = settings.no_such_parameter
+
+
+def test_the_readme_table_is_the_form() -> None:
+    """The README's parameter table is generated from the declarations (one source)."""
+    from ml.params import form_table
+
+    readme = (REPO / "README.md").read_text()
+    assert form_table() in readme, (
+        "the README's parameter table differs from ml.params: replace it with the output of "
+        'python -c "from ml.params import form_table; print(form_table())"'
+    )
+
+
+def test_one_deployment_block_for_both_workflows_and_the_cli() -> None:
+    from ml.deployment import Deployment
+
+    env = {"ML_STORE": "s3://b/p/", "ML_MODEL_NAME": "faces", "ML_SCHEDULE": "none"}
+    deployment = Deployment.from_env(env)
+    assert (deployment.store, deployment.csv) == ("s3://b/p", "s3://b/p/input/images.csv")
+    assert deployment.schedule is None and deployment.champion_uri == "models:/faces@champion"
+    assert deployment.model_asset == ("image_sentiment_model", "mlflow-registry://faces")
+    with pytest.raises(ParameterError, match="set by ML_MODEL_NAME in the deployment"):
+        Deployment.from_env({"ML_MODEL_NAME": "no spaces allowed"})
+    for path in (REPO / "dags").glob("*.py"):  # nothing else reads the deployment's names
+        text = path.read_text()
+        assert "os.environ" not in text and "ML_STORE\"" not in text, path.name
