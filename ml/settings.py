@@ -7,7 +7,7 @@ Airflow trigger form or the CLI; which exist, their types, ranges and defaults a
 in :mod:`ml.params`, and every value is checked here with messages that name the parameter.
 
 Usage: ``settings = PipelineSettings.from_params({"csv": "s3://b/in.csv", "epochs": 3})``;
-``settings.epochs`` is 3 (every form parameter is an attribute).
+``settings.epochs`` is 3 (every form parameter is a typed field).
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ml.containment import check_input, check_name, input_roots
 from ml.errors import ParameterError, PipelineError
 from ml.netpolicy import parse_networks
 from ml.params import FORM
+from ml.params import PARAMETERS as P
 
 __all__ = ["ParameterError", "PipelineSettings", "allowed_networks"]
 #: Weights given by name (resolved by ml.model), as opposed to a file or an s3:// URI.
@@ -31,17 +32,43 @@ _WEIGHT_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 @dataclass(frozen=True)
 class PipelineSettings:
     """Everything one run of the pipeline needs: the deployment's ``store`` and
-    ``allow_networks``, and every form parameter (``settings.<name>``), checked."""
+    ``allow_networks``, and every form parameter as a typed field, checked. The fields'
+    defaults are the declarations of :mod:`ml.params` (a test keeps the two the same set)."""
 
     store: str = ""
     allow_networks: tuple[str, ...] = ()
-    values: Mapping[str, Any] = field(default_factory=dict)
+    csv: str = P["csv"].field()
+    sample: int = P["sample"].field()
+    min_confidence: float = P["min_confidence"].field()
+    exclude_golden: bool = P["exclude_golden"].field()
+    seed: int = P["seed"].field()
+    ratios: str = P["ratios"].field()
+    download_concurrency: int = P["download_concurrency"].field()
+    download_batch_size: int = P["download_batch_size"].field()
+    max_side: int = P["max_side"].field()
+    weights: str = P["weights"].field()
+    epochs: int = P["epochs"].field()
+    batch_size: int = P["batch_size"].field()
+    learning_rate: float = P["learning_rate"].field()
+    optimizer: str = P["optimizer"].field()
+    imbalance: str = P["imbalance"].field()
+    head_epochs: int = P["head_epochs"].field()
+    image_size: int = P["image_size"].field()
+    device: str = P["device"].field()
+    precision: str = P["precision"].field()
+    patience: int = P["patience"].field()
+    workers: int = P["workers"].field()
+    max_steps_per_epoch: int = P["max_steps_per_epoch"].field()
+    model_name: str = P["model_name"].field()
+    promotion_margin: float = P["promotion_margin"].field()
+    promotion_resamples: int = P["promotion_resamples"].field()
+    promotion_confidence: float = P["promotion_confidence"].field()
+    force_retrain: bool = P["force_retrain"].field()
 
-    def __getattr__(self, name: str) -> Any:
-        values = self.__dict__.get("values", {})
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every form parameter's value, by name."""
+        return {p.name: getattr(self, p.name) for p in FORM}
 
     @classmethod
     def from_params(
@@ -67,7 +94,7 @@ class PipelineSettings:
                 "ML_STORE is not set to an s3://BUCKET/PREFIX URI in the "
                 "environment of this worker; set it in the deployment"
             )
-        settings = cls(store=store.rstrip("/"), allow_networks=allowed_networks(env), values=values)
+        settings = cls(store=store.rstrip("/"), allow_networks=allowed_networks(env), **values)
         settings._check()
         settings._contain(env)
         return settings

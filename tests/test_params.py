@@ -140,8 +140,10 @@ def test_settings_expose_every_form_parameter() -> None:
     )
     assert settings.epochs == 3 and settings.learning_rate == 0.01
     assert set(settings.values) == {p.name for p in FORM}
+    # Typed fields, one per form parameter, whose defaults are the declarations.
+    assert fields_of(PipelineSettings) == [p.name for p in FORM]
     with pytest.raises(AttributeError):
-        _ = settings.no_such_parameter
+        _ = settings.no_such_parameter  # type: ignore[attr-defined]
 
 
 def test_the_readme_table_is_the_form() -> None:
