@@ -28,14 +28,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ml import storage
 from ml.errors import PipelineError
 from ml.redact import get_logger
+from ml.storage import ObjectStore
 from ml.uri import S3Uri
-
-if TYPE_CHECKING:
-    from ml.storage import ObjectStore
 
 log = get_logger(__name__)
 
@@ -153,8 +152,6 @@ def check(*, idempotent: bool = False) -> None:
         return
     store = _held.store
     if store is None:
-        from ml.storage import ObjectStore
-
         store = _held.store = ObjectStore()
     found = store.get_with_etag(attempt.lease)
     holder = json.loads(found[0]) if found is not None else {}
@@ -179,3 +176,6 @@ def attempt(
         yield taken
     finally:
         install(None)
+
+
+storage.WRITE_CHECKS.append(check)  # every fenced store write asks the lease first

@@ -24,6 +24,7 @@ from ml.csvsource import SourceLimits
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS, normalize_label
 from ml.layout import DatasetLayout
+from ml.params import PARAMETERS
 from ml.progress import Progress
 from ml.redact import get_logger, redact_url
 from ml.storage import ObjectStore, S3Uri
@@ -425,7 +426,7 @@ def ingest(
     *,
     min_confidence: float | None = None,
     sample: int | None = None,
-    seed: int = 0,
+    seed: int = PARAMETERS["seed"].default,
     exclude_golden: bool = False,
     encoding: str | None = None,
     limits: SourceLimits | None = None,

@@ -25,6 +25,7 @@ from torch import nn
 
 from ml.errors import PipelineError
 from ml.labels import LABELS
+from ml.params import PARAMETERS
 from ml.redact import get_logger
 from ml.uri import S3Uri
 
@@ -205,9 +206,9 @@ def _preset(arch: str, path: Path) -> dict[str, Any]:
 
 
 def build_model(
-    weights: str = "IMAGENET1K_V2",
+    weights: str = PARAMETERS["weights"].default,
     *,
-    arch: str = "resnet152",
+    arch: str = PARAMETERS["arch"].default,
     num_classes: int = len(LABELS),
     sha256: str | None = None,
     download: bool = False,

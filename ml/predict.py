@@ -10,7 +10,6 @@ Usage: ``predict("models:/image-sentiment@champion", "images.csv", "predictions.
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +26,10 @@ from ml.download import DownloadConfig
 from ml.errors import PipelineError
 from ml.fetch import Fetcher
 from ml.labels import LABELS
+from ml.mlflow_access import load_registered, require_tracking_uri
 from ml.netpolicy import AddressPolicy
 from ml.params import PARAMETERS
-from ml.redact import get_logger, redact_text, redact_url
+from ml.redact import get_logger, redact_url
 from ml.serving import IMAGE_COLUMN, ImageClassifier
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
@@ -175,35 +175,6 @@ def predict(
         "failed": {k: int(v) for k, v in failed.items()},
         "model": model_uri,
     }
-
-
-def require_tracking_uri(model_uri: str) -> None:
-    """A registry URI needs MLFLOW_TRACKING_URI: one clear error when it is not set."""
-    if model_uri.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise PipelineError(
-            f"set MLFLOW_TRACKING_URI to the MLflow server that holds {model_uri} (and "
-            "MLFLOW_TRACKING_USERNAME/PASSWORD where it signs users in); for the local stack "
-            "use .venv/bin/python scripts/stack.py serve"
-        )
-
-
-def load_registered(model_uri: str, model_config: dict[str, Any] | None = None) -> Any:
-    """The registered model (a pyfunc); one clear error when it cannot be loaded. A registry
-    URI needs MLFLOW_TRACKING_URI: without it MLflow would look in a new, empty ``mlflow.db``
-    in the current folder and say the model does not exist."""
-    import mlflow
-
-    from ml.registry import check_tracking_server
-
-    require_tracking_uri(model_uri)
-    check_tracking_server()
-    try:
-        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
-    except Exception as exc:
-        first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
-        raise PipelineError(
-            f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
-        ) from None
 
 
 def takes_images(model: Any) -> bool:

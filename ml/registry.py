@@ -13,9 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +20,15 @@ from typing import Any
 
 import numpy as np
 
-from ml import fencing
+from ml import fencing, mlflow_access
 from ml.containment import check_name
 from ml.errors import PipelineError
 from ml.imaging import ImageConfig
 from ml.labels import LABELS
 from ml.params import PARAMETERS
-from ml.predict import classify, load_registered
+from ml.predict import classify
 from ml.promotion import FALLBACKS, Comparison, compare, decide
-from ml.redact import get_logger, redact_text, redact_url
+from ml.redact import get_logger, redact_text
 from ml.serving import probability_column
 from ml.uri import S3Uri
 
@@ -55,116 +52,6 @@ def model_description(name: str, signature: Any | None) -> str:
     return DESCRIPTION.format(name=name, labels=", ".join(LABELS), interface=interface)
 
 
-def code_version() -> str:
-    """The code that trained the model: $ML_CODE_VERSION, else the git commit, else the package."""
-    from ml import __version__
-
-    git = shutil.which("git")
-    if os.environ.get("ML_CODE_VERSION") or git is None:
-        return os.environ.get("ML_CODE_VERSION") or __version__
-    try:
-        done = subprocess.run(
-            [git, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=5,
-            check=False,
-        )
-    except OSError:
-        return __version__
-    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else __version__
-
-
-#: MLflow's HTTP client retries a failed request for minutes by default (7 retries, doubling
-#: backoff, 120 s timeouts). Every MLflow call of the pipeline is bounded to these instead: a
-#: request gives up after 3 tries (waits 1, 2 s, plus jitter) of at most 60 s each. Set the
-#: variables to override.
-REQUEST_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
-}
-
-
-def bound_requests() -> None:
-    """Apply :data:`REQUEST_LIMITS` where the environment does not set them."""
-    for name, value in REQUEST_LIMITS.items():
-        os.environ.setdefault(name, value)
-
-
-def _client() -> Any:
-    bound_requests()
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
-def _missing(exc: Exception) -> bool:
-    return (
-        "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", ""))
-        or "not found" in str(exc).lower()
-    )
-
-
-def _exists(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or any(
-        sign in text for sign in ("already exists", "unique constraint", "integrityerror")
-    )
-
-
-def _denied(exc: Exception) -> bool:
-    code = str(getattr(exc, "error_code", ""))
-    return "PERMISSION_DENIED" in code or "UNAUTHENTICATED" in code or "403" in str(exc)[:200]
-
-
-def tracking_uri() -> str:
-    """Where MLflow sends requests, with any credentials in it redacted (for messages)."""
-    import mlflow
-
-    return redact_url(str(mlflow.get_tracking_uri()))
-
-
-def check_tracking_server(timeout: float = 20.0) -> None:
-    """Fail within about ``timeout`` seconds, with one clear message, when the MLflow tracking
-    server does not answer (MLflow's own client retries for minutes, then blames the request).
-
-    Any HTTP answer counts as reachable; local stores (``file:``, ``sqlite:``) are not probed.
-    """
-    import mlflow
-    import urllib3
-
-    bound_requests()
-    uri = str(mlflow.get_tracking_uri())
-    if not uri.lower().startswith(("http://", "https://")):
-        return
-    probe = uri.rstrip("/") + "/health"
-    deadline = time.monotonic() + timeout
-    reason = "no answer"
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            urllib3.request(
-                "GET",
-                probe,
-                timeout=urllib3.Timeout(connect=min(5.0, max(left, 0.1)), read=min(10.0, left)),
-                retries=False,
-                redirect=False,
-            )
-            return
-        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-            reason = type(exc).__name__
-        if time.monotonic() + 1.0 >= deadline:
-            break
-        time.sleep(1.0)
-    raise PipelineError(
-        f"cannot reach the MLflow tracking server at {tracking_uri()} ({reason} for "
-        f"{timeout:g}s); start it, or set MLFLOW_TRACKING_URI to where it runs"
-    )
-
-
 def _run_versions(client: Any, name: str, run_id: str) -> list[int]:
     return sorted(
         int(v.version) for v in client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
@@ -182,17 +69,17 @@ def _ensure_registered_model(client: Any, name: str) -> None:
         client.get_registered_model(name)
         return
     except MlflowException as exc:
-        if not (_missing(exc) or _denied(exc)):
+        if not (mlflow_access.missing(exc) or mlflow_access.denied(exc)):
             raise
     try:
         client.create_registered_model(name, description=model_description(name, None))
     except MlflowException as again:
-        if not _exists(again):
+        if not mlflow_access.exists(again):
             raise
         try:  # created by a registration running at the same time, or someone else's
             client.get_registered_model(name)
         except MlflowException as third:
-            if not _denied(third):
+            if not mlflow_access.denied(third):
                 raise
             user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
             raise PipelineError(
@@ -239,8 +126,8 @@ def register_model(
     if not _RUN_ID.fullmatch(run_id or ""):
         raise PipelineError(f"--run-id must be an MLflow run id (32 hex digits), got {run_id!r}")
     if client is None:
-        check_tracking_server()
-        client = _client()
+        mlflow_access.check_tracking_server()
+        client = mlflow_access.client()
     run, model_uri, score = _finished_run(client, run_id)
     fencing.check()  # a superseded attempt registers nothing
     _ensure_registered_model(client, name)
@@ -330,7 +217,7 @@ def _score_both(
     champion: Any,
     run: Any,
     store: Any | None,
-    load: Callable[[str], Any] = load_registered,
+    load: Callable[[str], Any] = mlflow_access.load_registered,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Decision:
     """(true classes, new probabilities, champion probabilities) on the new version's test
     images, or the fallback Decision when the champion cannot be scored there."""
@@ -403,13 +290,14 @@ def _finished_run(client: Any, run_id: str) -> tuple[Any, str, float]:
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        if not _missing(exc):
+        if not mlflow_access.missing(exc):
             raise PipelineError(
-                f"the MLflow tracking server at {tracking_uri()} failed to answer for run "
-                f"{run_id}: {redact_text(str(exc).splitlines()[0][:200])}"
+                f"the MLflow tracking server at {mlflow_access.tracking_uri()} failed to answer "
+                f"for run {run_id}: {redact_text(str(exc).splitlines()[0][:200])}"
             ) from None
         raise PipelineError(
-            f"no MLflow run {run_id!r} at {tracking_uri()}; pass the run_id that train printed"
+            f"no MLflow run {run_id!r} at {mlflow_access.tracking_uri()}; pass the run_id that "
+            "train printed"
         ) from None
     model_uri = run.data.tags.get("model_uri")
     score = run.data.metrics.get("test_macro_f1")
@@ -436,7 +324,7 @@ def _describe_version(
         "dataset": run.data.tags.get("dataset", ""),
         "split": run.data.tags.get("split", ""),
         "split_counts": _split_counts(client, run.info.run_id),
-        "code_version": code_version(),
+        "code_version": mlflow_access.code_version(),
         "training_key": run.data.tags.get("training_key", ""),
         "test_macro_f1": f"{metrics['test_macro_f1']:.6f}",
         "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.6f}",
@@ -502,8 +390,8 @@ def champion_training(name: str, client: Any | None = None) -> dict[str, Any] | 
     settings, see :meth:`ml.train_config.TrainConfig.key`); None without a champion."""
     check_name(name, "model_name")
     if client is None:
-        check_tracking_server()
-        client = _client()
+        mlflow_access.check_tracking_server()
+        client = mlflow_access.client()
     champion = _alias(client, name, "champion")
     if champion is None:
         return None
@@ -527,11 +415,13 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if _missing(exc) or _denied(exc):  # under MLflow's auth app, a model not yet made
-            return None  # (or not ours: registration refuses it) answers 403
+        # Under MLflow's auth app a model not yet made (or not ours: registration refuses
+        # it) answers 403.
+        if mlflow_access.missing(exc) or mlflow_access.denied(exc):
+            return None
         raise PipelineError(
-            f"the MLflow tracking server at {tracking_uri()} failed to answer for the "
-            f"{alias} of {name}: {redact_text(str(exc).splitlines()[0][:200])}; "
+            f"the MLflow tracking server at {mlflow_access.tracking_uri()} failed to answer "
+            f"for the {alias} of {name}: {redact_text(str(exc).splitlines()[0][:200])}; "
             "trigger the run again when it answers (a rerun finds what this one registered)"
         ) from None
 

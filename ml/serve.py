@@ -63,7 +63,7 @@ def serve(model_uri: str, host: str, port: int, device: str = "auto") -> dict[st
     """Serve ``model_uri`` until interrupted; the summary once it stops."""
     import uvicorn
 
-    from ml.predict import load_registered
+    from ml.mlflow_access import load_registered
 
     model = load_registered(model_uri, model_config={"device": device})
     app = scoring_app(model)

@@ -27,6 +27,7 @@ from ml.download import MANIFEST_COLUMNS, collect_manifest
 from ml.errors import PipelineError
 from ml.labels import LABEL_INDEX, LABELS
 from ml.layout import DatasetLayout, split_name
+from ml.params import PARAMETERS
 from ml.progress import Progress
 from ml.redact import get_logger
 from ml.statuses import Status
@@ -160,8 +161,8 @@ def _read_manifest(dataset: str, layout: DatasetLayout, store: ObjectStore) -> p
 def make_splits(
     dataset: str,
     *,
-    ratios: str | Sequence[float] = (0.8, 0.15, 0.05),
-    seed: int = 0,
+    ratios: str | Sequence[float] = PARAMETERS["ratios"].default,
+    seed: int = PARAMETERS["seed"].default,
     store: ObjectStore | None = None,
 ) -> dict[str, Any]:
     """Write the split manifest for ``dataset``; returns its URI and counts per split and label."""

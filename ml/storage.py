@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -28,7 +28,6 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from ml import fencing
 from ml.errors import PipelineError
 from ml.redact import get_logger, redact_text, redact_url
 from ml.uri import S3Uri
@@ -37,6 +36,17 @@ if TYPE_CHECKING:  # pandas is imported where frames are read: the store's users
     import pandas as pd  # pandas (the airflow image's store-init) need only boto3
 
 log = get_logger(__name__)
+
+#: Checks every fenced write (and delete) passes first, called as ``check(idempotent=...)``.
+#: :mod:`ml.fencing` adds its lease check here when it is imported, so a superseded attempt's
+#: write raises; the store itself knows nothing of leases.
+WRITE_CHECKS: list[Callable[..., None]] = []
+
+
+def _before_write(*, idempotent: bool = False) -> None:
+    for check in WRITE_CHECKS:
+        check(idempotent=idempotent)
+
 
 __all__ = ["ObjectStore", "S3Uri", "make_s3_client", "store_errors"]
 
@@ -198,9 +208,9 @@ class ObjectStore:
     ) -> bool:
         """Write ``data``; with ``if_absent`` never overwrite, with ``if_match`` only over the
         object of that ETag. Returns whether it was written. Unless ``fenced`` is False, this
-        process's attempt must still hold its lease (:mod:`ml.fencing`)."""
+        process's attempt must still hold its lease (:data:`WRITE_CHECKS`, :mod:`ml.fencing`)."""
         if fenced:
-            fencing.check(idempotent=if_absent)
+            _before_write(idempotent=if_absent)
         with store_errors("write", uri):
             kwargs: dict[str, Any] = {
                 "Bucket": uri.bucket,
@@ -232,7 +242,7 @@ class ObjectStore:
 
     def delete(self, uri: S3Uri) -> None:
         """Remove an object (no error when it is already gone); fenced like a write."""
-        fencing.check()
+        _before_write()
         with store_errors("delete", uri):
             self.client.delete_object(Bucket=uri.bucket, Key=uri.key)
 

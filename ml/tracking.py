@@ -69,7 +69,7 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
         mlflow.set_experiment(cfg.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(cfg))
     except Exception as exc:
-        from ml.registry import tracking_uri
+        from ml.mlflow_access import tracking_uri
 
         first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise PipelineError(

@@ -254,7 +254,7 @@ def _fine_tune(cfg: TrainConfig, rt: Runtime, store: ObjectStore | None) -> dict
         log.warning("%s", note)
     store = store or ObjectStore()
     if rt.main:
-        from ml.registry import check_tracking_server
+        from ml.mlflow_access import check_tracking_server
 
         check_tracking_server()  # before any expensive work
     seed_everything(cfg.seed + rt.rank)

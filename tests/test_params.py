@@ -169,4 +169,4 @@ def test_one_deployment_block_for_both_workflows_and_the_cli() -> None:
         Deployment.from_env({"ML_MODEL_NAME": "no spaces allowed"})
     for path in (REPO / "dags").glob("*.py"):  # nothing else reads the deployment's names
         text = path.read_text()
-        assert "os.environ" not in text and "ML_STORE\"" not in text, path.name
+        assert "os.environ" not in text and 'ML_STORE"' not in text, path.name

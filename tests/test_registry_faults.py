@@ -120,7 +120,8 @@ def test_a_failing_tracking_server_is_retried_a_bounded_number_of_times(
 ) -> None:
     """MLflow's own default is 7 retries with a doubling backoff (minutes per call); every
     call the pipeline makes gets 2 retries, so it fails in seconds with one clear error."""
-    from ml.registry import REQUEST_LIMITS, champion_training, register_model
+    from ml.mlflow_access import REQUEST_LIMITS
+    from ml.registry import champion_training, register_model
 
     with pytest.raises(PipelineError, match="failed to answer"):
         register_model("0" * 32)

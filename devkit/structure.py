@@ -1,0 +1,118 @@
+"""Figures of the code's structure, rerunnable: ``python -m devkit.structure``.
+
+Import cycles among the ``ml`` package's modules (every import, at the top or inside a
+function: both make the modules depend on each other), the longest functions and modules, and
+how many files declare each run parameter's default.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def import_graph(package: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (anywhere in it)."""
+    modules = {p.stem for p in package.glob("*.py")}
+    prefix = package.name
+    edges: dict[str, set[str]] = {m: set() for m in modules}
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                if node.module == prefix:
+                    names = [alias.name for alias in node.names]
+                elif node.module.startswith(prefix + "."):
+                    names = [node.module.split(".")[1]]
+            elif isinstance(node, ast.Import):
+                names = [
+                    a.name.split(".")[1] for a in node.names if a.name.startswith(prefix + ".")
+                ]
+            edges[path.stem] |= {n for n in names if n in modules and n != path.stem}
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other (strongly connected, more than one)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in sorted(edges[node]):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def longest_functions(paths: list[Path], top: int = 5) -> list[tuple[int, str]]:
+    sizes = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno:
+                lines = node.end_lineno - node.lineno + 1
+                sizes.append((lines, f"{path.relative_to(REPO)}:{node.name}"))
+    return sorted(sizes, reverse=True)[:top]
+
+
+def longest_modules(paths: list[Path], top: int = 5) -> list[tuple[int, str]]:
+    sizes = [(len(p.read_text().splitlines()), str(p.relative_to(REPO))) for p in paths]
+    return sorted(sizes, reverse=True)[:top]
+
+
+def default_declarations(names: list[str], paths: list[Path]) -> dict[str, int]:
+    """How many files give each parameter a literal default (``name: type = literal`` or
+    ``name=literal`` in a signature): 1, ml/params.py, is the goal."""
+    counts = {}
+    for name in names:
+        pattern = re.compile(rf"\b{name}\s*(?::\s*[\w\[\], |]+)?\s*=\s*[-\d\"'(]")
+        counts[name] = sum(1 for p in paths if pattern.search(p.read_text()))
+    return counts
+
+
+def report() -> dict[str, object]:
+    from ml.params import PARAMETERS
+
+    python = sorted(
+        p
+        for folder in ("ml", "dags", "plugins", "devkit", "scripts", "deploy")
+        for p in (REPO / folder).glob("*.py")
+    )
+    counts = default_declarations(sorted(PARAMETERS), python)
+    return {
+        "ml_import_cycles": cycles(import_graph(REPO / "ml")),
+        "longest_functions": longest_functions(python),
+        "longest_modules": longest_modules(python),
+        "parameters_with_a_default_in_more_than_one_file": {
+            k: v for k, v in counts.items() if v > 1
+        },
+    }
+
+
+if __name__ == "__main__":
+    json.dump(report(), sys.stdout, indent=1)
+    print()

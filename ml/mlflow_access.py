@@ -1,0 +1,157 @@
+"""The one door to MLflow: every other module reaches the tracking server and the registry
+through this one (it sits below tracking, registry and predict, and imports none of them).
+
+The client and its bounded requests, the server probe, the tracking URI for messages, loading a
+registered model, how MLflow's errors are told apart, and the code version tagged on runs and
+model versions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ml.errors import PipelineError
+from ml.redact import redact_text, redact_url
+
+
+def code_version() -> str:
+    """The code that trained the model: $ML_CODE_VERSION, else the git commit, else the package."""
+    from ml import __version__
+
+    git = shutil.which("git")
+    if os.environ.get("ML_CODE_VERSION") or git is None:
+        return os.environ.get("ML_CODE_VERSION") or __version__
+    try:
+        done = subprocess.run(
+            [git, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            timeout=5,
+            check=False,
+        )
+    except OSError:
+        return __version__
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else __version__
+
+
+#: MLflow's HTTP client retries a failed request for minutes by default (7 retries, doubling
+#: backoff, 120 s timeouts). Every MLflow call of the pipeline is bounded to these instead: a
+#: request gives up after 3 tries (waits 1, 2 s, plus jitter) of at most 60 s each. Set the
+#: variables to override.
+REQUEST_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def bound_requests() -> None:
+    """Apply :data:`REQUEST_LIMITS` where the environment does not set them."""
+    for name, value in REQUEST_LIMITS.items():
+        os.environ.setdefault(name, value)
+
+
+def client() -> Any:
+    """An MlflowClient whose requests are bounded (:data:`REQUEST_LIMITS`)."""
+    bound_requests()
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def missing(exc: Exception) -> bool:
+    return (
+        "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", ""))
+        or "not found" in str(exc).lower()
+    )
+
+
+def exists(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or any(
+        sign in text for sign in ("already exists", "unique constraint", "integrityerror")
+    )
+
+
+def denied(exc: Exception) -> bool:
+    code = str(getattr(exc, "error_code", ""))
+    return "PERMISSION_DENIED" in code or "UNAUTHENTICATED" in code or "403" in str(exc)[:200]
+
+
+def tracking_uri() -> str:
+    """Where MLflow sends requests, with any credentials in it redacted (for messages)."""
+    import mlflow
+
+    return redact_url(str(mlflow.get_tracking_uri()))
+
+
+def check_tracking_server(timeout: float = 20.0) -> None:
+    """Fail within about ``timeout`` seconds, with one clear message, when the MLflow tracking
+    server does not answer (MLflow's own client retries for minutes, then blames the request).
+
+    Any HTTP answer counts as reachable; local stores (``file:``, ``sqlite:``) are not probed.
+    """
+    import mlflow
+    import urllib3
+
+    bound_requests()
+    uri = str(mlflow.get_tracking_uri())
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    probe = uri.rstrip("/") + "/health"
+    deadline = time.monotonic() + timeout
+    reason = "no answer"
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            urllib3.request(
+                "GET",
+                probe,
+                timeout=urllib3.Timeout(connect=min(5.0, max(left, 0.1)), read=min(10.0, left)),
+                retries=False,
+                redirect=False,
+            )
+            return
+        except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+            reason = type(exc).__name__
+        if time.monotonic() + 1.0 >= deadline:
+            break
+        time.sleep(1.0)
+    raise PipelineError(
+        f"cannot reach the MLflow tracking server at {tracking_uri()} ({reason} for "
+        f"{timeout:g}s); start it, or set MLFLOW_TRACKING_URI to where it runs"
+    )
+
+
+def require_tracking_uri(model_uri: str) -> None:
+    """A registry URI needs MLFLOW_TRACKING_URI: one clear error when it is not set."""
+    if model_uri.startswith(("models:/", "runs:/")) and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise PipelineError(
+            f"set MLFLOW_TRACKING_URI to the MLflow server that holds {model_uri} (and "
+            "MLFLOW_TRACKING_USERNAME/PASSWORD where it signs users in); for the local stack "
+            "use .venv/bin/python scripts/stack.py serve"
+        )
+
+
+def load_registered(model_uri: str, model_config: dict[str, Any] | None = None) -> Any:
+    """The registered model (a pyfunc); one clear error when it cannot be loaded. A registry
+    URI needs MLFLOW_TRACKING_URI: without it MLflow would look in a new, empty ``mlflow.db``
+    in the current folder and say the model does not exist."""
+    import mlflow
+
+    require_tracking_uri(model_uri)
+    check_tracking_server()
+    try:
+        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
+    except Exception as exc:
+        first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
+        ) from None
