@@ -451,14 +451,7 @@ def ingest(
     extra = csvsource.rows_with_extra_fields(data, len(csvsource.read_header(data, name)))
     del data
     log.info("read %s: %d rows; columns %s", name, total, columns)
-    if extra:
-        shown = ", ".join(str(row) for row in extra[:10]) + (", ..." if len(extra) > 10 else "")
-        log.warning(
-            "%d rows have more fields than the header has columns (rows %s): their extra "
-            "fields were ignored; check the file's quoting",
-            len(extra),
-            shown,
-        )
+    _warn_extra_fields(extra)
     _log_rejected(rejected)
     valid = len(records)
     records, filtered = _filter(records, min_confidence, exclude_golden)
@@ -499,14 +492,29 @@ def ingest(
             },
         },
     )
+    left_out = [valid - kept, kept - len(records)]
     log.info(
-        "ingested %d rows into %s: of %d rows, %d rejected, %d valid%s%s",
+        "ingested %d rows into %s: of %d rows, %d rejected, %d valid%s",
         len(records),
         layout.uri,
         total,
         len(rejected),
         valid,
-        f", {valid - kept} filtered out" if valid > kept else "",
-        f", {kept - len(records)} left out by the sample" if kept > len(records) else "",
+        "".join(
+            f", {n} {what}"
+            for n, what in zip(left_out, ("filtered out", "left out by the sample"), strict=True)
+            if n
+        ),
     )
     return result
+
+
+def _warn_extra_fields(rows: list[int]) -> None:
+    if rows:
+        shown = ", ".join(str(row) for row in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        log.warning(
+            "%d rows have more fields than the header has columns (rows %s): their extra "
+            "fields were ignored; check the file's quoting",
+            len(rows),
+            shown,
+        )

@@ -87,6 +87,12 @@ class Parameter:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    def argv(self, value: Any) -> list[str]:
+        """This parameter set to ``value`` on a ``python -m ml`` command line."""
+        if self.kind is bool:
+            return [self.flag if value else "--no-" + self.flag[2:]]
+        return [self.flag, str(value)]
+
     def field(self) -> Any:
         """A dataclass field with this default that carries the declaration."""
         return dataclasses.field(default=self.default, metadata={"parameter": self})

@@ -228,16 +228,11 @@ def change_step(
 def torchrun_command(config: Any, processes: int) -> list[str]:
     """``torchrun --standalone --nproc-per-node N -m ml train ...`` for ``config``, through
     :mod:`ml.launch` (torchrun tied to the task that starts it)."""
-    import dataclasses
+    from ml.params import PARAMETERS, fields_of
 
-    flags: list[str] = []
-    for item in dataclasses.fields(config):
-        value = getattr(config, item.name)
-        flag = "--" + item.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
-        else:
-            flags.extend([flag, str(value)])
+    flags = [
+        flag for name in fields_of(config) for flag in PARAMETERS[name].argv(getattr(config, name))
+    ]
     return [
         sys.executable,
         "-m",
