@@ -257,6 +257,9 @@ def test_the_airflow_image_runs_store_init_and_parses_the_dags(plan: Any) -> Non
         "PATH": os.environ["PATH"],
         "PYTHONPATH": str(REPO),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "false",
+        # The image's plugins folder ($AIRFLOW_HOME/plugins there): Airflow puts it on the
+        # import path, and the DAG files import the task policy from it.
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
     }
     done = subprocess.run(
         [python, "-c", "from ml.storage import ObjectStore"],

@@ -57,7 +57,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
         ({"precision": "fp8"}, "parameter 'precision' must be one of bf16, fp16, fp32"),
         ({"imbalance": "oversample"}, "parameter 'imbalance' must be one of"),
         ({"head_epochs": 3, "epochs": 3}, "--head-epochs"),
-        ({"device": "tpu"}, "parameter 'device' must be of the form"),
+        ({"device": "tpu"}, "parameter 'device' must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_config_is_validated(change: dict[str, Any], message: str) -> None:
