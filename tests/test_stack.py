@@ -156,6 +156,7 @@ def _the_mlflow_button_is_on_the_task_page(
     the register task's Details tab (Extra Links), pointing at the model version."""
     import shutil
     import urllib.parse
+    import urllib.request
 
     chromium = shutil.which("chromium")
     assert chromium, "Chromium is missing: run bash scripts/setup-services"
@@ -184,6 +185,10 @@ def _the_mlflow_button_is_on_the_task_page(
     target = (
         f"http://localhost:{ports['MLFLOW']}/#/models/{model['model']}/versions/{model['version']}"
     )
+    # The API the page reads: the task instance's links.
+    api = f"http://127.0.0.1:{ports['AIRFLOW']}/api/v2/dags/image_sentiment/dagRuns/{run}"
+    with urllib.request.urlopen(f"{api}/taskInstances/register/links", timeout=30) as answer:
+        assert json.loads(answer.read())["extra_links"] == {"MLflow": target}
     anchors = re.findall(r"<a [^>]*>[^<]*</a>", done.stdout)
     assert any(f'href="{target}"' in a and ">MLflow</a>" in a for a in anchors), (
         done.returncode,
