@@ -8,27 +8,25 @@ another (as reposted photos are), so both the search and the grouping have work 
 
 Usage::
 
-    .venv/bin/python benchmarks/dedup_speed.py                 # 15,613 and 100,000 images
-    .venv/bin/python benchmarks/dedup_speed.py --sizes 15613 100000 1000000
+    .venv/bin/python -m benchmarks.dedup_speed                 # 15,613 and 100,000 images
+    .venv/bin/python -m benchmarks.dedup_speed --sizes 15613 100000 1000000
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from devkit.imageserver import realistic_pool
+from ml.dedup import MAX_DISTANCE, groups, perceptual_hash
+from ml.imaging import ImageConfig, normalize_image
 
-from devkit.imageserver import realistic_pool  # noqa: E402
-from ml.dedup import MAX_DISTANCE, groups, perceptual_hash  # noqa: E402
-from ml.imaging import ImageConfig, normalize_image  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def hash_cost(images: int = 60) -> None:

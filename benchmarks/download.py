@@ -7,8 +7,8 @@ in its own process, so each downloader's CPU and memory are its own.
 
 Usage::
 
-    .venv/bin/python benchmarks/download.py                 # 2,000 images, 40 ms latency
-    .venv/bin/python benchmarks/download.py --images 500 --skip-img2dataset --memory-sizes ""
+    .venv/bin/python -m benchmarks.download                 # 2,000 images, 40 ms latency
+    .venv/bin/python -m benchmarks.download --images 500 --skip-img2dataset --memory-sizes ""
 
 img2dataset 1.47.0 is installed into ``.venv-img2dataset`` on first use (a few minutes).
 """
@@ -26,12 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ml.ingest import ingest
+from ml.storage import ObjectStore, S3Uri
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from ml.ingest import ingest  # noqa: E402
-from ml.storage import ObjectStore, S3Uri  # noqa: E402
-
 I2D_VENV = REPO / ".venv-img2dataset"
 MEASURE = """
 import json, resource, subprocess, sys, time

@@ -16,8 +16,8 @@ The JSON report is rewritten after each step, so a run cut short still leaves wh
 A CPU smoke mode (``--smoke --device cpu``: ResNet-18 at 64 px, a few steps, compile with the
 ``eager`` backend) runs every step but CUDA itself in the test suite, so this script cannot rot.
 
-    python benchmarks/gpu_check.py --out gpu_check.json --budget-s 450   # one H200: under 8 min
-    python benchmarks/gpu_check.py --smoke --device cpu --out smoke.json  # the test suite's run
+    python -m benchmarks.gpu_check --out gpu_check.json --budget-s 450   # one H200: under 8 min
+    python -m benchmarks.gpu_check --smoke --device cpu --out smoke.json  # the test suite's run
 """
 
 from __future__ import annotations
@@ -37,17 +37,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.train_throughput import Bench, Budget, bench_gpu
+from ml.loop import effective_precision, make_step, native_bf16, train_one_epoch
+from ml.model import Classifier, architecture
+from ml.runtime import Runtime
+from ml.train_config import TrainConfig
+from ml.transforms import Preprocessing
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from train_throughput import Bench, Budget, bench_gpu  # noqa: E402
-
-from ml.loop import effective_precision, make_step, native_bf16, train_one_epoch  # noqa: E402
-from ml.model import Classifier, architecture  # noqa: E402
-from ml.runtime import Runtime  # noqa: E402
-from ml.train_config import TrainConfig  # noqa: E402
-from ml.transforms import Preprocessing  # noqa: E402
 
 
 def device_facts(device: torch.device) -> dict[str, Any]:

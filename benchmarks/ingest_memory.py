@@ -8,8 +8,8 @@ into a temporary worktree), side by side in one run.
 
 Usage::
 
-    .venv/bin/python benchmarks/ingest_memory.py --rows 1000000
-    .venv/bin/python benchmarks/ingest_memory.py --rows 200000 --baseline f535724
+    .venv/bin/python -m benchmarks.ingest_memory --rows 1000000
+    .venv/bin/python -m benchmarks.ingest_memory --rows 200000 --baseline f535724
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.download import MEASURE, free_port, wait_port
 
-from benchmarks.download import MEASURE, free_port, wait_port  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 LABELS = ("Positive", "Neutral", "Negative", "Highly positive", "Highly negative")
 WEIGHTS = (0.5477, 0.2707, 0.1357, 0.0277, 0.0181)

@@ -1,6 +1,6 @@
 """The seed's approach, kept as a baseline: one thread per URL, requests + boto3, no limits.
 
-Usage: python benchmarks/naive_download.py URLS.txt s3://BUCKET/PREFIX
+Usage: python -m benchmarks.naive_download URLS.txt s3://BUCKET/PREFIX
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Depends only on torch, torchvision, Pillow and numpy (plus this repository's ``ml.transforms``
 and ``devkit.imageserver``, which need nothing else), so it runs on a bare GPU machine.
 
-    python benchmarks/train_throughput.py --part pipeline          # CPU: images/s per core
-    python benchmarks/train_throughput.py --part gpu --batch 256   # GPU: fp32, bf16+cl, +compile
+    python -m benchmarks.train_throughput --part pipeline          # CPU: images/s per core
+    python -m benchmarks.train_throughput --part gpu --batch 256   # GPU: fp32, bf16+cl, +compile
 
 GPU part: images/s of full training steps (forward, backward, SGD) for fp32 eager with TF32
 off (true fp32) and on (PyTorch's default for convolutions), bf16 autocast + channels_last, and
@@ -42,8 +42,6 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devkit.imageserver import render_image
 from ml.transforms import decode, to_model_input, train_transform

@@ -3,7 +3,7 @@ service; everything else waits for it).
 
 Each secret the deployment uses must be set, must not be a placeholder from .env.example
 (``change-me...``), and must be long enough; the Fernet key must be a valid one. The message
-names every variable at fault and says how to generate them: ``python3 scripts/init_env.py``.
+names every variable at fault and says how to generate them: ``python3 -m deploy.init_env``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> int:
         print(
             "error: the deployment's secrets are not set: "
             + "; ".join(found)
-            + ". Generate them once with: python3 scripts/init_env.py (writes .env), then "
+            + ". Generate them once with: python3 -m deploy.init_env (writes .env), then "
             "docker compose up -d",
             file=sys.stderr,
         )

@@ -7,7 +7,7 @@ a new volume and one made before a database was added both end with every databa
 The connection comes from libpq's environment (``PGHOST``, ``PGUSER``, ``PGPASSWORD``,
 ``PGDATABASE``): no password on a command line.
 
-    python deploy/ensure_databases.py
+    python -m deploy.ensure_databases
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The Docker image's targets install from here, so pyproject.toml is the one place that says
 what each service needs (exact versions come from the lock, passed to pip as constraints).
 
-    python deploy/extras.py core airflow     # core = [project] dependencies
+    python -m deploy.extras core airflow     # core = [project] dependencies
 """
 
 from __future__ import annotations

@@ -13,16 +13,13 @@ environment, never argv) and:
 The workers sign in as that user: not an admin, so they cannot read or change other teams'
 experiments and models, or manage users (``default_permission = NO_PERMISSIONS``).
 
-    python deploy/mlflow_users.py
+    python -m deploy.mlflow_users
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # ml.params: the experiment name
 
 #: MLflow requests here fail within about a minute, not MLflow's default retries of minutes.
 BOUNDED = {
@@ -110,7 +107,7 @@ def main() -> int:
     missing = [name for name, value in settings.items() if not value]
     if missing:
         print(
-            f"error: {', '.join(missing)} not set (run python3 scripts/init_env.py)",
+            f"error: {', '.join(missing)} not set (run python3 -m deploy.init_env)",
             file=sys.stderr,
         )
         return 1

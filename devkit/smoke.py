@@ -428,7 +428,7 @@ class Stack:
         return done.stdout
 
     def write_env(self) -> None:
-        """The .env a person makes with scripts/init_env.py, plus the smoke's ports, tag and
+        """The .env a person makes with deploy/init_env.py, plus the smoke's ports, tag and
         network."""
         from devkit.topology import generated_env
         from devkit.topology import write_env as write_env_file

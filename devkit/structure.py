@@ -1,8 +1,9 @@
 """Figures of the code's structure, rerunnable: ``python -m devkit.structure``.
 
-Import cycles among the ``ml`` package's modules (every import, at the top or inside a
-function: both make the modules depend on each other), the longest functions and modules, and
-how many files declare each run parameter's default.
+Import cycles among the ``ml`` package's modules and the local stack's (every import, at the
+top or inside a function: both make the modules depend on each other) and among the top-level
+folders, every edit of ``sys.path``, the longest functions and modules, and how many files
+declare each run parameter's default.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (anywhere in it)."""
+    """Module -> the package's modules it imports (anywhere in it); ``package`` is a folder of
+    the repository (``ml``, ``devkit/stack``)."""
     modules = {p.stem for p in package.glob("*.py")}
-    prefix = package.name
+    prefix = ".".join(package.relative_to(REPO).parts)
     edges: dict[str, set[str]] = {m: set() for m in modules}
     for path in package.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -28,13 +30,59 @@ def import_graph(package: Path) -> dict[str, set[str]]:
                 if node.module == prefix:
                     names = [alias.name for alias in node.names]
                 elif node.module.startswith(prefix + "."):
-                    names = [node.module.split(".")[1]]
+                    names = [node.module[len(prefix) + 1 :].split(".")[0]]
             elif isinstance(node, ast.Import):
                 names = [
-                    a.name.split(".")[1] for a in node.names if a.name.startswith(prefix + ".")
+                    a.name[len(prefix) + 1 :].split(".")[0]
+                    for a in node.names
+                    if a.name.startswith(prefix + ".")
                 ]
             edges[path.stem] |= {n for n in names if n in modules and n != path.stem}
     return edges
+
+
+#: The repository's top-level code folders, each imported by its name from the root.
+PACKAGES = ("ml", "dags", "plugins", "devkit", "deploy", "benchmarks", "tests")
+
+
+def python_files(folders: tuple[str, ...] = PACKAGES) -> list[Path]:
+    return sorted(p for folder in folders for p in (REPO / folder).rglob("*.py"))
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Top-level folder -> the other top-level folders its code imports."""
+    edges: dict[str, set[str]] = {name: set() for name in PACKAGES}
+    for path in python_files():
+        owner = path.relative_to(REPO).parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported = [node.module]
+            elif isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            else:
+                continue
+            edges[owner] |= {n.split(".")[0] for n in imported} & set(PACKAGES) - {owner}
+    return edges
+
+
+def path_edits(paths: list[Path]) -> list[str]:
+    """``file:line`` of every change to the import path in code: ``sys.path`` assigned,
+    sliced or called (insert, append, extend, remove), ``site.addsitedir``. Code here runs as
+    modules from the repository root, so none is needed."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            target = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                target = node.func.value if node.func.attr != "addsitedir" else node.func
+            elif isinstance(node, ast.Assign | ast.AugAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                target = next((t for t in targets if "sys.path" in ast.unparse(t)), None)
+            text = ast.unparse(target) if target is not None else ""
+            if text in ("sys.path", "site.addsitedir") or text.startswith("sys.path["):
+                shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+                found.append(f"{shown}:{node.lineno}")
+    return found
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -97,14 +145,13 @@ def default_declarations(names: list[str], paths: list[Path]) -> dict[str, int]:
 def report() -> dict[str, object]:
     from ml.params import PARAMETERS
 
-    python = sorted(
-        p
-        for folder in ("ml", "dags", "plugins", "devkit", "scripts", "deploy")
-        for p in (REPO / folder).glob("*.py")
-    )
+    python = python_files(("ml", "dags", "plugins", "devkit", "deploy"))
     counts = default_declarations(sorted(PARAMETERS), python)
     return {
         "ml_import_cycles": cycles(import_graph(REPO / "ml")),
+        "stack_import_cycles": cycles(import_graph(REPO / "devkit" / "stack")),
+        "package_import_cycles": cycles(package_graph()),
+        "import_path_edits": path_edits(python_files()),
         "longest_functions": longest_functions(python),
         "longest_modules": longest_modules(python),
         "parameters_with_a_default_in_more_than_one_file": {

@@ -2,13 +2,13 @@
 
 ``docker-compose.yaml`` is the one source: every Airflow and MLflow process gets the
 environment compose gives its service (``${VAR}`` filled from a ``.env`` made like
-``scripts/init_env.py`` makes it), and runs the command compose runs. Only what cannot be the
+``deploy/init_env.py`` makes it), and runs the command compose runs. Only what cannot be the
 same without containers changes, each listed in :data:`NATIVE` and :func:`native_command` with its
 reason: service host names become loopback addresses, container paths become folders of the
 stack, and ports move to free ones. Postgres and Redis are the distribution's packages
 (``scripts/setup-services`` installs them), MinIO's stand-in is the moto S3 server.
 
-Usage (through ``scripts/stack.py up --topology celery``)::
+Usage (through ``scripts/stack up --topology celery``)::
 
     compose = load_compose()
     env = service_environment(compose, "airflow-worker", values, addresses)
@@ -30,15 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-# The .env is made as scripts/init_env.py makes it (which reads deploy/check_env.py's table).
-for _folder in (str(REPO / "deploy"), str(REPO / "scripts")):
-    if _folder not in sys.path:
-        sys.path.insert(0, _folder)
-from ensure_databases import DATABASES as EXTRA_DATABASES  # noqa: E402
-from init_env import parse_env, render, write_private  # noqa: E402
+# The .env is made as deploy/init_env.py makes it (which reads deploy/check_env.py's table).
+from deploy.ensure_databases import DATABASES as EXTRA_DATABASES
+from deploy.init_env import parse_env, render, write_private
+from devkit import imagevenvs
 
-from devkit import imagevenvs  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 COMPOSE = REPO / "docker-compose.yaml"
 #: The compose services the native topology runs, by role (compose name -> what runs it).
@@ -96,14 +93,14 @@ DIFFERENCES: tuple[tuple[str, str, str, str], ...] = (
     (
         "stop grace periods",
         "2 min (default worker), 10 min (GPU worker), then SIGKILL",
-        "30 s for everything, then SIGKILL (scripts/stack.py down)",
+        "30 s for everything, then SIGKILL (scripts/stack down)",
         "a test stack holds no checkpoint upload worth waiting for; stop the DAG run first",
     ),
     (
         "restart policy",
         "restart: always",
-        "none: a dead service stays down (status says so; stack.py start NAME)",
-        "no supervisor process outlives stack.py; the tests restart what they kill",
+        "none: a dead service stays down (status says so; scripts/stack start NAME)",
+        "no supervisor process outlives scripts/stack; the tests restart what they kill",
     ),
     (
         "Redis",
@@ -365,7 +362,7 @@ def _paths(state: Path) -> dict[str, str]:
 
 
 def generated_env() -> dict[str, str]:
-    """The values of a .env made as ``scripts/init_env.py`` makes it: .env.example with every
+    """The values of a .env made as ``deploy/init_env.py`` makes it: .env.example with every
     secret generated."""
     return parse_env(render((REPO / ".env.example").read_text()))
 
@@ -377,7 +374,7 @@ def write_env(path: Path, values: Mapping[str, str]) -> None:
 
 def stack_values(ports: Mapping[str, int], bucket: str, extra: Mapping[str, str]) -> dict[str, str]:
     """The .env a person would write for this machine: generated secrets (as
-    ``scripts/init_env.py`` makes them) and the stack's own settings."""
+    ``deploy/init_env.py`` makes them) and the stack's own settings."""
     values = generated_env()
     values.update(
         ML_BUCKET=bucket,

@@ -136,7 +136,7 @@ def require_tracking_uri(model_uri: str) -> None:
         raise PipelineError(
             f"set MLFLOW_TRACKING_URI to the MLflow server that holds {model_uri} (and "
             "MLFLOW_TRACKING_USERNAME/PASSWORD where it signs users in); for the local stack "
-            "use .venv/bin/python scripts/stack.py serve"
+            "use scripts/stack serve"
         )
 
 

@@ -132,7 +132,7 @@ def test_a_registry_model_without_mlflow_says_what_to_set(tmp_path: Path, stage:
         env={**env, "PYTHONPATH": str(REPO)},
         timeout=120,
     )
-    _one_error_line(done, "set MLFLOW_TRACKING_URI", "scripts/stack.py serve")
+    _one_error_line(done, "set MLFLOW_TRACKING_URI", "scripts/stack serve")
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns
 
 

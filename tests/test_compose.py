@@ -33,9 +33,7 @@ def _code_reads() -> set[str]:
     for folder in ("ml", "dags", "plugins", "deploy"):
         for path in (REPO / folder).rglob("*.py"):
             names.update(pattern.findall(path.read_text()))
-    sys.path.insert(0, str(REPO / "deploy"))
-    from check_env import SECRETS  # read by name from a table
-
+    from deploy.check_env import SECRETS  # read by name from a table
     from ml.params import PARAMETERS  # form defaults the deployment sets
 
     return names | set(SECRETS) | {p.env for p in PARAMETERS.values() if p.env}
@@ -156,8 +154,7 @@ def test_each_image_installs_its_own_hashed_lock_before_the_code() -> None:
 
 
 def test_the_locks_agree_and_follow_pyproject() -> None:
-    sys.path.insert(0, str(REPO / "deploy"))
-    from extras import requirements
+    from deploy.extras import requirements
 
     dev = _locked("requirements-dev.txt")
     for lock in (
@@ -250,8 +247,7 @@ def test_the_mlflow_ui_follows_the_public_host() -> None:
 
 
 def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
-    sys.path.insert(0, str(REPO / "deploy"))
-    from check_env import IN_URLS, SECRETS, problems
+    from deploy.check_env import IN_URLS, SECRETS, problems
 
     def parse(text: str) -> dict[str, str]:
         return dict(
@@ -265,7 +261,8 @@ def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
     assert {p.split()[0] for p in found} == set(SECRETS)  # every secret named
     out = tmp_path / ".env"
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "init_env.py"), "--out", str(out)],
+        [sys.executable, "-m", "deploy.init_env", "--out", str(out)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
@@ -279,13 +276,14 @@ def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
         assert len(found) == 1 and found[0].startswith(f"{name} has characters"), found
     second = tmp_path / "second.env"
     subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "init_env.py"), "--out", str(second)], check=True
+        [sys.executable, "-m", "deploy.init_env", "--out", str(second)], check=True, cwd=REPO
     )
     again_generated = parse(second.read_text())
     for name in SECRETS:  # fresh values each time, never a fixed default
         assert generated[name] != again_generated[name], name
     again = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "init_env.py"), "--out", str(out)],
+        [sys.executable, "-m", "deploy.init_env", "--out", str(out)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         check=False,
@@ -296,14 +294,15 @@ def test_secrets_are_generated_and_placeholders_refused(tmp_path: Any) -> None:
     )
     assert referenced - BUILD_ONLY <= set(generated), referenced - set(generated)
     check = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "check_env.py")],
+        [sys.executable, "-m", "deploy.check_env"],
+        cwd=REPO,
         env={**os.environ, **example},
         capture_output=True,
         text=True,
         check=False,
     )
-    assert check.returncode == 1 and "init_env.py" in check.stderr
-    assert SERVICES["config-check"]["entrypoint"][-1].endswith("check_env.py")
+    assert check.returncode == 1 and "python3 -m deploy.init_env" in check.stderr
+    assert SERVICES["config-check"]["entrypoint"] == ["python", "-m", "deploy.check_env"]
     wanted = set(SECRETS) | set(IN_URLS)
     checked = set(SERVICES["config-check"]["environment"])
     assert checked >= wanted, wanted - checked
@@ -458,7 +457,7 @@ def test_mlflow_is_not_published_without_authentication() -> None:
     assert "${MLFLOW_PIPELINE_PASSWORD" in str(workers["MLFLOW_TRACKING_PASSWORD"])
     assert "${MLFLOW_PIPELINE_USER" in str(workers["MLFLOW_TRACKING_USERNAME"])
     users = SERVICES["mlflow-users"]
-    assert users["entrypoint"][-1] == "/opt/airflow/deploy/mlflow_users.py"
+    assert users["entrypoint"] == ["python", "-m", "deploy.mlflow_users"]
     assert "${MLFLOW_ADMIN_PASSWORD" in str(users["environment"]["MLFLOW_TRACKING_PASSWORD"])
     for worker in ("airflow-worker", "airflow-worker-gpu"):
         assert SERVICES[worker]["depends_on"]["mlflow-users"] == {
@@ -542,7 +541,7 @@ def test_the_deployments_mlflow_auth_config_refuses_anonymous_requests(auth_mlfl
 
 
 def _users_step(base: str, password: str) -> subprocess.CompletedProcess[str]:
-    """deploy/mlflow_users.py as compose's mlflow-users service runs it."""
+    """``python -m deploy.mlflow_users`` as compose's mlflow-users service runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "ML_MODEL"))}
     env.update(
         MLFLOW_TRACKING_URI=base,
@@ -553,8 +552,8 @@ def _users_step(base: str, password: str) -> subprocess.CompletedProcess[str]:
         ML_MODEL_NAME="image-sentiment",
     )
     return subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "mlflow_users.py")],
-        env=env,
+        [sys.executable, "-m", "deploy.mlflow_users"],
+        env={**env, "PYTHONPATH": str(REPO)},  # as the image sets it
         capture_output=True,
         text=True,
         timeout=120,

@@ -39,7 +39,7 @@ def compose(
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("env") / ".env"
     subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "init_env.py"), "--out", str(out)], check=True
+        [sys.executable, "-m", "deploy.init_env", "--out", str(out)], check=True, cwd=REPO
     )
     return out
 
@@ -85,7 +85,7 @@ def test_a_missing_secret_stops_compose_naming_the_fix(generated: Path, tmp_path
     broken.write_text("\n".join(lines) + "\n")
     done = compose(broken, "config", "-q")
     assert done.returncode != 0
-    assert "POSTGRES_PASSWORD" in done.stderr and "init_env.py" in done.stderr
+    assert "POSTGRES_PASSWORD" in done.stderr and "python3 -m deploy.init_env" in done.stderr
 
 
 def test_config_check_refuses_the_example_copied_as_is(tmp_path: Path) -> None:
@@ -93,18 +93,19 @@ def test_config_check_refuses_the_example_copied_as_is(tmp_path: Path) -> None:
     shutil.copyfile(REPO / ".env.example", copied)
     config = rendered(copied)
     check = config["services"]["config-check"]
-    assert check["entrypoint"][-1] == "/opt/airflow/deploy/check_env.py"
+    assert check["entrypoint"] == ["python", "-m", "deploy.check_env"]
     env = {k: "" if v is None else str(v) for k, v in check["environment"].items()}
-    done = subprocess.run(
-        [sys.executable, str(REPO / "deploy" / "check_env.py")],
-        env={"PATH": os.environ["PATH"], **env},
+    done = subprocess.run(  # as the image runs it: PYTHONPATH and the folder /opt/airflow
+        [sys.executable, *check["entrypoint"][1:]],
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), **env},
+        cwd="/",
         capture_output=True,
         text=True,
         check=False,
     )
     assert done.returncode == 1
     assert "POSTGRES_PASSWORD is still the placeholder" in done.stderr
-    assert "init_env.py" in done.stderr
+    assert "python3 -m deploy.init_env" in done.stderr
     for service in config["services"].values():  # nothing starts before config-check passes
         depends = service.get("depends_on", {})
         if service is not check and not depends:

@@ -261,11 +261,8 @@ def test_every_task_fails_at_once_on_a_bad_parameter(
 
 
 def test_mlflow_link_urls() -> None:
-    sys.path.insert(0, str(REPO / "plugins"))
-    try:
-        from mlflow_links import mlflow_url
-    finally:
-        sys.path.remove(str(REPO / "plugins"))
+    from plugins.mlflow_links import mlflow_url
+
     assert (
         mlflow_url("train", {"run_id": "abc"}, "http://mlflow:5000/")
         == "http://mlflow:5000/#/runs/abc"

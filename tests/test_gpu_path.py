@@ -2,7 +2,7 @@
 precision fallback, out-of-memory, loader workers, and the GPU check script's smoke run.
 
 torchrun runs here for real with two gloo ranks; what only CUDA can show is listed in
-BENCHMARKS.md ("GPU check") and run by ``benchmarks/gpu_check.py`` on a GPU.
+BENCHMARKS.md ("GPU check") and run by ``python -m benchmarks.gpu_check`` on a GPU.
 """
 
 from __future__ import annotations
@@ -275,19 +275,12 @@ def test_loader_workers_follow_the_cpus_the_worker_has(
 # ------------------------------------------------------------------- the GPU check's smoke
 
 
-@pytest.fixture(scope="module")
-def benchmarks() -> Iterator[None]:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    yield
-    sys.path.remove(str(REPO / "benchmarks"))
-
-
 @pytest.mark.slow
-def test_the_gpu_check_runs_every_step_on_the_cpu(benchmarks: None, tmp_path: Path) -> None:
-    """``gpu_check.py --smoke --device cpu``: every step the GPU run takes but CUDA itself:
+def test_the_gpu_check_runs_every_step_on_the_cpu(tmp_path: Path) -> None:
+    """``gpu_check --smoke --device cpu``: every step the GPU run takes but CUDA itself:
     facts, trainer epochs eager and compiled, the served model loaded and compared, each
     throughput row, the JSON report."""
-    import gpu_check
+    from benchmarks import gpu_check
 
     out = tmp_path / "check.json"
     assert gpu_check.main(["--smoke", "--device", "cpu", "--out", str(out)]) == 0
@@ -306,8 +299,8 @@ def test_the_gpu_check_runs_every_step_on_the_cpu(benchmarks: None, tmp_path: Pa
     assert report["skipped"] == []
 
 
-def test_rows_past_the_time_budget_are_skipped_and_named(benchmarks: None, tmp_path: Path) -> None:
-    from train_throughput import Bench, Budget, bench_gpu
+def test_rows_past_the_time_budget_are_skipped_and_named(tmp_path: Path) -> None:
+    from benchmarks.train_throughput import Bench, Budget, bench_gpu
 
     budget = Budget(0)
     assert bench_gpu(tmp_path, Bench.smoke(), budget) == []

@@ -56,7 +56,7 @@ def test_main_command_runs_and_stops_cleanly(tmp_path: Path) -> None:
         _a_short_wait_says_the_run_goes_on(env, ports["AIRFLOW"])
         # Nothing listens wider than it must: every socket of every service is on loopback.
         status = subprocess.run(
-            [str(REPO / ".venv" / "bin" / "python"), "scripts/stack.py", "status"],
+            ["scripts/stack", "status"],
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -119,7 +119,7 @@ def _the_readme_serve_command_answers(env: dict[str, str], tmp_path: Path) -> No
     before = sorted(p.name for p in REPO.iterdir())
     with (tmp_path / "serve.log").open("wb") as log:
         server = subprocess.Popen(
-            [".venv/bin/python", "scripts/stack.py", "serve", "--port", str(port)],
+            ["scripts/stack", "serve", "--port", str(port)],
             cwd=REPO,
             env=fresh,
             stdout=log,

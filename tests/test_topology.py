@@ -1,5 +1,5 @@
 """docker-compose.yaml's topology, run natively: Postgres, Redis, MLflow on Postgres, Airflow
-with CeleryExecutor, a default-queue and a gpu-queue worker (scripts/stack.py --topology celery).
+with CeleryExecutor, a default-queue and a gpu-queue worker (scripts/stack --topology celery).
 
 The compose file is the one source of the native run (devkit.topology), and the first tests
 check the two against each other; the last starts the topology on loopback, runs the DAG on it,
@@ -8,7 +8,6 @@ and kills the default worker in the middle of a download batch.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -20,13 +19,14 @@ import urllib.parse
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
 from devkit.imageserver import ImageServer
 from devkit.servers import free_port
+from devkit.stack.demo_run import prepare_demo_csv, wait_inference
+from devkit.stack.local import INFERENCE_DAG_ID, LocalStack
 from devkit.topology import (
     AIRFLOW_SERVICES,
     BACKING_SERVICES,
@@ -280,27 +280,12 @@ def test_the_airflow_image_runs_store_init_and_parses_the_dags(plan: Any) -> Non
 # ------------------------------------------------------------- the topology, end to end
 
 
-def _load_stack(env: dict[str, str]) -> ModuleType:
-    """scripts/stack.py as a module, reading this topology's ports and folder."""
-    saved = dict(os.environ)
-    os.environ.update(env)
-    try:
-        spec = importlib.util.spec_from_file_location("stack_celery", REPO / "scripts" / "stack.py")
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return module
-
-
 @pytest.fixture(scope="module")
-def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     names = ("AIRFLOW", "MLFLOW", "S3", "IMAGES", "POSTGRES", "REDIS", "SCHEDULER_HEALTH")
     env = {f"STACK_{name}_PORT": str(free_port()) for name in names}
     env["STACK_DIR"] = str(tmp_path_factory.mktemp("celery") / "stack")
-    stack = _load_stack(env)
+    stack = LocalStack.from_environment(env)
     started = time.monotonic()
     try:
         stack.up("celery")
@@ -314,14 +299,14 @@ def _parse(stamp: str | None) -> float:
     return datetime.fromisoformat(stamp).timestamp() if stamp else 0.0
 
 
-def _run(stack: ModuleType, conf: dict[str, Any], timeout: float = 900) -> tuple[str, str]:
+def _run(stack: LocalStack, conf: dict[str, Any], timeout: float = 900) -> tuple[str, str]:
     run_id = stack.trigger(conf)
     return run_id, stack.wait(run_id, timeout)
 
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
+def test_the_dag_runs_on_the_celery_topology(topology: LocalStack) -> None:
     stack = topology
     print(json.dumps({"topology_started_in_s": round(stack.STARTED_IN, 1)}))
     assert stack.STARTED_IN < 300
@@ -333,16 +318,16 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
         broker.sendall(b"PING\r\n")
         assert broker.recv(100).startswith(b"-NOAUTH")  # no task without the password
     # Every socket of every service is on loopback, Postgres and Redis included.
-    sockets = stack.listeners(stack.load_state())
+    sockets = stack.listeners()
     assert all(address in ("127.0.0.1", "::1") for _, address, _ in sockets), sockets
     assert {port for _, _, port in sockets} >= {
         stack.PORTS[name] for name in stack.TOPOLOGY_PORTS["celery"]
     }, sockets
-    stack.prepare_demo_csv(None)
+    prepare_demo_csv(stack, None)
     conf = {**stack.DEMO_CONF, "sample": 60, "epochs": 1, "download_batch_size": 15}
     run_id = _redis_crashes_while_a_task_is_queued(stack, conf)
     state = stack.wait(run_id, 900)
-    tasks = stack._tasks(run_id)
+    tasks = stack.tasks(run_id)
     assert state == "success", [(t["task_id"], t["state"]) for t in tasks]
     gpu_tasks = {"preflight", "train", "register"}
     for task in tasks:
@@ -377,19 +362,19 @@ def test_the_dag_runs_on_the_celery_topology(topology: ModuleType) -> None:
         )
         assert dict(cursor.fetchall()) == {"challenger": 1, "champion": 1}
 
-    scored = stack.wait_inference(300)
+    scored = wait_inference(stack, 300)
     assert scored and scored["predicted"] >= 15
-    inference = stack.api("GET", f"/dags/{stack.INFERENCE_DAG_ID}/dagRuns")["dag_runs"]
+    inference = stack.api("GET", f"/dags/{INFERENCE_DAG_ID}/dagRuns")["dag_runs"]
     assert [r["run_type"] for r in inference] == ["asset_triggered"]
     quoted = urllib.parse.quote(inference[0]["dag_run_id"], safe="")
-    path = f"/dags/{stack.INFERENCE_DAG_ID}/dagRuns/{quoted}/taskInstances"
+    path = f"/dags/{INFERENCE_DAG_ID}/dagRuns/{quoted}/taskInstances"
     scored_by = stack.api("GET", path)["task_instances"]
     assert scored_by and all(
         t["queue"] == "default" and t["hostname"].endswith("-default") for t in scored_by
     ), [(t["task_id"], t["queue"], t["hostname"]) for t in scored_by]
 
 
-def _error_lines(stack: ModuleType, run_id: str, task: dict[str, Any]) -> list[str]:
+def _error_lines(stack: LocalStack, run_id: str, task: dict[str, Any]) -> list[str]:
     """The error-level lines of a task's log (Airflow marks anything on stderr so)."""
     quoted = urllib.parse.quote(run_id, safe="")
     path = (
@@ -405,7 +390,7 @@ def _error_lines(stack: ModuleType, run_id: str, task: dict[str, Any]) -> list[s
     ]
 
 
-def _redis_crashes_while_a_task_is_queued(stack: ModuleType, conf: dict[str, Any]) -> str:
+def _redis_crashes_while_a_task_is_queued(stack: LocalStack, conf: dict[str, Any]) -> str:
     """Trigger a run with the default worker stopped, so that ``ingest`` waits in Redis;
     SIGKILL Redis and start it again: its append-only file still holds the task, which runs
     as soon as the worker is back (without it the task would wait in queued until the
@@ -435,17 +420,17 @@ def _redis_crashes_while_a_task_is_queued(stack: ModuleType, conf: dict[str, Any
     return str(run_id)
 
 
-def _task_state(stack: ModuleType, run_id: str, task_id: str) -> str | None:
-    states = {t["task_id"]: t["state"] for t in stack._tasks(run_id)}
+def _task_state(stack: LocalStack, run_id: str, task_id: str) -> str | None:
+    states = {t["task_id"]: t["state"] for t in stack.tasks(run_id)}
     return states.get(task_id)
 
 
-def _broker_password(stack: ModuleType) -> str:
+def _broker_password(stack: LocalStack) -> str:
     config = (stack.STATE / "redis" / "redis.conf").read_text()
     return next(line.split(" ", 1)[1] for line in config.splitlines() if "requirepass" in line)
 
 
-def _broker(stack: ModuleType, *words: str) -> int:
+def _broker(stack: LocalStack, *words: str) -> int:
     """One integer-answering Redis command, sent with the broker's password."""
 
     def encode(*parts: str) -> bytes:
@@ -467,7 +452,7 @@ def _broker(stack: ModuleType, *words: str) -> int:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_worker_killed_mid_batch_loses_nothing(
-    topology: ModuleType, image_server: ImageServer
+    topology: LocalStack, image_server: ImageServer
 ) -> None:
     """SIGKILL the default worker while two download batches run, start it again: the run
     finishes with one ok manifest row per URL and one stored object per image, and rows the
@@ -475,7 +460,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     stack = topology
     rows = labelled_urls(image_server, dict.fromkeys(LABELS, 8), prefix="killed", delay=1.5)
     env = stack.client_environment()
-    with stack._stack_environment(env):
+    with stack.session(env):
         from ml.storage import ObjectStore, S3Uri
 
         store = ObjectStore()
@@ -494,7 +479,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     recorded: set[str] = set()
     dataset = ""
     while time.monotonic() < deadline:  # a batch is running and has written some rows
-        states = {(t["task_id"], t["map_index"]): t["state"] for t in stack._tasks(run_id)}
+        states = {(t["task_id"], t["map_index"]): t["state"] for t in stack.tasks(run_id)}
         if not dataset and states.get(("ingest", -1)) == "success":
             dataset = stack.xcom(run_id, "ingest")["dataset"]
         running = [k for k, v in states.items() if k[0] == "download_batch" and v == "running"]
@@ -506,13 +491,13 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     time.sleep(5)  # a few more images fetched that no manifest part holds yet
     recorded, in_flight = _kill_the_worker(stack, run_id, store, env, image_server, dataset)
     state = stack.wait(run_id, 900)
-    tasks = stack._tasks(run_id)
+    tasks = stack.tasks(run_id)
     assert state == "success", [(t["task_id"], t["state"], t["try_number"]) for t in tasks]
     assert max(t["try_number"] for t in tasks if t["task_id"] == "download_batch") >= 2
 
     manifest = stack.xcom(run_id, "collect_manifest")
     assert manifest["statuses"] == {"ok": len(rows)} and manifest["urls"] == len(rows)
-    with stack._stack_environment(env):
+    with stack.session(env):
         from ml.layout import DatasetLayout, StoreLayout
 
         table = store.read_parquet(DatasetLayout.parse(dataset).download_manifest)
@@ -531,7 +516,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
 
 
 def _kill_the_worker(
-    stack: ModuleType,
+    stack: LocalStack,
     run_id: str,
     store: Any,
     env: dict[str, str],
@@ -544,7 +529,7 @@ def _kill_the_worker(
     without a manifest row (the retry must fetch those again)."""
     worker = stack.load_state()["services"]["airflow-worker"]["pid"]
     doomed = stack.started_by([worker])
-    task_pids = {t["pid"] for t in stack._tasks(run_id) if t["task_id"] == "download_batch"}
+    task_pids = {t["pid"] for t in stack.tasks(run_id) if t["task_id"] == "download_batch"}
     task_pids.discard(None)
     assert task_pids and task_pids <= set(doomed), (task_pids, doomed)
     assert all(os.getpgid(pid) != worker for pid in task_pids)  # groups of their own
@@ -558,7 +543,7 @@ def _kill_the_worker(
     assert in_flight, "no image was fetched without its manifest row: nothing to refetch"
     # A live orphan would go on fetching (an image every 1.5 s) and write a part within 20 s.
     time.sleep(25)
-    tries = {t["try_number"] for t in stack._tasks(run_id) if t["task_id"] == "download_batch"}
+    tries = {t["try_number"] for t in stack.tasks(run_id) if t["task_id"] == "download_batch"}
     assert tries == {1}, "the retry started too early to tell"
     assert _hits(image_server) == fetched and _objects(store, env) == written
     return recorded, in_flight
@@ -595,15 +580,15 @@ def _recorded_urls(store: Any, dataset: str) -> set[str]:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_stop_during_a_running_task_leaves_nothing(
-    topology: ModuleType, image_server: ImageServer
+    topology: LocalStack, image_server: ImageServer
 ) -> None:
-    """``scripts/stop`` (stack.py down) while a download task runs: the task processes (in
+    """``scripts/stop`` (scripts/stack down) while a download task runs: the task processes (in
     process groups of their own, their marker hidden by setproctitle) end with the rest.
     Runs last: it stops the module's stack."""
     stack = topology
     rows = labelled_urls(image_server, dict.fromkeys(LABELS, 4), prefix="stopped", delay=2)
     env = stack.client_environment()
-    with stack._stack_environment(env):
+    with stack.session(env):
         from ml.storage import ObjectStore, S3Uri
 
         csv = S3Uri(stack.BUCKET, "input/stopped.csv")
@@ -613,7 +598,7 @@ def test_stop_during_a_running_task_leaves_nothing(
     deadline = time.monotonic() + 300
     task_pids: set[int] = set()
     while time.monotonic() < deadline and not task_pids:
-        running = [t for t in stack._tasks(run_id) if t["task_id"] == "download_batch"]
+        running = [t for t in stack.tasks(run_id) if t["task_id"] == "download_batch"]
         task_pids = {t["pid"] for t in running if t["state"] == "running" and t["pid"]}
         time.sleep(0.5)
     assert task_pids, "no download task was seen running"

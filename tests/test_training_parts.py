@@ -1,7 +1,7 @@
 """Training's parts on the CPU: device choice, head-only warm-up, schedule, checkpoints, seeds.
 
 What breaks only on a GPU is checked here through injectable decisions; the GPU script
-(benchmarks/train_throughput.py --part gpu) runs the rest where a GPU is at hand.
+(python -m benchmarks.train_throughput --part gpu) runs the rest where a GPU is at hand.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Write .env for docker-compose from .env.example, with every secret generated.
 
-    python3 scripts/init_env.py            # writes .env; on an existing one, adds only the
-                                           # settings it lacks (a newer .env.example's)
-    python3 scripts/init_env.py --force    # regenerate (new secrets: existing data won't open)
+    python3 -m deploy.init_env          # writes .env; on an existing one, adds only the
+                                        # settings it lacks (a newer .env.example's)
+    python3 -m deploy.init_env --force  # regenerate (new secrets: existing data won't open)
 
 Secrets (the names in deploy/check_env.py) get fresh random values, the Fernet key a valid
 key; everything else keeps the example's value. Standard library only. (The images' code
@@ -19,10 +19,9 @@ import secrets
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "deploy"))
+from deploy.check_env import SECRETS, problems
 
-from check_env import SECRETS, problems  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def secret_value(name: str) -> str:
