@@ -81,7 +81,7 @@ def path_edits(paths: list[Path]) -> list[str]:
             text = ast.unparse(target) if target is not None else ""
             if text in ("sys.path", "site.addsitedir") or text.startswith("sys.path["):
                 shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
-                found.append(f"{shown}:{node.lineno}")
+                found.append(f"{shown}:{getattr(node, 'lineno', 0)}")
     return found
 
 

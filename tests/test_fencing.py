@@ -178,13 +178,13 @@ import ml.train
 from ml import fencing
 from ml.storage import ObjectStore, S3Uri
 from ml.train import fine_tune
-checkpoint = ml.train._checkpoint
-def freeze_after_the_first(session):  # epoch 1 written in full, then frozen (a stall)
-    checkpoint(session)
-    session.checkpoints.wait()
-    ml.train._checkpoint = checkpoint
+checkpoint = ml.train.Trainer.checkpoint
+def freeze_after_the_first(trainer):  # epoch 1 written in full, then frozen (a stall)
+    checkpoint(trainer)
+    trainer.checkpoints.wait()
+    ml.train.Trainer.checkpoint = checkpoint
     os.kill(os.getpid(), signal.SIGSTOP)
-ml.train._checkpoint = freeze_after_the_first
+ml.train.Trainer.checkpoint = freeze_after_the_first
 config, lease = pickle.loads(bytes.fromhex(sys.argv[1])), S3Uri.parse(sys.argv[2])
 store = ObjectStore()
 with fencing.attempt(store, lease, 1, "train"):
