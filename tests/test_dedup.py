@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from devkit.imageserver import ImageServer, encode, render_image, variant
-from ml.dedup import MAX_DISTANCE, groups, near_pairs, parse_hashes, perceptual_hash
+from ml.dedup import MAX_DISTANCE, groups, near_pairs, parse_hashes, perceptual_hash, plan
 from ml.download import DownloadConfig, download
 from ml.imaging import ImageConfig, normalize_image
 from ml.ingest import ingest
@@ -76,6 +76,48 @@ def test_pair_search_finds_exactly_the_close_pairs(max_distance: int) -> None:
     assert np.array_equal(found, expected)
 
 
+def _brute_force_pairs(hashes: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every pair within ``max_distance``, by comparing all of them (1,000 rows at a time)."""
+    found = []
+    for start in range(0, len(hashes), 1000):
+        rows = hashes[start : start + 1000]
+        left, right = np.nonzero(np.bitwise_count(rows[:, None] ^ hashes[None, :]) <= max_distance)
+        left += start
+        found.append(np.stack([left, right], axis=1)[left < right])
+    pairs = np.concatenate(found)
+    return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def test_pair_search_matches_brute_force_on_20000_hashes() -> None:
+    """Uniform 64-bit hashes (all four 16-bit blocks carry information), a few thousand near
+    copies, a cluster of identical hashes: the plan for this size, on one thread and on two."""
+    rng = np.random.default_rng(20_000)
+    hashes = rng.integers(0, 2**64, 20_000, dtype=np.uint64)
+    for target in rng.choice(len(hashes), 3000, replace=False):
+        bits = rng.choice(64, int(rng.integers(0, MAX_DISTANCE + 3)), replace=False)
+        source = hashes[int(rng.integers(0, len(hashes)))]
+        hashes[target] = source ^ np.uint64(sum(1 << int(b) for b in bits))
+    hashes[:40] = hashes[40]  # one picture stored 41 times: a bucket with many entries
+    expected = _brute_force_pairs(hashes, MAX_DISTANCE)
+    assert len(expected) > 2000
+    assert np.array_equal(near_pairs(hashes, MAX_DISTANCE, threads=1), expected)
+    assert np.array_equal(near_pairs(hashes, MAX_DISTANCE, threads=2), expected)
+
+
+def test_search_plan_covers_all_64_bits_with_the_pigeonhole_radii() -> None:
+    for count in (2, 15_613, 1_000_000):
+        for max_distance in (0, 1, 10, 13):
+            blocks = plan(count, max_distance)
+            assert sum(bits for bits, _ in blocks) == 64
+            # hashes that differ by radius + 1 bits in every block are too far apart
+            # (a block of radius -1 is never searched: any difference there counts)
+            assert sum(radius + 1 for _, radius in blocks) == max_distance + 1
+            assert all(radius >= -1 for _, radius in blocks)
+    assert plan(1_000_000, MAX_DISTANCE) == [(16, 2), (16, 2), (16, 2), (16, 1)]
+    with pytest.raises(ValueError, match="at least 0"):
+        near_pairs(np.zeros(3, dtype=np.uint64), -1)
+
+
 def test_groups_join_bytes_and_pixels_transitively() -> None:
     base = 0x0F0F_0F0F_0F0F_0F0F
     near = base ^ 0b111  # 3 bits from base
@@ -88,6 +130,9 @@ def test_groups_join_bytes_and_pixels_transitively() -> None:
     assert ids[3] == ids[4]  # same bytes, one of them without a hash
     assert len({ids[0], ids[3], ids[5]}) == 3 and pairs == 2
     assert parse_hashes(["zz" * 8, "12", 5])[1].tolist() == [False, False, False]
+    # int()'s prefix and underscores and bytes.fromhex's spaces are not hex digits either
+    junk = ["0x00000000000001", "0000_00000000001", " 0000000000000ff", "00000000000000ff"]
+    assert parse_hashes(junk)[1].tolist() == [False, False, False, True]
 
 
 @pytest.mark.integration
