@@ -74,5 +74,8 @@ RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/buil
     && rm -r /tmp/build
 COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
 USER airflow
+# Compile the near-duplicate search's loop once, into ml/__pycache__ (numba's disk cache), so a
+# split task does not spend seconds compiling it in every new container.
+RUN python -c "import numpy; from ml.dedup import near_pairs; near_pairs(numpy.arange(9, dtype=numpy.uint64))"
 ARG ML_CODE_VERSION=unknown
 ENV ML_CODE_VERSION=${ML_CODE_VERSION}

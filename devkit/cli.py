@@ -11,6 +11,7 @@ from typing import Any
 
 from ml.cli import Stages, build_parser, positive_int, run
 from ml.errors import PipelineError
+from ml.params import PARAMETERS
 
 
 def _port(text: str) -> int:
@@ -67,7 +68,7 @@ def _imageserver_parser(stages: Stages) -> None:
 def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from devkit.demo import run_demo
 
-    return run_demo(sample=args.sample, csv=args.csv, seed=args.seed)
+    return run_demo(rows=args.sample, csv=args.csv, seed=args.seed)
 
 
 def _demo_parser(stages: Stages) -> None:
@@ -83,7 +84,7 @@ def _demo_parser(stages: Stages) -> None:
         default=None,
         help="CSV to sample (default: the bundled dataset if present, else a generated one)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=PARAMETERS["seed"].default)
     p.set_defaults(run=_run_demo)
 
 

@@ -23,10 +23,14 @@ from ml.download import DownloadConfig, download
 from ml.fetch import FetchConfig
 from ml.ingest import CROWDFLOWER_LABEL, find_columns, parse_csv
 from ml.labels import LABELS
+from ml.params import PARAMETERS
 from ml.progress import Progress
 from ml.redact import get_logger
 from ml.splits import make_splits
 from ml.storage import ObjectStore, S3Uri
+
+#: The run's seed by default: the demo samples its rows and splits them with it.
+SEED: int = PARAMETERS["seed"].default
 
 log = get_logger(__name__)
 
@@ -46,7 +50,7 @@ DEMO_COPIES = (
 )
 
 
-def generated_csv(rows: int, seed: int = 0) -> bytes:
+def generated_csv(rows: int, seed: int = SEED) -> bytes:
     """A CrowdFlower-shaped CSV (bare-CR records, long column names) with made-up URLs."""
     rng = np.random.default_rng(seed)
     labels = rng.choice(LABELS, size=rows, p=np.array(REAL_SHARES) / sum(REAL_SHARES))
@@ -65,7 +69,7 @@ def generated_csv(rows: int, seed: int = 0) -> bytes:
     return str(frame.to_csv(index=False, lineterminator="\r")).encode()
 
 
-def point_at(data: bytes, base_url: str, *, rows: int = 0, seed: int = 0) -> bytes:
+def point_at(data: bytes, base_url: str, *, rows: int = 0, seed: int = SEED) -> bytes:
     """The CSV (a stratified sample of ``rows`` of its rows, when given) with each URL served by
     the image server at ``base_url`` (a colour per label): a few rows faulty (DEMO_FAULTS) and
     a few resized or recompressed copies of other rows' pictures added (DEMO_COPIES)."""
@@ -109,7 +113,7 @@ def _sample(frame: pd.DataFrame, label_column: str, rows: int, seed: int) -> pd.
     return frame.iloc[sorted(chosen)].reset_index(drop=True)
 
 
-def source_csv(csv_path: str | None = None, rows: int = 500, seed: int = 0) -> bytes:
+def source_csv(csv_path: str | None = None, rows: int = 500, seed: int = SEED) -> bytes:
     """The CSV to sample: ``csv_path``, else the CrowdFlower file beside the repository, else
     a generated stand-in of the same shape."""
     if csv_path:
@@ -149,17 +153,17 @@ def upload_inputs(data: bytes, sample_uri: str, score_uri: str, score_rows: int 
     store.put_bytes(S3Uri.parse(score_uri), listing.encode(), content_type="text/csv")
 
 
-def run_demo(*, sample: int = 200, csv: str | None = None, seed: int = 0) -> dict[str, Any]:
+def run_demo(*, rows: int = 200, csv: str | None = None, seed: int = SEED) -> dict[str, Any]:
     """Run ingest, download and split offline; returns the three summaries."""
     from ml.ingest import ingest
 
-    source = source_csv(csv, max(sample * 2, 500), seed)
+    source = source_csv(csv, max(rows * 2, 500), seed)
     with local_s3() as endpoint, ImageServer() as server:
         log.info("local S3 at %s, synthetic image server at %s", endpoint, server.base_url)
         store = ObjectStore()
         store.ensure_bucket("demo")
         csv_uri = S3Uri("demo", "input/sample.csv")
-        staged = point_at(source, server.base_url, rows=sample, seed=seed)
+        staged = point_at(source, server.base_url, rows=rows, seed=seed)
         store.put_bytes(csv_uri, staged, content_type="text/csv")
         ingested = ingest(str(csv_uri), "s3://demo/pipeline", store=store).to_json()
         config = DownloadConfig(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -132,14 +131,45 @@ def longest_modules(paths: list[Path], top: int = 5) -> list[tuple[int, str]]:
     return sorted(sizes, reverse=True)[:top]
 
 
+def _literal(node: ast.expr | None) -> bool:
+    """A value written out in the code: a number, string or bool (``-1`` and tuples of them
+    too); ``None`` means "not given" and a name or ``PARAMETERS[...]`` refers to the schema."""
+    if isinstance(node, ast.UnaryOp):
+        return _literal(node.operand)
+    if isinstance(node, ast.Tuple):
+        return all(_literal(item) for item in node.elts)
+    return isinstance(node, ast.Constant) and node.value is not None
+
+
+def declared_defaults(tree: ast.AST) -> set[str]:
+    """Names given a literal default in a signature (``name=3``) or a class or module field
+    (``name: float = 3.0``); keyword arguments of calls are uses, not declarations."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if _literal(node.value):
+                names.add(node.target.id)
+        elif isinstance(node, ast.arguments):
+            positional = node.posonlyargs + node.args
+            pairs = list(
+                zip(positional[len(positional) - len(node.defaults) :], node.defaults, strict=True)
+            )
+            pairs += [
+                (a, d)
+                for a, d in zip(node.kwonlyargs, node.kw_defaults, strict=True)
+                if d is not None
+            ]
+            names.update(arg.arg for arg, default in pairs if _literal(default))
+    return names
+
+
 def default_declarations(names: list[str], paths: list[Path]) -> dict[str, int]:
-    """How many files give each parameter a literal default (``name: type = literal`` or
-    ``name=literal`` in a signature): 1, ml/params.py, is the goal."""
-    counts = {}
-    for name in names:
-        pattern = re.compile(rf"\b{name}\s*(?::\s*[\w\[\], |]+)?\s*=\s*[-\d\"'(]")
-        counts[name] = sum(1 for p in paths if pattern.search(p.read_text()))
-    return counts
+    """How many files give each run parameter its default: ml/params.py's schema (one entry
+    per parameter) plus every other file that writes a literal default for that name; 1 is
+    the goal."""
+    schema = REPO / "ml" / "params.py"
+    declared = [declared_defaults(ast.parse(p.read_text())) for p in paths if p != schema]
+    return {name: 1 + sum(name in found for found in declared) for name in names}
 
 
 def report() -> dict[str, object]:
@@ -154,6 +184,7 @@ def report() -> dict[str, object]:
         "import_path_edits": path_edits(python_files()),
         "longest_functions": longest_functions(python),
         "longest_modules": longest_modules(python),
+        "run_parameters": len(counts),
         "parameters_with_a_default_in_more_than_one_file": {
             k: v for k, v in counts.items() if v > 1
         },

@@ -48,7 +48,7 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         raise PipelineError("give --store s3://BUCKET/PREFIX (or set ML_STORE)")
     limits = SourceLimits(
         max_bytes=args.max_csv_bytes or SourceLimits().max_bytes,
-        deadline=args.csv_deadline,
+        csv_deadline=args.csv_deadline,
         allow_networks=tuple(args.allow_network),
     )
     return ingest(
@@ -64,6 +64,8 @@ def _run_ingest(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _ingest_parser(stages: Stages) -> None:
+    from ml.csvsource import SourceLimits
+
     p = stages.add_parser(
         "ingest",
         help="validate a CSV of image URLs and labels",
@@ -94,7 +96,7 @@ def _ingest_parser(stages: Stages) -> None:
     p.add_argument(
         "--csv-deadline",
         type=float,
-        default=300.0,
+        default=SourceLimits.csv_deadline,
         metavar="S",
         help="total seconds to download an http(s) CSV (default: %(default)s)",
     )

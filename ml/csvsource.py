@@ -59,7 +59,7 @@ class SourceLimits:
 
     max_bytes: int = field(default_factory=default_max_bytes)
     #: Total seconds for an http(s) CSV: connecting, every redirect, every byte.
-    deadline: float = 300.0
+    csv_deadline: float = 300.0
     allow_networks: tuple[str, ...] = ()
     resolver: Resolver | None = field(default=None, compare=False)
 
@@ -116,7 +116,7 @@ def _fetch(url: str, limits: SourceLimits) -> bytes:
     config = FetchConfig(
         connect_timeout=10.0,
         read_timeout=30.0,
-        deadline=limits.deadline,
+        deadline=limits.csv_deadline,
         retries=2,
         max_bytes=limits.max_bytes,
         per_host=2,

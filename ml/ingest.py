@@ -427,7 +427,7 @@ def ingest(
     min_confidence: float | None = None,
     sample: int | None = None,
     seed: int = PARAMETERS["seed"].default,
-    exclude_golden: bool = False,
+    exclude_golden: bool = PARAMETERS["exclude_golden"].default,
     encoding: str | None = None,
     limits: SourceLimits | None = None,
     store: ObjectStore | None = None,

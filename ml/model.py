@@ -49,7 +49,7 @@ class WeightsInfo:
     transforms: dict[str, Any] = field(default_factory=dict)
 
 
-def eval_preset(arch: str = "resnet152", weights: Any = None) -> dict[str, Any]:
+def eval_preset(arch: str = PARAMETERS["arch"].default, weights: Any = None) -> dict[str, Any]:
     """Evaluation preprocessing from the weights' own transforms (resize, crop, stats):
     ``IMAGENET1K_V1`` resizes to 256 for a 224 crop, ``IMAGENET1K_V2`` to 232. ``weights`` is a
     torchvision weights enum member; None means the architecture's default."""

@@ -87,14 +87,14 @@ def compare(
     *,
     resamples: int = PARAMETERS["promotion_resamples"].default,
     confidence: float = PARAMETERS["promotion_confidence"].default,
-    seed: int = 0,
+    bootstrap_seed: int = 0,
 ) -> Comparison:
     """Macro-F1 of both models on the same images, and a paired bootstrap of the gain."""
     y = np.asarray(truth, dtype=int)
     classes = max(new_probs.shape[1], champion_probs.shape[1])
     new, old = new_probs.argmax(axis=1), champion_probs.argmax(axis=1)
     new_score, old_score = macro_f1(y, new, classes), macro_f1(y, old, classes)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(bootstrap_seed)
     gains = np.empty(resamples)
     step = max(1, 200_000 // max(1, len(y)))  # resamples per vectorized block
     for start in range(0, resamples, step):

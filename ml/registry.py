@@ -116,7 +116,7 @@ def register_model(
     margin: float = PARAMETERS["promotion_margin"].default,
     resamples: int = PARAMETERS["promotion_resamples"].default,
     confidence: float = PARAMETERS["promotion_confidence"].default,
-    orchestrator_run_id: str = "",
+    orchestrator_run_id: str = PARAMETERS["orchestrator_run_id"].default,
     client: Any | None = None,
     store: Any | None = None,
 ) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ml.params import PARAMETERS
 from ml.redact import get_logger
 
 log = get_logger(__name__)
@@ -59,7 +60,9 @@ def scoring_app(model: Any) -> Any:
     return app
 
 
-def serve(model_uri: str, host: str, port: int, device: str = "auto") -> dict[str, Any]:
+def serve(
+    model_uri: str, host: str, port: int, device: str = PARAMETERS["device"].default
+) -> dict[str, Any]:
     """Serve ``model_uri`` until interrupted; the summary once it stops."""
     import uvicorn
 

@@ -82,7 +82,7 @@ class Preprocessing:
     def train_transform(self) -> Transform:
         return train_transform(self.crop_size)
 
-    def normalizer(self, device: torch.device, *, channels_last: bool = True) -> Normalizer:
+    def normalizer(self, device: torch.device, *, channels_last: bool) -> Normalizer:
         return Normalizer(self.mean, self.std, device, channels_last=channels_last)
 
 
@@ -95,7 +95,7 @@ class Normalizer:
         std: Sequence[float],
         device: torch.device,
         *,
-        channels_last: bool = True,
+        channels_last: bool,
     ) -> None:
         self.device = device
         self.channels_last = channels_last
@@ -123,7 +123,7 @@ def to_model_input(
     mean: Sequence[float],
     std: Sequence[float],
     *,
-    channels_last: bool = True,
+    channels_last: bool,
 ) -> torch.Tensor:
     """uint8 NCHW batch -> normalized float32 on ``device`` (one-off use; a training loop keeps
     a :class:`Normalizer` so the constants are not rebuilt every step)."""

@@ -18,7 +18,7 @@ from ml.errors import PipelineError
 from ml.ingest import find_columns, ingest, parse_csv, validate_rows
 
 ROWS = "url,label\nhttp://a.example/1.jpg,Positive\nhttp://a.example/é.jpg,Négatif\n"
-LOOPBACK = SourceLimits(allow_networks=("127.0.0.0/8",), deadline=3.0)
+LOOPBACK = SourceLimits(allow_networks=("127.0.0.0/8",), csv_deadline=3.0)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,8 @@ def test_a_csv_url_is_capped_and_bounded_in_time(csv_server: str) -> None:
     started = time.monotonic()
     with pytest.raises(PipelineError, match="timeout"):
         read_bytes(
-            f"{csv_server}/slow.csv", SourceLimits(deadline=1.0, allow_networks=("127.0.0.0/8",))
+            f"{csv_server}/slow.csv",
+            SourceLimits(csv_deadline=1.0, allow_networks=("127.0.0.0/8",)),
         )
     assert time.monotonic() - started < 2.5
 

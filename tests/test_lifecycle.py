@@ -59,8 +59,8 @@ def test_the_bootstrap_is_paired_and_reproducible() -> None:
     truth = [0, 1, 2, 3, 4] * 10
     same = compare(truth, _probs(truth), _probs(truth), resamples=500)
     assert (same.gain, same.low, same.high) == (0.0, 0.0, 0.0)  # same model: no spread at all
-    one = compare(truth, _probs(truth), _probs([0] * 50), resamples=500, seed=4)
-    two = compare(truth, _probs(truth), _probs([0] * 50), resamples=500, seed=4)
+    one = compare(truth, _probs(truth), _probs([0] * 50), resamples=500, bootstrap_seed=4)
+    two = compare(truth, _probs(truth), _probs([0] * 50), resamples=500, bootstrap_seed=4)
     assert one == two
 
 

@@ -1,11 +1,22 @@
 """The code's structure holds: no import circles (in ml, in the local stack, between the
-top-level folders), and nothing edits the import path."""
+top-level folders), nothing edits the import path, and each run parameter's default is written
+once, in the schema."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
-from devkit.structure import cycles, import_graph, package_graph, path_edits, python_files
+from devkit.structure import (
+    cycles,
+    declared_defaults,
+    default_declarations,
+    import_graph,
+    package_graph,
+    path_edits,
+    python_files,
+)
+from ml.params import PARAMETERS
 from tests.conftest import REPO
 
 
@@ -46,3 +57,21 @@ def test_the_top_level_folders_import_downward() -> None:
     stack = import_graph(REPO / "devkit" / "stack")
     assert stack["local"] >= {"processes", "airflow_api", "report"}
     assert cycles(stack) == []
+
+
+def test_each_run_parameter_has_its_default_in_the_schema_only(tmp_path: Path) -> None:
+    """No file but ml/params.py writes a literal default for a run parameter's name (in a
+    signature or a dataclass field); the finder sees each way of writing one."""
+    names = sorted(PARAMETERS)
+    files = python_files(("ml", "dags", "plugins", "devkit", "deploy"))
+    counts = default_declarations(names, files)
+    assert len(counts) == len(PARAMETERS) > 40
+    assert {name: n for name, n in counts.items() if n != 1} == {}
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "from dataclasses import dataclass\n"
+        "@dataclass\nclass C:\n    epochs: int = 3\n    seed: int = SEED\n"
+        "def f(a, retries=-1, *, deadline=(1.0, 2.0), weights=None):\n"
+        "    g(image_size=5)\n"
+    )
+    assert declared_defaults(ast.parse(planted.read_text())) == {"epochs", "retries", "deadline"}

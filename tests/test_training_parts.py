@@ -221,7 +221,7 @@ def test_normalizer_matches_the_reference_formula() -> None:
     reference = (batch.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(
         std
     ).view(1, 3, 1, 1)
-    out = Normalizer(mean, std, torch.device("cpu"))(batch)
+    out = Normalizer(mean, std, torch.device("cpu"), channels_last=True)(batch)
     assert torch.allclose(out, reference, atol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
