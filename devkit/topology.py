@@ -395,159 +395,159 @@ def celery_plan(
     extra: Mapping[str, str],
 ) -> Plan:
     """Every process of the compose topology, in start order, as it runs here."""
-    compose = load_compose()
-    values = stack_values(ports, bucket, extra)
-    env_file = state / ".env"
-    write_env(env_file, values)
-    addresses = {
-        "postgres": f"127.0.0.1:{ports['postgres']}",
-        "redis": f"127.0.0.1:{ports['redis']}",
-        "minio": f"127.0.0.1:{ports['s3']}",
-        "mlflow": f"127.0.0.1:{ports['mlflow']}",
-        "airflow-apiserver": f"127.0.0.1:{ports['airflow']}",
-    }
-    paths = _paths(state)
-    pg_folder = Path(tempfile.gettempdir()) / f"stack-postgres-{marker[:12]}"
-    common = {
-        "STACK_MARKER": marker,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(REPO),
-        "HOME": os.environ.get("HOME", str(state)),
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-    }
-    native_airflow = {
-        "AIRFLOW_HOME": str(state / "airflow"),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(ports["airflow"]),
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
-        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(ports["scheduler_health"]),
-        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
-    }
-
-    def env_of(service: str, **more: str) -> dict[str, str]:
-        """Compose's environment for ``service``, run from its image's environment (PATH)."""
-        env = service_environment(compose, service, values, addresses)
-        env = {k: _replace_paths(v, paths) for k, v in env.items()}
-        path = f"{_image_bin(compose, service)}{os.pathsep}{common['PATH']}"
-        return {**common, "PATH": path, **env, **more}
-
-    def airflow_env(service: str, **more: str) -> dict[str, str]:
-        return env_of(service, **native_airflow, **more)
-
-    def airflow(service: str, *args: str) -> list[str]:
-        return [str(_image_bin(compose, service) / "airflow"), *args]
-
+    native = _NativeCompose(state, ports, marker, stack_values(ports, bucket, extra))
+    write_env(state / ".env", native.values)
     (state / "secrets").mkdir(mode=0o700, parents=True, exist_ok=True)
     _write_auth_config(state)
-    mlflow_command = native_command(
-        service_command(compose, "mlflow", values), port=ports["mlflow"]
-    )
-    mlflow_command[0] = str(_image_bin(compose, "mlflow") / mlflow_command[0])
-    steps = [
-        Step(
-            "config-check",
-            [_replace_paths(part, paths) for part in _entrypoint(compose, "config-check")],
-            env_of("config-check"),
-            once=True,
-        ),
-        Step(
-            "minio",
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
-            common,
-            health=f"http://127.0.0.1:{ports['s3']}/",
-        ),
-        Step(
-            "images",
-            [sys.executable, "-m", "devkit", "-q", "imageserver", "--port", str(ports["images"])],
-            common,
-            health=f"http://127.0.0.1:{ports['images']}/health.jpg",
-        ),
-        Step(
-            "postgres",
-            postgres_command(pg_folder, ports["postgres"]),
-            common,
-            before=lambda: init_postgres(pg_folder, state / "logs" / "postgres-init.log"),
-            after=lambda: _postgres_ready_then_databases(
-                pg_folder, ports["postgres"], values, compose_databases(compose)[0]
-            ),
-        ),
-        Step(
-            "postgres-databases",
-            [_replace_paths(part, paths) for part in _entrypoint(compose, "postgres-databases")],
-            env_of("postgres-databases", PGPORT=str(ports["postgres"])),
-            once=True,
-        ),
-        Step(
-            "redis",
-            redis_command(state / "redis", ports["redis"], values["REDIS_PASSWORD"])[0],
-            common,
-            after=lambda: redis_ready(ports["redis"], values["REDIS_PASSWORD"]),
-        ),
-        Step(
-            "store-init",
-            _entrypoint(compose, "store-init"),
-            env_of("store-init"),
-            once=True,
-        ),
-        Step(
-            "mlflow",
-            mlflow_command,
-            env_of("mlflow"),
-            health=f"http://127.0.0.1:{ports['mlflow']}/health",
-            timeout=180,
-        ),
-        Step(
-            "mlflow-users",
-            [_replace_paths(part, paths) for part in _entrypoint(compose, "mlflow-users")],
-            env_of("mlflow-users"),
-            once=True,
-        ),
-        Step(
-            "airflow-init",
-            [_replace_paths(part, paths) for part in _entrypoint(compose, "airflow-init")],
-            airflow_env("airflow-init"),
-            once=True,
-            timeout=300,
-        ),
-        Step(
-            "airflow-apiserver",
-            airflow("airflow-apiserver", "api-server"),
-            airflow_env("airflow-apiserver"),
-            health=f"http://127.0.0.1:{ports['airflow']}/api/v2/monitor/health",
-            timeout=180,
-        ),
-        Step(
-            "airflow-scheduler",
-            airflow("airflow-scheduler", "scheduler"),
-            airflow_env("airflow-scheduler"),
-        ),
-        Step(
-            "airflow-dag-processor",
-            airflow("airflow-dag-processor", "dag-processor"),
-            airflow_env("airflow-dag-processor"),
-        ),
-        # Log servers would bind every interface; task logs are local files here.
-        Step(
-            "airflow-triggerer",
-            airflow("airflow-triggerer", "triggerer", "--skip-serve-logs"),
-            airflow_env("airflow-triggerer"),
-        ),
-    ]
+    steps = native.backing_steps() + native.airflow_steps()
     for service, role in (("airflow-worker", "default"), ("airflow-worker-gpu", "gpu")):
-        steps.append(worker_step(compose, service, role, values, airflow_env))
-    client = {
-        **env_of("airflow-worker"),
-        **native_airflow,
-        "PATH": common["PATH"],
-        "AIRFLOW_ADMIN_USER": values["AIRFLOW_ADMIN_USER"],
-        "AIRFLOW_ADMIN_PASSWORD": values["AIRFLOW_ADMIN_PASSWORD"],
-        "POSTGRES_DSN": f"host=127.0.0.1 port={ports['postgres']} user={values['POSTGRES_USER']}",
-        "POSTGRES_PASSWORD": values["POSTGRES_PASSWORD"],
-    }
-    return Plan(steps, values, client, cleanup=[pg_folder])
+        steps.append(worker_step(native.compose, service, role, native.values, native.airflow_env))
+    return Plan(steps, native.values, native.client_env(), cleanup=[native.pg_folder])
+
+
+class _NativeCompose:
+    """docker-compose.yaml's services as processes on this machine: each one's command and
+    environment from the compose file, with loopback addresses and the stack's folders."""
+
+    def __init__(
+        self, state: Path, ports: Mapping[str, int], marker: str, values: dict[str, str]
+    ) -> None:
+        self.compose = load_compose()
+        self.state, self.ports, self.values = state, ports, values
+        self.addresses = {
+            "postgres": f"127.0.0.1:{ports['postgres']}",
+            "redis": f"127.0.0.1:{ports['redis']}",
+            "minio": f"127.0.0.1:{ports['s3']}",
+            "mlflow": f"127.0.0.1:{ports['mlflow']}",
+            "airflow-apiserver": f"127.0.0.1:{ports['airflow']}",
+        }
+        self.paths = _paths(state)
+        self.pg_folder = Path(tempfile.gettempdir()) / f"stack-postgres-{marker[:12]}"
+        self.common = {
+            "STACK_MARKER": marker,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "PYTHONPATH": str(REPO),
+            "HOME": os.environ.get("HOME", str(state)),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+        }
+        self.native_airflow = {
+            "AIRFLOW_HOME": str(state / "airflow"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(ports["airflow"]),
+            "AIRFLOW__API__WORKERS": "1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_HOST": "127.0.0.1",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_SERVER_PORT": str(
+                ports["scheduler_health"]
+            ),
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        }
+
+    def env_of(self, service: str, **more: str) -> dict[str, str]:
+        """Compose's environment for ``service``, run from its image's environment (PATH)."""
+        env = service_environment(self.compose, service, self.values, self.addresses)
+        env = {k: _replace_paths(v, self.paths) for k, v in env.items()}
+        path = f"{_image_bin(self.compose, service)}{os.pathsep}{self.common['PATH']}"
+        return {**self.common, "PATH": path, **env, **more}
+
+    def airflow_env(self, service: str, **more: str) -> dict[str, str]:
+        return self.env_of(service, **self.native_airflow, **more)
+
+    def once(self, service: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> Step:
+        """A one-off compose step: its entrypoint with the stack's folders, compose's
+        environment unless ``env`` is given."""
+        command = [_replace_paths(p, self.paths) for p in _entrypoint(self.compose, service)]
+        env = self.env_of(service) if env is None else env
+        return Step(service, command, env, once=True, timeout=timeout)
+
+    def airflow(self, service: str, *args: str, health: str | None = None) -> Step:
+        """An Airflow service, run by its image's ``airflow`` command."""
+        command = [str(_image_bin(self.compose, service) / "airflow"), *args]
+        timeout = 180.0 if health else 120.0
+        return Step(service, command, self.airflow_env(service), health=health, timeout=timeout)
+
+    def backing_steps(self) -> list[Step]:
+        """The store, the image server, the databases, Redis and MLflow, with their set-up."""
+        ports, values, common = self.ports, self.values, self.common
+        mlflow = native_command(
+            service_command(self.compose, "mlflow", values), port=ports["mlflow"]
+        )
+        mlflow[0] = str(_image_bin(self.compose, "mlflow") / mlflow[0])
+        store = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])]
+        images = [sys.executable, "-m", "devkit", "-q", "imageserver"]
+        return [
+            self.once("config-check"),
+            Step("minio", store, common, health=f"http://127.0.0.1:{ports['s3']}/"),
+            Step(
+                "images",
+                [*images, "--port", str(ports["images"])],
+                common,
+                health=f"http://127.0.0.1:{ports['images']}/health.jpg",
+            ),
+            Step(
+                "postgres",
+                postgres_command(self.pg_folder, ports["postgres"]),
+                common,
+                before=lambda: init_postgres(
+                    self.pg_folder, self.state / "logs" / "postgres-init.log"
+                ),
+                after=lambda: _postgres_ready_then_databases(
+                    self.pg_folder, ports["postgres"], values, compose_databases(self.compose)[0]
+                ),
+            ),
+            self.once(
+                "postgres-databases",
+                self.env_of("postgres-databases", PGPORT=str(ports["postgres"])),
+            ),
+            Step(
+                "redis",
+                redis_command(self.state / "redis", ports["redis"], values["REDIS_PASSWORD"])[0],
+                common,
+                after=lambda: redis_ready(ports["redis"], values["REDIS_PASSWORD"]),
+            ),
+            Step(
+                "store-init",
+                _entrypoint(self.compose, "store-init"),
+                self.env_of("store-init"),
+                once=True,
+            ),
+            Step(
+                "mlflow",
+                mlflow,
+                self.env_of("mlflow"),
+                health=f"http://127.0.0.1:{ports['mlflow']}/health",
+                timeout=180,
+            ),
+            self.once("mlflow-users"),
+        ]
+
+    def airflow_steps(self) -> list[Step]:
+        """Airflow's migration and services (the workers are added by the caller)."""
+        health = f"http://127.0.0.1:{self.ports['airflow']}/api/v2/monitor/health"
+        return [
+            self.once("airflow-init", self.airflow_env("airflow-init"), timeout=300),
+            self.airflow("airflow-apiserver", "api-server", health=health),
+            self.airflow("airflow-scheduler", "scheduler"),
+            self.airflow("airflow-dag-processor", "dag-processor"),
+            # Log servers would bind every interface; task logs are local files here.
+            self.airflow("airflow-triggerer", "triggerer", "--skip-serve-logs"),
+        ]
+
+    def client_env(self) -> dict[str, str]:
+        """What a client of the stack needs: the worker's settings, the admin login, the DSN."""
+        values = self.values
+        return {
+            **self.env_of("airflow-worker"),
+            **self.native_airflow,
+            "PATH": self.common["PATH"],
+            "AIRFLOW_ADMIN_USER": values["AIRFLOW_ADMIN_USER"],
+            "AIRFLOW_ADMIN_PASSWORD": values["AIRFLOW_ADMIN_PASSWORD"],
+            "POSTGRES_DSN": (
+                f"host=127.0.0.1 port={self.ports['postgres']} user={values['POSTGRES_USER']}"
+            ),
+            "POSTGRES_PASSWORD": values["POSTGRES_PASSWORD"],
+        }
 
 
 def _image_bin(compose: Mapping[str, Any], service: str) -> Path:
