@@ -52,16 +52,17 @@ COPY deploy /opt/airflow/deploy
 
 FROM base AS airflow
 COPY deploy/locks/airflow.txt /tmp/build/airflow.txt
-RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/airflow.txt \
+RUN uv pip install --python "$(command -v python)" --compile-bytecode --require-hashes -r /tmp/build/airflow.txt \
     && rm -r /tmp/build
 COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
 USER airflow
+RUN python -m compileall -q dags plugins ml deploy
 ARG ML_CODE_VERSION=unknown
 ENV ML_CODE_VERSION=${ML_CODE_VERSION}
 
 FROM base AS mlflow
 COPY deploy/locks/mlflow.txt /tmp/build/mlflow.txt
-RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/mlflow.txt \
+RUN uv pip install --python "$(command -v python)" --compile-bytecode --require-hashes -r /tmp/build/mlflow.txt \
     && rm -r /tmp/build
 COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
 USER airflow
@@ -70,12 +71,14 @@ ENV ML_CODE_VERSION=${ML_CODE_VERSION}
 
 FROM base AS worker
 COPY requirements.txt /tmp/build/requirements.txt
-RUN uv pip install --python "$(command -v python)" --require-hashes -r /tmp/build/requirements.txt \
+RUN uv pip install --python "$(command -v python)" --compile-bytecode --require-hashes -r /tmp/build/requirements.txt \
     && rm -r /tmp/build
 COPY --from=code --chown=airflow:0 /opt/airflow /opt/airflow
 USER airflow
-# Compile the near-duplicate search's loop once, into ml/__pycache__ (numba's disk cache), so a
-# split task does not spend seconds compiling it in every new container.
-RUN python -c "import numpy; from ml.dedup import near_pairs; near_pairs(numpy.arange(9, dtype=numpy.uint64))"
+# Compile once at build what every task would otherwise compile again: the code's bytecode
+# (PYTHONDONTWRITEBYTECODE keeps processes from writing it) and the near-duplicate search's loop
+# (numba's disk cache in ml/__pycache__).
+RUN python -m compileall -q dags plugins ml deploy \
+    && python -c "import numpy; from ml.dedup import near_pairs; near_pairs(numpy.arange(9, dtype=numpy.uint64))"
 ARG ML_CODE_VERSION=unknown
 ENV ML_CODE_VERSION=${ML_CODE_VERSION}

@@ -116,10 +116,8 @@ def run_ours(
     csv = tmp / f"{tag}.csv"
     csv.write_text("url,label\n" + "".join(f"{u},Positive\n" for u in urls))
     dataset = ingest(str(csv), f"s3://{bucket}/{tag}", store=store).dataset
-    profile = ["-m", "cProfile", "-o", args.profile] if args.profile and not rerun else []
     cmd = [
         sys.executable,
-        *profile,
         "-m",
         "ml",
         "-q",
@@ -133,8 +131,15 @@ def run_ours(
         "--per-host",
         str(args.concurrency),
     ]
+    if args.profile and not rerun:  # py-spy samples every thread (cProfile sees only one)
+        spy = [str(ensure_pyspy()), "record", "--format", "raw", "--rate", "250", "--nonblocking"]
+        cmd = [*spy, "-o", args.profile, "--", *cmd]
     result = measure(cmd, env)
-    summary = json.loads(result["stdout"].strip().splitlines()[-1])
+    # the summary is the last JSON line (py-spy adds lines of its own)
+    summary = json.loads([ln for ln in result["stdout"].splitlines() if ln.startswith("{")][-1])
+    if args.profile and not rerun:
+        print_profile(Path(args.profile))
+        return figures("ours, profiled (py-spy's own CPU included)", result, len(urls), len(urls))
     if rerun:
         fetched, stored = summary["downloaded"], summary["skipped_existing"]
         name = f"ours, rerun (fetched {fetched}, already stored {stored})"
@@ -164,6 +169,37 @@ def run_img2dataset(
         rows.append(figures(approach, result, len(stored), args.images))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def ensure_pyspy() -> Path:
+    """py-spy (a sampling profiler, a binary) in its own folder, installed on first use."""
+    binary = REPO / ".venv-pyspy" / "bin" / "py-spy"
+    if not binary.exists():
+        pip = [sys.executable, "-m", "pip", "install", "-q", "--target", str(binary.parent.parent)]
+        subprocess.run([*pip, "py-spy==0.4.2"], check=True)
+    return binary
+
+
+def print_profile(raw: Path, top: int = 25) -> None:
+    """Where the samples of a py-spy raw profile fall: by the function running (self) and by
+    every function on the stack (inclusive), as shares of the samples with a Python stack
+    (threads in native code without one are left out)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        frames = stack.split(";")
+        total += int(count)
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + int(count)
+    for title, table in (("self", own), ("inclusive", inclusive)):
+        print(f"\n{title}: share of {total} samples with a Python stack")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{100 * n / total:6.1f} %  {frame}")
 
 
 def img2dataset_command(listing: Path, output: str, args: argparse.Namespace) -> list[str]:
@@ -207,7 +243,9 @@ def main() -> int:
     parser.add_argument("--i2d-processes", type=int, default=2, help="img2dataset's processes")
     parser.add_argument("--i2d-threads", type=int, default=64, help="img2dataset's threads each")
     parser.add_argument(
-        "--profile", metavar="FILE", help="also write a cProfile of our first run to FILE"
+        "--profile",
+        metavar="FILE",
+        help="profile our first run instead (py-spy, every thread; raw stacks to FILE)",
     )
     parser.add_argument("--skip-naive", action="store_true")
     args = parser.parse_args()

@@ -69,7 +69,7 @@ def ensure(target: str, root: Path = ROOT) -> Path:
     per process (a plan asks for each service's environment several times)."""
     lock = locks()[target]
     venv = root / target
-    want = hashlib.sha256(lock.read_bytes() + sys.version.encode()).hexdigest()
+    want = hashlib.sha256(lock.read_bytes() + sys.version.encode() + b"bytecode").hexdigest()
     stamp = venv / ".lock.sha256"
     if stamp.is_file() and stamp.read_text() == want:
         return venv
@@ -85,6 +85,7 @@ def ensure(target: str, root: Path = ROOT) -> Path:
             "--python",
             str(venv / "bin" / "python"),
             "--require-hashes",
+            "--compile-bytecode",  # as the image does: no process compiles its imports again
             str(lock),
         ],
         capture_output=True,

@@ -298,7 +298,7 @@ def _render(opened: Image.Image, max_side: int) -> Image.Image:
         warnings.simplefilter("ignore")
         opened.load()
         image = _shrink(opened, max_side)
-        image = ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # a copy per image otherwise
         image = _to_rgb(image)
         target = _target_size(*image.size, max_side)
         if image.size != target:

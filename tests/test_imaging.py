@@ -45,6 +45,23 @@ def test_small_images_keep_their_size() -> None:
     assert (result.width, result.height) == (90, 60)
 
 
+@pytest.mark.parametrize("orientation", [1, 6, 8, 3])
+def test_exif_orientation_is_applied(orientation: int) -> None:
+    """A phone photo stored sideways with an orientation tag is stored upright (6 and 8 turn
+    it a quarter, 3 half; 1 leaves it as it is)."""
+    picture = Image.new("RGB", (80, 40), (255, 255, 255))
+    picture.paste((200, 0, 0), (0, 0, 20, 40))  # red on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=95, exif=exif.tobytes())
+    stored = normalize_image(out.getvalue(), ImageConfig())
+    upright = Image.open(io.BytesIO(stored.data)).convert("RGB")
+    assert upright.size == ((40, 80) if orientation in (6, 8) else (80, 40))
+    red = {1: (5, 20), 6: (20, 5), 8: (20, 75), 3: (75, 20)}[orientation]
+    assert upright.getpixel(red)[0] > 150 and upright.getpixel(red)[1] < 80
+
+
 def test_transparency_is_composited_on_white() -> None:
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
     out = io.BytesIO()
