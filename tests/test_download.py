@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -27,6 +29,7 @@ from ml.download import (
     read_parts,
 )
 from ml.errors import PipelineError
+from ml.fastput import FastPut
 from ml.fetch import FetchConfig
 from ml.ingest import ingest
 from ml.layout import DatasetLayout
@@ -158,6 +161,44 @@ def test_conditional_put_never_overwrites(store_uri: str, store: ObjectStore) ->
     assert store.put_bytes(key, b"first", if_absent=True) is True
     assert store.put_bytes(key, b"second", if_absent=True) is False
     assert store.get_bytes(key) == b"first"
+
+
+def test_new_objects_take_the_fast_path_and_fall_back_to_boto3(
+    store_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conditional PUTs of new objects go through obstore's client (written, or already there);
+    when that client cannot tell (here: pointed at a closed port), boto3's path writes it, and
+    a store that is really down is reported in boto3's words."""
+    answers: list[bool | None] = []
+    put_new = FastPut.put_new
+
+    def spy(self: FastPut, *args: Any) -> bool | None:
+        answers.append(put_new(self, *args))
+        return answers[-1]
+
+    monkeypatch.setattr(FastPut, "put_new", spy)
+    store = ObjectStore()
+    key = S3Uri.parse(store_uri).child("images/fast.jpg")
+    assert store.put_bytes(key, b"first", content_type="image/jpeg", if_absent=True) is True
+    assert store.put_bytes(key, b"second", content_type="image/jpeg", if_absent=True) is False
+    assert answers == [True, False]
+    head = store.client.head_object(Bucket=key.bucket, Key=key.key)
+    assert head["ContentType"] == "image/jpeg" and store.get_bytes(key) == b"first"
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    fast = store._fast()
+    store._fast_put = FastPut(closed, fast.region, fast.credentials)
+    other = S3Uri.parse(store_uri).child("images/fallback.jpg")
+    assert store.put_bytes(other, b"third", content_type="image/jpeg", if_absent=True) is True
+    assert answers[-1] is None and store.get_bytes(other) == b"third"
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    down = ObjectStore()
+    with pytest.raises(PipelineError, match="cannot reach the object store"):
+        down.put_bytes(other, b"fourth", if_absent=True)
+    assert answers[-1] is None  # the fast path was tried first
 
 
 def test_batches_cover_the_dataset_and_merge(
