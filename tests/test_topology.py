@@ -25,8 +25,8 @@ import pytest
 
 from devkit.imageserver import ImageServer
 from devkit.servers import free_port
-from devkit.stack.demo_run import prepare_demo_csv, wait_inference
-from devkit.stack.local import INFERENCE_DAG_ID, LocalStack
+from devkit.stack.demo_run import DEMO_CONF, prepare_demo_csv, wait_inference
+from devkit.stack.local import BUCKET, DAG_ID, INFERENCE_DAG_ID, TOPOLOGY_PORTS, LocalStack
 from devkit.topology import (
     AIRFLOW_SERVICES,
     BACKING_SERVICES,
@@ -312,19 +312,19 @@ def test_the_dag_runs_on_the_celery_topology(topology: LocalStack) -> None:
     assert stack.STARTED_IN < 300
     # Every file that holds a secret is its owner's alone.
     held = [".env", "client.json", "secrets/passwords.json", "redis/redis.conf"]
-    for path in [stack.STATE / name for name in held] + list(stack.STATE.glob("services/*")):
+    for path in [stack.folder / name for name in held] + list(stack.folder.glob("services/*")):
         assert path.stat().st_mode & 0o077 == 0, path
-    with socket.create_connection(("127.0.0.1", stack.PORTS["redis"])) as broker:
+    with socket.create_connection(("127.0.0.1", stack.ports["redis"])) as broker:
         broker.sendall(b"PING\r\n")
         assert broker.recv(100).startswith(b"-NOAUTH")  # no task without the password
     # Every socket of every service is on loopback, Postgres and Redis included.
     sockets = stack.listeners()
     assert all(address in ("127.0.0.1", "::1") for _, address, _ in sockets), sockets
     assert {port for _, _, port in sockets} >= {
-        stack.PORTS[name] for name in stack.TOPOLOGY_PORTS["celery"]
+        stack.ports[name] for name in TOPOLOGY_PORTS["celery"]
     }, sockets
     prepare_demo_csv(stack, None)
-    conf = {**stack.DEMO_CONF, "sample": 60, "epochs": 1, "download_batch_size": 15}
+    conf = {**DEMO_CONF, "sample": 60, "epochs": 1, "download_batch_size": 15}
     run_id = _redis_crashes_while_a_task_is_queued(stack, conf)
     state = stack.wait(run_id, 900)
     tasks = stack.tasks(run_id)
@@ -378,8 +378,7 @@ def _error_lines(stack: LocalStack, run_id: str, task: dict[str, Any]) -> list[s
     """The error-level lines of a task's log (Airflow marks anything on stderr so)."""
     quoted = urllib.parse.quote(run_id, safe="")
     path = (
-        f"/dags/{stack.DAG_ID}/dagRuns/{quoted}/taskInstances/{task['task_id']}/logs/"
-        f"{task['try_number']}"
+        f"/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task['task_id']}/logs/{task['try_number']}"
     )
     entries = stack.api("GET", path)["content"]
     assert len(entries) > 3, entries  # the log was read
@@ -408,7 +407,7 @@ def _redis_crashes_while_a_task_is_queued(stack: LocalStack, conf: dict[str, Any
     old = stack.load_state()["services"]["redis"]["pid"]
     stack.restart("redis", kill=True)
     assert not stack.started_by([old])  # the old server is gone: a crash, not a shutdown
-    redis_ready(stack.PORTS["redis"], _broker_password(stack))
+    redis_ready(stack.ports["redis"], _broker_password(stack))
     assert _broker(stack, "LLEN", "default") == waiting  # the crash lost no queued task
     back = time.monotonic()
     stack.start("airflow-worker")
@@ -426,7 +425,7 @@ def _task_state(stack: LocalStack, run_id: str, task_id: str) -> str | None:
 
 
 def _broker_password(stack: LocalStack) -> str:
-    config = (stack.STATE / "redis" / "redis.conf").read_text()
+    config = (stack.folder / "redis" / "redis.conf").read_text()
     return next(line.split(" ", 1)[1] for line in config.splitlines() if "requirepass" in line)
 
 
@@ -437,7 +436,7 @@ def _broker(stack: LocalStack, *words: str) -> int:
         body = b"".join(f"${len(p.encode())}\r\n{p}\r\n".encode() for p in parts)
         return f"*{len(parts)}\r\n".encode() + body
 
-    with socket.create_connection(("127.0.0.1", stack.PORTS["redis"]), timeout=10) as broker:
+    with socket.create_connection(("127.0.0.1", stack.ports["redis"]), timeout=10) as broker:
         broker.sendall(encode("AUTH", _broker_password(stack)) + encode(*words))
         reply = b""
         while reply.count(b"\r\n") < 2:
@@ -464,10 +463,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(
         from ml.storage import ObjectStore, S3Uri
 
         store = ObjectStore()
-        csv = S3Uri(stack.BUCKET, "input/killed.csv")
+        csv = S3Uri(BUCKET, "input/killed.csv")
         store.put_bytes(csv, plain_csv(rows), content_type="text/csv")
     conf = {
-        **stack.DEMO_CONF,
+        **DEMO_CONF,
         "csv": str(csv),
         "epochs": 1,
         "max_steps_per_epoch": 1,
@@ -591,9 +590,9 @@ def test_stop_during_a_running_task_leaves_nothing(
     with stack.session(env):
         from ml.storage import ObjectStore, S3Uri
 
-        csv = S3Uri(stack.BUCKET, "input/stopped.csv")
+        csv = S3Uri(BUCKET, "input/stopped.csv")
         ObjectStore().put_bytes(csv, plain_csv(rows), content_type="text/csv")
-    conf = {**stack.DEMO_CONF, "csv": str(csv), "download_concurrency": 1}
+    conf = {**DEMO_CONF, "csv": str(csv), "download_concurrency": 1}
     run_id = stack.trigger(conf)
     deadline = time.monotonic() + 300
     task_pids: set[int] = set()
