@@ -433,8 +433,10 @@ class LocalStack:
         self.stop(name, kill=kill)
         return self.start(name)
 
-    def started_by(self, services: list[int]) -> list[int]:
-        return processes.started_by(services)
+    def started_by(self, services: list[int], marker: str = "") -> list[int]:
+        """Every living process ``services`` started, and with ``marker`` every process that
+        carries it (see :func:`devkit.stack.processes.started_by`)."""
+        return processes.started_by(services, marker)
 
     # ------------------------------------------------------------------ stopping, looking
 
