@@ -12,8 +12,8 @@ Usage::
 
 img2dataset 1.47.0 is installed into ``.venv-img2dataset`` on first use (a few minutes); it runs
 at its best settings on this machine (2 processes x 64 threads), once writing local files and
-once writing to the same S3 endpoint as ours. ``--profile FILE`` also writes a cProfile of our
-first run (read it with ``python -m pstats FILE``).
+once writing to the same S3 endpoint as ours. ``--profile FILE`` runs our first download under
+py-spy (every thread sampled; raw stacks to FILE) and prints where the samples fall.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def print_profile(raw: Path, top: int = 25) -> None:
 
 def img2dataset_command(listing: Path, output: str, args: argparse.Namespace) -> list[str]:
     """img2dataset at its best settings here: one process per core, many threads each, resize
-    to 256 on the longer side only when bigger (as ours stores), JPEG quality 90."""
+    the shorter side to 256 only when bigger (as ours stores), JPEG quality 90."""
     options = {
         "url_list": listing,
         "input_format": "csv",

@@ -42,6 +42,8 @@ def import_graph(package: Path) -> dict[str, set[str]]:
 
 #: The repository's top-level code folders, each imported by its name from the root.
 PACKAGES = ("ml", "dags", "plugins", "devkit", "deploy", "benchmarks", "tests")
+#: The code that runs the pipeline and its stack (where run parameters could be declared).
+RUN_CODE = ("ml", "dags", "plugins", "devkit", "deploy")
 
 
 def python_files(folders: tuple[str, ...] = PACKAGES) -> list[Path]:
@@ -175,7 +177,7 @@ def default_declarations(names: list[str], paths: list[Path]) -> dict[str, int]:
 def report() -> dict[str, object]:
     from ml.params import PARAMETERS
 
-    python = python_files(("ml", "dags", "plugins", "devkit", "deploy"))
+    python = python_files(RUN_CODE)
     counts = default_declarations(sorted(PARAMETERS), python)
     return {
         "ml_import_cycles": cycles(import_graph(REPO / "ml")),

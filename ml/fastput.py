@@ -11,7 +11,7 @@ answers only what it is sure of: written, or already there. Anything else (the s
 refusal, a store without conditional writes) returns None and the caller takes boto3's path,
 which decides and reports it as every other store error is reported.
 
-Usage: ``FastPut.for_client(client).put_new("bucket", "key", data, "image/jpeg")``.
+Usage: ``FastPut.for_client(client, endpoint).put_new("bucket", "key", data, "image/jpeg")``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class FastPut:
         return cls(endpoint, client.meta.region_name, credentials)
 
     def _store(self, bucket: str) -> Any:
+        store = self._stores.get(bucket)  # every PUT asks: no lock once the store exists
+        if store is not None:
+            return store
         with self._lock:
             if bucket not in self._stores:
                 from obstore.store import S3Store

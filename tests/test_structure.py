@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 from devkit.structure import (
+    RUN_CODE,
     cycles,
     declared_defaults,
     default_declarations,
@@ -63,7 +64,7 @@ def test_each_run_parameter_has_its_default_in_the_schema_only(tmp_path: Path) -
     """No file but ml/params.py writes a literal default for a run parameter's name (in a
     signature or a dataclass field); the finder sees each way of writing one."""
     names = sorted(PARAMETERS)
-    files = python_files(("ml", "dags", "plugins", "devkit", "deploy"))
+    files = python_files(RUN_CODE)
     counts = default_declarations(names, files)
     assert len(counts) == len(PARAMETERS) > 40
     assert {name: n for name, n in counts.items() if n != 1} == {}
