@@ -22,7 +22,8 @@ from ml.params import DOWNLOAD, add_options
 
 log = logging.getLogger("ml")
 
-Runner = Callable[[argparse.Namespace], dict[str, Any]]
+#: A stage returns its JSON summary, or text to print as it is (``history``'s table).
+Runner = Callable[[argparse.Namespace], dict[str, Any] | str]
 Stages = Any  # argparse's _SubParsersAction
 
 
@@ -317,6 +318,139 @@ def _stage_weights_parser(stages: Stages) -> None:
     p.set_defaults(run=_run_stage_weights)
 
 
+def _store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("ML_STORE"),
+        metavar="s3://BUCKET/PREFIX",
+        help="the store whose audit trail and datasets to use (default: $ML_STORE)",
+    )
+
+
+def _audit_store(args: argparse.Namespace) -> str:
+    if not args.store or not str(args.store).startswith("s3://"):
+        raise PipelineError("give --store s3://BUCKET/PREFIX (or set ML_STORE)")
+    return str(args.store).rstrip("/")
+
+
+def _run_history(args: argparse.Namespace) -> dict[str, Any] | str:
+    from ml import audit, mlflow_access
+    from ml.storage import ObjectStore
+
+    root = _audit_store(args)
+    mlflow_access.check_tracking_server()
+    found = audit.history(
+        ObjectStore(), root, args.model_name, client=mlflow_access.client(), at=args.at
+    )
+    if args.json:
+        return found
+    lines = [f"{args.model_name}: {len(found['moves'])} recorded alias moves"]
+    if args.at is not None:
+        held = found["held"]
+        lines.append(
+            f"champion at {args.at}: "
+            + (
+                f"v{held['to_version']}, since {held['time']} (move #{held['seq']}: "
+                f"{held['action']} by {held['by']}; {held['reason']})"
+                if held
+                else "none recorded"
+            )
+        )
+    for alias, both in found.get("disagreements", {}).items():
+        lines.append(
+            f"warning: the {alias} in MLflow is v{both['in_mlflow']} but the last recorded move "
+            f"put it at v{both['recorded']} (an interrupted move, or one made outside the "
+            "pipeline; the next rollback or registration sets it to the record)"
+        )
+    lines.append(audit.history_text(found["moves"]))
+    return "\n".join(lines)
+
+
+def _history_parser(stages: Stages) -> None:
+    p = stages.add_parser(
+        "history",
+        help="every move of the model's aliases: when, which versions, by whom, why",
+        description="Print the append-only record of alias moves (challenger, champion), "
+        "newest first; --at DATE names the champion then.",
+    )
+    add_options(p, ["model_name"])
+    _store_option(p)
+    p.add_argument("--at", help="a date or time (UTC), e.g. 2026-03-03: who was champion then")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    p.set_defaults(run=_run_history)
+
+
+def _run_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.audit import rollback
+
+    return rollback(args.model_name, args.to, args.reason, root=_audit_store(args))
+
+
+def _rollback_parser(stages: Stages) -> None:
+    p = stages.add_parser(
+        "rollback",
+        help="move champion to another version, recorded with a reason",
+        description="Point the champion alias at --to VERSION; the move is recorded like every "
+        "other, and the next pipeline run compares its new version against it.",
+    )
+    add_options(p, ["model_name"])
+    _store_option(p)
+    p.add_argument("--to", required=True, metavar="VERSION", help="the version to serve")
+    p.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    p.set_defaults(run=_run_rollback)
+
+
+def _run_lineage(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.lineage import image_lineage, version_lineage
+
+    root = _audit_store(args)
+    if (args.version is None) == (args.image is None):
+        raise PipelineError("give one of --version N or --image URL_OR_SHA256")
+    if args.version is not None:
+        return version_lineage(args.model_name, args.version, root=root)
+    return image_lineage(args.image, root=root, name=args.model_name)
+
+
+def _lineage_parser(stages: Stages) -> None:
+    p = stages.add_parser(
+        "lineage",
+        help="what a version learned from, or where an image went",
+        description="--version N: the CSV, dataset, split (with hashes and counts), code, "
+        "parameters and runs behind a model version. --image URL_OR_SHA256: the datasets, "
+        "splits, model versions and batch-inference outputs that hold or scored an image.",
+    )
+    add_options(p, ["model_name"])
+    _store_option(p)
+    p.add_argument("--version", help="a model version number")
+    p.add_argument("--image", help="an image's URL (as in the CSV) or the SHA-256 of its bytes")
+    p.set_defaults(run=_run_lineage)
+
+
+def _run_forget(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.forget import forget
+
+    result = forget(args.image, args.reason, root=_audit_store(args), name=args.model_name)
+    if not args.retrain:
+        result.pop("retrain")
+    return result
+
+
+def _forget_parser(stages: Stages) -> None:
+    p = stages.add_parser(
+        "forget",
+        help="delete an image (and its near-duplicates) on request, and keep it out",
+        description="Delete every stored copy of the image, record the request (never the "
+        "image) in the append-only ledger, tag the model versions that trained on it, and keep "
+        "it out of later ingests and downloads.",
+    )
+    p.add_argument("image", help="the image's URL (as in the CSV) or the SHA-256 of its bytes")
+    p.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    p.add_argument("--retrain", action="store_true", help="print how to retrain without the image")
+    add_options(p, ["model_name"])
+    _store_option(p)
+    p.set_defaults(run=_run_forget)
+
+
 STAGES = (
     _ingest_parser,
     _download_parser,
@@ -326,6 +460,10 @@ STAGES = (
     _predict_parser,
     _serve_parser,
     _stage_weights_parser,
+    _history_parser,
+    _rollback_parser,
+    _lineage_parser,
+    _forget_parser,
 )
 
 
@@ -399,7 +537,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if summary or os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+    if isinstance(summary, str):
+        print(summary, flush=True)
+    elif summary or os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
         print(json.dumps(summary, default=str, sort_keys=False), flush=True)
     return 0
 

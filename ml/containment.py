@@ -43,6 +43,17 @@ OUTPUT_RULE = TextRule(
     "empty, or a path or s3:// URI ending in .csv or .parquet, for example "
     "s3://bucket/predictions/today.parquet",
 )
+#: The forget form's rules: the image is only ever matched against manifests, never fetched.
+FORGET_IMAGE_RULE = TextRule(
+    r"^([0-9a-fA-F]{64}|[hH][tT][tT][pP][sS]?://[^\x00-\x1f\x7f]{1,4000})\Z",
+    "an image's http(s) URL or the SHA-256 of its stored bytes (64 hex digits), for example "
+    "https://example.com/photo.jpg",
+)
+FORGET_REASON_RULE = TextRule(
+    r"^(?=[^\x00-\x1f\x7f]{1,2000}\Z)[^\x00-\x1f\x7f]*[^\x00-\x20\x7f]",
+    "a reason in words, kept in the audit trail (at most 2000 characters), for example owner "
+    "asked for removal",
+)
 OUTPUT_SUFFIXES = (".csv", ".parquet")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
 

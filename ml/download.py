@@ -31,6 +31,7 @@ import pandas as pd
 from ml.errors import PipelineError
 from ml.fencing import StaleAttemptError
 from ml.fetch import FetchConfig, Fetcher
+from ml.forget import Forgotten
 from ml.imaging import ImageConfig, normalize_image
 from ml.layout import DatasetLayout, part_range
 from ml.netpolicy import AddressPolicy, Resolver
@@ -212,7 +213,9 @@ def _read_part(store: ObjectStore, uri: S3Uri, size: int) -> pd.DataFrame | None
 
 
 def _ok_rows(parts: pd.DataFrame) -> set[int]:
-    return {int(r) for r in parts.loc[parts["status"] == Status.OK, "row"]}
+    """Rows that are done: stored ok, or forgotten (never fetched again)."""
+    done = parts["status"].isin((Status.OK, Status.FORGOTTEN))
+    return {int(r) for r in parts.loc[done, "row"]}
 
 
 def read_records(layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
@@ -302,9 +305,15 @@ class _Worker:
     """Fetch, verify, normalize and store one URL; every failure becomes a status, not a raise."""
 
     def __init__(
-        self, fetcher: Fetcher, store: ObjectStore, layout: DatasetLayout, image: ImageConfig
+        self,
+        fetcher: Fetcher,
+        store: ObjectStore,
+        layout: DatasetLayout,
+        image: ImageConfig,
+        forgotten: Forgotten,
     ) -> None:
         self.fetcher, self.store, self.layout, self.image = fetcher, store, layout, image
+        self.forgotten = forgotten
 
     def __call__(self, record: dict[str, Any]) -> dict[str, Any]:
         started = time.monotonic()
@@ -323,6 +332,8 @@ class _Worker:
         try:
             if not _fetchable(url):
                 raise Rejected(Status.INVALID_URL, "not an http(s) URL with a host")
+            if (seq := self.forgotten.url(url)) is not None:
+                raise Rejected(Status.FORGOTTEN, Forgotten.message(seq))
             response = self.fetcher.fetch(url)
             facts = {
                 "http_status": response.http_status,
@@ -330,6 +341,8 @@ class _Worker:
                 "attempts": response.attempts,
             }
             image = normalize_image(response.body, self.image)
+            if (seq := self.forgotten.image(image.sha256, image.phash)) is not None:
+                raise Rejected(Status.FORGOTTEN, Forgotten.message(seq))
         except Rejected as exc:
             return _row(record, exc.status, started, error=str(exc), **{**facts, **exc.details})
         key = self.layout.image(image.sha256)
@@ -396,7 +409,9 @@ def download_batch(
     fetcher = Fetcher(config.fetch, policy)
     writer = _PartWriter(store, layout, spec, config)
     try:
-        _run_pool(_Worker(fetcher, store, layout, config.image), todo, config, on_row)
+        forgotten = Forgotten.load(store, layout.store)
+        worker = _Worker(fetcher, store, layout, config.image, forgotten)
+        _run_pool(worker, todo, config, on_row)
     finally:
         writer.flush()
         fetcher.close()
@@ -474,7 +489,7 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
     )
     # reindex: parts written before a column existed (phash) leave it empty
     manifest = manifest.sort_values("row", kind="stable").reindex(columns=list(MANIFEST_COLUMNS))
-    manifest = manifest.astype(_DTYPES).reset_index(drop=True)
+    manifest = _mark_forgotten(manifest.astype(_DTYPES).reset_index(drop=True), store, layout)
     store.write_parquet(layout.download_manifest, manifest)
     statuses = {k: int(v) for k, v in manifest["status"].value_counts().items()}
     ok = manifest["status"] == Status.OK
@@ -487,6 +502,26 @@ def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[
     if found.unreadable:
         summary["unreadable_parts"] = found.unreadable
     return summary
+
+
+def _mark_forgotten(
+    manifest: pd.DataFrame, store: ObjectStore, layout: DatasetLayout
+) -> pd.DataFrame:
+    """Rows stored before their image was forgotten become ``forgotten`` (object gone)."""
+    forgotten = Forgotten.load(store, layout.store)
+    if not forgotten:
+        return manifest
+    for i, url, sha in zip(manifest.index, manifest["url"], manifest["sha256"], strict=True):
+        seq = forgotten.url(url)
+        if seq is None and isinstance(sha, str) and sha:
+            seq = forgotten.image(sha)
+        if seq is not None:
+            manifest.loc[i, ["status", "error", "object_key"]] = [
+                Status.FORGOTTEN.value,
+                Forgotten.message(seq),
+                None,
+            ]
+    return manifest
 
 
 def download(

@@ -84,7 +84,7 @@ REJECT_REASONS = (
     "duplicate_url",
     "conflicting_label",
 )
-FILTER_REASONS = ("below_min_confidence", "golden_excluded")
+FILTER_REASONS = ("below_min_confidence", "golden_excluded", "forgotten")
 
 RECORD_COLUMNS = ("row", "id", "url", "label", "label_index", "confidence", "golden")
 REJECTED_COLUMNS = ("row", "reason", "detail", "url", "label")
@@ -109,6 +109,8 @@ class IngestResult:
     columns: dict[str, str] = field(default_factory=dict)
     #: Rows with more fields than the header has columns (the extra fields are ignored).
     extra_fields: int = 0
+    #: SHA-256 of the CSV's bytes as read (lineage: the exact file a model came from).
+    source_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -405,6 +407,21 @@ def _log_rejected(rejected: pd.DataFrame) -> None:
         log.warning("... and %d more rejected rows", len(rejected) - _SHOW_REJECTED)
 
 
+def _leave_out_forgotten(
+    records: pd.DataFrame, store: ObjectStore, root: S3Uri
+) -> tuple[pd.DataFrame, int]:
+    """Rows whose URL was forgotten on request (``python -m ml forget``) are left out."""
+    from ml.forget import Forgotten
+
+    forgotten = Forgotten.load(store, root)
+    if not forgotten or records.empty:
+        return records, 0
+    gone = records["url"].map(lambda url: forgotten.url(str(url)) is not None)
+    if gone.any():
+        log.info("%d rows name images forgotten on request: left out", int(gone.sum()))
+    return records[~gone].reset_index(drop=True), int(gone.sum())
+
+
 def _filter(
     records: pd.DataFrame, min_confidence: float | None, exclude_golden: bool
 ) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -445,7 +462,10 @@ def ingest(
     store = store or ObjectStore()
     store.check_bucket(root)
     name = csvsource.describe(source)
-    data = csvsource.to_utf8(read_source(source, store, limits), name, encoding)
+    raw = read_source(source, store, limits)
+    source_sha256 = hashlib.sha256(raw).hexdigest()
+    data = csvsource.to_utf8(raw, name, encoding)
+    del raw
     local = "://" not in source
     records, rejected, columns, total = read_records(data, name, show_columns=local)
     extra = csvsource.rows_with_extra_fields(data, len(csvsource.read_header(data, name)))
@@ -455,6 +475,8 @@ def ingest(
     _log_rejected(rejected)
     valid = len(records)
     records, filtered = _filter(records, min_confidence, exclude_golden)
+    records, filtered["forgotten"] = _leave_out_forgotten(records, store, root)
+    filtered = {k: v for k, v in filtered.items() if v}
     kept = len(records)
     if sample is not None:
         records = stratified_sample(records, sample, seed)
@@ -476,6 +498,7 @@ def ingest(
         source=name,
         columns=columns,
         extra_fields=len(extra),
+        source_sha256=source_sha256,
     )
     store.write_parquet(layout.records, records)
     store.write_parquet(layout.rejected, rejected)

@@ -14,6 +14,7 @@ A store is ``s3://BUCKET/PREFIX``; under it::
     datasets/<id>/training/<key>/                    train (by hand): checkpoints, see below
     runs/<run>-<hash>/training/                      train (orchestrated): checkpoints of a run
     runs/<run>-<hash>/predictions.parquet            batch inference of a run
+    audit/...                                        append-only ledgers (see ml.audit)
 
 A checkpoint folder holds ``last.pt``, ``best-e<N>.pt`` and ``result.json``.
 
@@ -49,6 +50,18 @@ class StoreLayout:
     def image(self, sha256: str) -> S3Uri:
         """The content-addressed key of a stored image."""
         return self.root.child("images", sha256[:2], f"{sha256}.jpg")
+
+    def audit(self, *parts: str) -> S3Uri:
+        """A folder of the audit trail (see :mod:`ml.audit`)."""
+        return self.root.child("audit", *parts)
+
+    @property
+    def datasets(self) -> S3Uri:
+        return self.root.child(_DATASETS)
+
+    @property
+    def runs(self) -> S3Uri:
+        return self.root.child("runs")
 
     def run(self, run_id: str) -> S3Uri:
         """The folder of one orchestrator run (a retried task writes to the same place).

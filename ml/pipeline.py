@@ -338,3 +338,31 @@ def predict_step(
 
     config = DownloadConfig(allow_networks=networks)
     return predict(model_uri, csv, output, config=config, s3_roots=roots)
+
+
+@in_task
+def forget_step(
+    params: Mapping[str, Any], run_id: str = "", env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Forget from the form: the image is matched, never fetched; the store is the
+    deployment's; every value is checked again here."""
+    from ml.audit import actor, check_reason
+    from ml.containment import FORGET_IMAGE_RULE
+    from ml.deployment import Deployment
+    from ml.errors import ParameterError, PipelineError
+    from ml.forget import forget
+    from ml.lineage import check_target
+
+    env = os.environ if env is None else env
+    store = env.get("ML_STORE", "").rstrip("/")
+    if not store.startswith("s3://"):
+        raise ParameterError("ML_STORE is not set to an s3://BUCKET/PREFIX URI on this worker")
+    image = str(params.get("image", ""))
+    if not FORGET_IMAGE_RULE.matches(image):
+        raise ParameterError(f"parameter 'image' must be {FORGET_IMAGE_RULE.expects}")
+    try:
+        target, reason = check_target(image), check_reason(str(params.get("reason", "")))
+    except PipelineError as exc:
+        raise ParameterError(f"parameter 'image' or 'reason': {exc}") from None
+    name = Deployment.from_env().model_name
+    return forget(target, reason, root=store, name=name, by=actor(run_id))

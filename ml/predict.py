@@ -25,6 +25,7 @@ from ml.containment import OUTPUT_SUFFIXES, check_model_uri, inside_s3
 from ml.download import DownloadConfig
 from ml.errors import PipelineError
 from ml.fetch import Fetcher
+from ml.imaging import normalize_image
 from ml.labels import LABELS
 from ml.mlflow_access import load_registered, require_tracking_uri
 from ml.netpolicy import AddressPolicy
@@ -102,6 +103,15 @@ class _Loader:
         self.config, self.store, self.bucket = config, store, bucket
         self.s3_roots = s3_roots
 
+    def sha256(self, body: bytes | None) -> str:
+        """The SHA-256 of the image as the pipeline stores it (its key in ``images/``)."""
+        if body is None:
+            return ""
+        try:
+            return normalize_image(body, self.config.image).sha256
+        except Rejected:
+            return ""
+
     def __call__(self, value: str) -> tuple[bytes | None, str, str]:
         try:
             if value.lower().startswith(("http://", "https://")):
@@ -155,13 +165,17 @@ def predict(
         csvsource.to_utf8(csvsource.read_bytes(csv, limits, store), name), name
     )
     values = [str(v).strip() for v in frame[_input_column(frame)]]
-    model = load_registered(model_uri)
+    name, version = resolve_version(model_uri)
+    model = load_registered(f"models:/{name}/{version}")  # the version the rows name
     loader = _Loader(config, store, bucket, s3_roots)
     with ThreadPoolExecutor(max_workers=config.download_concurrency) as pool:
         loaded = list(pool.map(loader, values))
+        hashes = list(pool.map(loader.sha256, [data for data, _, _ in loaded]))
     ready = [i for i, (data, _, _) in enumerate(loaded) if data is not None]
     scored = classify(model, [loaded[i][0] or b"" for i in ready], config.image, batch_size)
     result = _result_frame(values, loaded, ready, scored)
+    result.insert(1, "sha256", hashes)
+    result.insert(2, "model_version", version)
     _write(result, out, store)
     has = result["label"].notna()
     counts = result.loc[has, "label"].value_counts().to_dict()
@@ -174,7 +188,29 @@ def predict(
         "labels": {k: int(v) for k, v in counts.items()},
         "failed": {k: int(v) for k, v in failed.items()},
         "model": model_uri,
+        "model_version": version,
     }
+
+
+def resolve_version(model_uri: str) -> tuple[str, int]:
+    """(name, version number) of ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``, so every
+    row names the exact version that scored it, whatever the alias does meanwhile."""
+    from ml import mlflow_access
+
+    check_model_uri(model_uri, "--model")
+    name, _, rest = model_uri.removeprefix("models:/").partition("/")
+    if not rest:
+        name, _, alias = name.partition("@")
+        mlflow_access.check_tracking_server()
+        try:
+            found = mlflow_access.client().get_model_version_by_alias(name, alias)
+        except Exception:
+            raise PipelineError(
+                f"cannot load model {model_uri}: no version of {name} has alias {alias!r} "
+                "(does that version or alias exist?)"
+            ) from None
+        return name, int(found.version)
+    return name, int(rest)
 
 
 def takes_images(model: Any) -> bool:

@@ -20,16 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from ml import fencing, mlflow_access
+from ml import audit, fencing, mlflow_access
 from ml.containment import check_name
 from ml.errors import PipelineError
 from ml.imaging import ImageConfig
 from ml.labels import LABELS
+from ml.layout import SplitLayout
+from ml.lineage import keep_split
 from ml.params import PARAMETERS
 from ml.predict import classify
 from ml.promotion import FALLBACKS, Comparison, compare, decide
 from ml.redact import get_logger, redact_text
 from ml.serving import probability_column
+from ml.storage import ObjectStore
 from ml.uri import S3Uri
 
 log = get_logger(__name__)
@@ -132,18 +135,41 @@ def register_model(
     fencing.check()  # a superseded attempt registers nothing
     _ensure_registered_model(client, name)
     version, created = _version_for_run(client, name, run_id, model_uri)
-    fencing.check()
-    client.set_registered_model_alias(name, "challenger", version)
+    objects = store or ObjectStore()
+    split = run.data.tags.get("split", "")
+    root = SplitLayout.parse(split).dataset.store
+    keep_split(objects, root, name, version, split)  # lineage: the split as trained on
+    ledger = audit.alias_ledger(objects, root, name)
+    by = audit.actor(orchestrator_run_id)
+    audit.move_alias(
+        client,
+        ledger,
+        name,
+        "challenger",
+        version,
+        action="register",
+        reason=f"registered from MLflow run {run_id}",
+        by=by,
+    )
     if not created:
         log.info("run %s is version %s of %s", run_id, version, name)
         decision = _recorded_decision(client, name, version)
     else:
-        decision = _decide(client, name, version, run, (margin, resamples, confidence), store)
+        decision = _decide(client, name, version, run, (margin, resamples, confidence), objects)
         _describe_version(client, name, version, run, orchestrator_run_id, decision)
-        _describe_model(client, name, model_uri)
+        _describe_model(client, name, model_uri, ledger)
         if decision.promoted:
-            fencing.check()
-            client.set_registered_model_alias(name, "champion", version)
+            audit.move_alias(
+                client,
+                ledger,
+                name,
+                "champion",
+                version,
+                action="register",
+                reason=decision.reason,
+                by=by,
+                decision=decision.to_json(),
+            )
         log.info(
             "version %s of %s: %s (%s)",
             version,
@@ -267,8 +293,6 @@ def _test_predictions(client: Any, run_id: str) -> Any:
 def _read_images(store: Any | None, bucket: str, keys: list[str]) -> list[bytes]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from ml.storage import ObjectStore
-
     store = store or ObjectStore()
     with ThreadPoolExecutor(16) as pool:
         return list(pool.map(lambda key: store.get_bytes(S3Uri(bucket, key)), keys))
@@ -352,13 +376,15 @@ def _describe_version(
     client.update_model_version(name, version, description=_description(run, decision))
 
 
-def _describe_model(client: Any, name: str, model_uri: str) -> None:
-    """The registered model's description, from the newest version's logged signature."""
+def _describe_model(client: Any, name: str, model_uri: str, ledger: audit.Ledger) -> None:
+    """The registered model's description, from the newest version's logged signature, ending
+    with the latest alias moves."""
     from mlflow.models import get_model_info
 
     signature = get_model_info(model_uri).signature
+    description = audit.with_history(model_description(name, signature), ledger.entries())
     fencing.check()
-    client.update_registered_model(name, description=model_description(name, signature))
+    client.update_registered_model(name, description=description)
 
 
 def _description(run: Any, decision: Decision) -> str:

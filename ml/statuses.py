@@ -40,6 +40,7 @@ class Status(StrEnum):
     STORE_ERROR = "store_error"
     INTERNAL_ERROR = "internal_error"
     PENDING = "pending"
+    FORGOTTEN = "forgotten"
 
 
 DESCRIPTIONS: dict[Status, str] = {
@@ -61,6 +62,8 @@ DESCRIPTIONS: dict[Status, str] = {
     Status.STORE_ERROR: "the image could not be written to the store (the stage then fails; rerun)",
     Status.INTERNAL_ERROR: "an unexpected error in our code: please report it",
     Status.PENDING: "not attempted yet (a manifest collected part-way)",
+    Status.FORGOTTEN: "the URL or its content was forgotten on request (`python -m ml forget`): "
+    "not fetched, or fetched and not stored",
 }
 
 

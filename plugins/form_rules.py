@@ -13,10 +13,16 @@ from __future__ import annotations
 from airflow.plugins_manager import AirflowPlugin
 from jsonschema import FormatChecker
 
-from ml.containment import MODEL_URI_RULE, OUTPUT_RULE
+from ml.containment import FORGET_IMAGE_RULE, FORGET_REASON_RULE, MODEL_URI_RULE, OUTPUT_RULE
 from ml.params import TextRule, text_rules
 
-RULES: tuple[TextRule, ...] = (*text_rules(), MODEL_URI_RULE, OUTPUT_RULE)
+RULES: tuple[TextRule, ...] = (
+    *text_rules(),
+    MODEL_URI_RULE,
+    OUTPUT_RULE,
+    FORGET_IMAGE_RULE,
+    FORGET_REASON_RULE,
+)
 
 
 def register(rules: tuple[TextRule, ...] = RULES) -> None:

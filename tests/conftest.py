@@ -50,7 +50,7 @@ SERVER_FIXTURES = frozenset(
 )
 #: Fixtures that train a model: a test that uses one is marked ``slow`` (``-m "not slow"``
 #: must skip every training).
-TRAINING_FIXTURES = frozenset({"trained"})
+TRAINING_FIXTURES = frozenset({"trained", "audited"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -101,7 +101,11 @@ def test_dag_file_parses_fast_and_light(path: Path) -> None:
 @pytest.mark.integration
 def test_dags_import_without_errors(dagbag: Any) -> None:
     assert dagbag.import_errors == {}
-    assert {"image_sentiment", "image_sentiment_batch_inference"} <= set(dagbag.dags)
+    assert {
+        "image_sentiment",
+        "image_sentiment_batch_inference",
+        "image_sentiment_forget",
+    } <= set(dagbag.dags)
 
 
 @pytest.mark.integration
@@ -249,6 +253,12 @@ def test_every_task_fails_at_once_on_a_bad_parameter(
 
     for dag in dagbag.dags.values():
         for task in dag.tasks:
+            if not hasattr(task, "python_callable"):  # forget's retrain: takes no parameter
+                assert (type(task).__name__, task.trigger_dag_id) == (
+                    "TriggerDagRunOperator",
+                    "image_sentiment",
+                ) and not task.conf, task.task_id
+                continue
             refused = getattr(task.python_callable, "fails_fast_on", ())
             assert ParameterError in refused or PipelineError in refused, task.task_id
     monkeypatch.setenv("ML_STORE", "s3://bucket/prefix")
@@ -440,3 +450,49 @@ def test_dag_runs_end_to_end(
     assert "skipped" in states[("download_batch", -1)], states  # nothing left to fetch
     for task_id in ("collect_manifest", "split", "changes"):
         assert "success" in states[(task_id, -1)], (task_id, states)
+
+
+@pytest.mark.integration
+def test_the_forget_form_only_names_an_image_and_a_reason(
+    dagbag: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forget form's image is matched against manifests, never fetched or opened: the form
+    refuses anything but an http(s) URL or a SHA-256, and the worker checks again."""
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from tests.test_containment import _load_plugin
+
+    _load_plugin("form_rules")
+    dag = dagbag.dags["image_sentiment_forget"]
+    assert [t.task_id for t in dag.topological_sort()] == ["forget", "wants_retrain", "retrain"]
+    for name, bad in (
+        ("image", "file:///etc/passwd"),
+        ("image", "s3://bucket/prefix/images/ab/x.jpg"),
+        ("image", "/etc/passwd"),
+        ("image", "http://example.com/a\nb.jpg"),
+        ("image", "ab" * 31),
+        ("reason", ""),
+        ("reason", "   "),
+        ("reason", "x" * 2001),
+        ("reason", "two\nlines"),
+    ):
+        params = ParamsDict(dict(dag.params.items()))
+        with pytest.raises(Exception, match="is not a"):
+            params[name] = bad
+    params = ParamsDict(dict(dag.params.items()))
+    params["image"] = "https://example.com/photo.jpg?id=1"
+    params["image"] = "AB" * 32
+    params["reason"] = "owner asked for removal"
+
+    forget = dag.get_task("forget").python_callable
+    monkeypatch.setenv("ML_STORE", "s3://bucket/prefix")
+    for image, reason, words in (
+        ("file:///etc/passwd", "x", "parameter 'image'"),
+        ("https://example.com/a.jpg", " ", "--reason must say why"),
+    ):
+        with pytest.raises(AirflowFailException, match=words):
+            forget(params={"image": image, "reason": reason, "retrain": False}, run_id="r")
+    monkeypatch.delenv("ML_STORE")
+    with pytest.raises(AirflowFailException, match="ML_STORE"):
+        forget(params={"image": "a" * 64, "reason": "x", "retrain": False}, run_id="r")
