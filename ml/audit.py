@@ -55,10 +55,10 @@ def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def actor(orchestrator_run_id: str = "") -> str:
-    """Who makes a change: the Airflow run, else the command line's user and host."""
-    if orchestrator_run_id:
-        return f"airflow run {orchestrator_run_id}"
+def actor(airflow_run: str) -> str:
+    """Who makes a change: the Airflow run, else ("") the command line's user and host."""
+    if airflow_run:
+        return f"airflow run {airflow_run}"
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -167,7 +167,7 @@ def move_alias(
             "from_version": int(previous) if previous else None,
             "to_version": int(version),
             "action": action,
-            "by": by or actor(),
+            "by": by or actor(""),
             "reason": redact_text(reason)[:MAX_REASON],
             "decision": decision,
         }

@@ -383,8 +383,10 @@ def download_batch(
     store: ObjectStore | None = None,
     resolver: Resolver | None = None,
     on_result: Callable[[str], None] | None = None,
+    known: tuple[pd.DataFrame, Parts] | None = None,
 ) -> BatchResult:
-    """Download the URLs of one batch that have no ok row yet; append manifest parts."""
+    """Download the URLs of one batch that have no ok row yet; append manifest parts.
+    ``known``: the dataset's records and manifest parts, when the caller has just read them."""
     config = config or DownloadConfig()
     layout = DatasetLayout.parse(spec.dataset)
     store = store or ObjectStore(max_pool_connections=config.download_concurrency + 4)
@@ -392,8 +394,12 @@ def download_batch(
         policy = AddressPolicy.from_cidrs(config.allow_networks, resolver)
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
-    records = read_records(layout, store).iloc[spec.start : spec.stop]
-    done = _ok_rows(read_parts(layout, store, (spec.start, spec.stop)).rows)
+    if known is None:
+        records = read_records(layout, store).iloc[spec.start : spec.stop]
+        done = _ok_rows(read_parts(layout, store, (spec.start, spec.stop)).rows)
+    else:
+        records = known[0].iloc[spec.start : spec.stop]
+        done = _ok_rows(known[1].rows)
     todo = [r for r in records.to_dict("records") if r["row"] not in done]
     result = BatchResult(skipped_existing=len(records) - len(todo))
     if not todo:
@@ -455,12 +461,17 @@ def _as_completed(futures: Iterable[Future[dict[str, Any]]]) -> Iterable[Future[
         yield from finished
 
 
-def collect_manifest(dataset: str, *, store: ObjectStore | None = None) -> dict[str, Any]:
-    """Fold every manifest part into one row per record (an ok row wins, else the latest)."""
+def collect_manifest(
+    dataset: str,
+    *,
+    store: ObjectStore | None = None,
+    known: tuple[pd.DataFrame, Parts] | None = None,
+) -> dict[str, Any]:
+    """Fold every manifest part into one row per record (an ok row wins, else the latest).
+    ``known``: the records and every part, when the caller has just read them."""
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
-    records = read_records(layout, store)
-    found = read_parts(layout, store)
+    records, found = known or (read_records(layout, store), read_parts(layout, store))
     parts = found.rows[found.rows["row"].isin(records["row"])]
     parts = parts.assign(_ok=parts["status"] == Status.OK).sort_values(
         ["_ok", "fetched_at"], ascending=False, kind="stable"
@@ -537,10 +548,15 @@ def download(
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore(max_pool_connections=config.download_concurrency + 4)
     store.check_bucket(layout.store)
-    total = len(read_records(layout, store))
+    known = (read_records(layout, store), read_parts(layout, store))
+    total = len(known[0])
     spec = BatchSpec(dataset, 0, 0, total, total)
-    result = download_batch(spec, config, store=store, resolver=resolver, on_result=on_result)
-    summary = collect_manifest(dataset, store=store)
+    result = download_batch(
+        spec, config, store=store, resolver=resolver, on_result=on_result, known=known
+    )
+    if result.statuses:  # rows were written: fold the new parts in too
+        known = (known[0], read_parts(layout, store))
+    summary = collect_manifest(dataset, store=store, known=known)
     log.info("download: %s", summary["statuses"])
     return {
         **result.to_json(),

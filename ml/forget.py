@@ -124,7 +124,7 @@ def forget(
     entry = forget_ledger(store, root).append(
         lambda _: {
             "time": now(),
-            "by": by or actor(),
+            "by": by or actor(""),
             "reason": reason,
             "request": found.target if not found.urls else redact_url(found.target),
             "urls": sorted(found.urls),

@@ -21,7 +21,6 @@ import pytest
 from ml import audit
 from ml.cli import main
 from ml.download import DownloadConfig, collect_manifest, download
-from ml.forget import forget
 from ml.ingest import ingest
 from ml.labels import LABELS
 from ml.layout import DatasetLayout, SplitLayout, StoreLayout
@@ -247,10 +246,15 @@ def test_an_interrupted_move_is_finished_by_the_next(audited: dict[str, Any]) ->
     )
 
 
-def test_version_lineage_names_everything_to_rebuild(audited: dict[str, Any]) -> None:
+def test_version_lineage_names_everything_to_rebuild(
+    audited: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     import hashlib
 
-    found = version_lineage(audited["name"], 2, root=audited["root"])
+    argv = ["lineage", "--version", "2", "--model-name", audited["name"]]
+    assert main([*argv, "--store", audited["root"]]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found == version_lineage(audited["name"], 2, root=audited["root"])
     store = audited["store"]
     csv_bytes = audited["csv"].read_bytes()
     assert found["dataset"]["uri"] == audited["dataset"].dataset
@@ -277,7 +281,7 @@ def test_version_lineage_names_everything_to_rebuild(audited: dict[str, Any]) ->
 
 
 def test_predictions_carry_version_and_image_and_lineage_finds_them(
-    audited: dict[str, Any],
+    audited: dict[str, Any], capsys: pytest.CaptureFixture[str]
 ) -> None:
     store, root, name = audited["store"], audited["root"], audited["name"]
     csv = audited["folder"] / "score.csv"
@@ -292,7 +296,8 @@ def test_predictions_carry_version_and_image_and_lineage_finds_them(
     assert rows.loc[0, "sha256"] == sha and rows.loc[0, "model_version"] == champion
 
     for given in (audited["target"], sha):
-        found = image_lineage(given, root=root, name=name)
+        assert main(["lineage", "--image", given, "--model-name", name, "--store", root]) == 0
+        found = json.loads(capsys.readouterr().out)
         assert found["sha256"] == [sha]
         assert [d["dataset"] for d in found["datasets"]] == [audited["dataset"].dataset]
         sides = {s["side"] for s in found["splits"]}
@@ -304,13 +309,13 @@ def test_predictions_carry_version_and_image_and_lineage_finds_them(
                 "predictions": out,
                 "model_version": champion,
                 "label": rows.loc[0, "label"],
-                "confidence": pytest.approx(rows.loc[0, "confidence"]),
+                "confidence": pytest.approx(float(rows.loc[0, "confidence"])),
             }
         ]
 
 
 def test_forget_deletes_every_copy_and_a_retraining_leaves_it_out(
-    audited: dict[str, Any], image_server: ImageServer
+    audited: dict[str, Any], image_server: ImageServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     store, root, name = audited["store"], audited["root"], audited["name"]
     layout = StoreLayout.parse(root)
@@ -321,7 +326,10 @@ def test_forget_deletes_every_copy_and_a_retraining_leaves_it_out(
     assert target_sha != near_sha
     assert store.exists(layout.image(target_sha)) and store.exists(layout.image(near_sha))
 
-    done = forget(audited["target"], "the owner asked", root=root, name=name)
+    argv = ["forget", audited["target"], "--reason", "the owner asked", "--retrain"]
+    assert main([*argv, "--model-name", name, "--store", root]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert "trigger the image_sentiment DAG" in done["retrain"]
     assert set(done["sha256s"]) == {target_sha, near_sha}  # the split's group: the near copy too
     assert not store.exists(layout.image(target_sha)) and not store.exists(layout.image(near_sha))
     assert [v["version"] for v in done["model_versions"]] == [1, 2]
