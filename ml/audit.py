@@ -92,13 +92,19 @@ class Ledger:
                 self._read[key] = self.store.read_json(uri, hint="the audit ledger is damaged")
         return sorted((self._read[k] for k in keys), key=lambda e: int(e["seq"]))
 
-    def append(self, make: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> dict[str, Any]:
+    def append(
+        self, make: Callable[[list[dict[str, Any]]], dict[str, Any] | None]
+    ) -> dict[str, Any] | None:
         """Write the entry ``make(entries so far)`` under the next number; if another writer
-        took that number first, read again and make it anew."""
+        took that number first, read again and make it anew. ``make`` returns None when the
+        entries already say it (nothing is written then)."""
         for _ in range(_APPEND_TRIES):
             entries = self.entries()
             seq = int(entries[-1]["seq"]) + 1 if entries else 1
-            entry = {"seq": seq, **make(entries)}
+            made = make(entries)
+            if made is None:
+                return None
+            entry = {"seq": seq, **made}
             data = json.dumps(entry, indent=2, sort_keys=True, default=str).encode()
             fencing.check()  # a superseded attempt records nothing
             if self.store.put_bytes(
@@ -111,6 +117,13 @@ class Ledger:
         raise PipelineError(
             f"the audit ledger {self.folder} kept changing under {_APPEND_TRIES} tries; retry"
         )
+
+    def add(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Append ``payload`` as it is under the next number."""
+        written = self.append(lambda _: payload)
+        if written is None:  # unreachable: this make never declines
+            raise PipelineError(f"the audit ledger {self.folder} declined an entry")
+        return written
 
 
 def alias_ledger(store: ObjectStore, root: str | S3Uri, name: str) -> Ledger:
@@ -152,13 +165,18 @@ def move_alias(
     points there and the ledger agrees (nothing moved, nothing recorded)."""
     version = str(version)
     reconcile(client, ledger, name)
-    if _current(client, name, alias) == version:
-        latest = _latest(ledger.entries(), alias)
-        if latest is not None and str(latest["to_version"]) == version:
-            return None
+    latest = _latest(ledger.entries(), alias)
+    recorded = latest is not None and str(latest["to_version"]) == version
+    if recorded and _current(client, name, alias) == version:
+        return None
+    # A move back to where the record already points (after a move outside the pipeline)
+    # is recorded again; a move another call is recording right now is not.
+    retelling = recorded
 
-    def make(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    def make(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
         before = _latest(entries, alias)
+        if before is not None and str(before["to_version"]) == version and not retelling:
+            return None  # the same move, recorded meanwhile by a call running at the same time
         previous = before["to_version"] if before else _current(client, name, alias)
         return {
             "time": now(),
@@ -174,6 +192,8 @@ def move_alias(
 
     entry = ledger.append(make)
     _settle(client, ledger, name, alias, version)
+    if entry is None:
+        return None
     _tag(client, name, entry)
     describe_history(client, name, ledger.entries())
     log.info(
@@ -241,7 +261,24 @@ def _tag(client: Any, name: str, entry: dict[str, Any]) -> None:
         f"{prefix}.replaced_version": str(entry["from_version"] or ""),
     }
     for key, value in tags.items():
-        client.set_model_version_tag(name, str(entry["to_version"]), key, value)
+        _set_tag(client, name, str(entry["to_version"]), key, value)
+
+
+def _set_tag(client: Any, name: str, version: str, key: str, value: str) -> None:
+    """Set a version tag; two callers setting the same new tag at once can make MLflow's
+    database refuse the second insert (its upsert is not atomic): that one tries again, and
+    the row now exists."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.set_model_version_tag(name, version, key, value)
+            return
+        except MlflowException as exc:
+            if attempt == 2 or (
+                "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc)
+            ):
+                raise
 
 
 def history_text(entries: list[dict[str, Any]], limit: int | None = None) -> str:

@@ -338,13 +338,25 @@ def _run_history(args: argparse.Namespace) -> dict[str, Any] | str:
     from ml.storage import ObjectStore
 
     root = _audit_store(args)
-    mlflow_access.check_tracking_server()
-    found = audit.history(
-        ObjectStore(), root, args.model_name, client=mlflow_access.client(), at=args.at
-    )
+    try:  # the record is in the store: it is shown even while MLflow is down
+        mlflow_access.check_tracking_server(timeout=5.0)
+        client = mlflow_access.client()
+        unchecked = ""
+    except PipelineError as exc:
+        client, unchecked = None, str(exc)
+    found = audit.history(ObjectStore(), root, args.model_name, client=client, at=args.at)
+    if unchecked:
+        found["mlflow_unreachable"] = unchecked
     if args.json:
         return found
     lines = [f"{args.model_name}: {len(found['moves'])} recorded alias moves"]
+    if unchecked:
+        lines.append(f"warning: MLflow's aliases not compared with the record: {unchecked}")
+    if not found["moves"]:
+        lines.append(
+            f"(none under {root}/audit: is the model name right? Registrations and rollbacks "
+            "record their moves there.)"
+        )
     if args.at is not None:
         held = found["held"]
         lines.append(

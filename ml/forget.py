@@ -121,8 +121,8 @@ def forget(
         client = mlflow_access.client()
     versions = versions_containing(client, store, root, name, found.sha256s)
     shas = sorted(s for s in found.sha256s if s)
-    entry = forget_ledger(store, root).append(
-        lambda _: {
+    entry = forget_ledger(store, root).add(
+        {
             "time": now(),
             "by": by or actor(""),
             "reason": reason,

@@ -376,3 +376,18 @@ def test_forget_deletes_every_copy_and_a_retraining_leaves_it_out(
     found = image_lineage(target_sha, root=root, name=name)
     assert third["version"] == 3
     assert [v["version"] for v in found["model_versions"]] == [1, 2]
+
+
+def test_history_is_read_from_the_store_while_mlflow_is_down(
+    audited: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from devkit.servers import free_port
+
+    count = len(_moves(audited))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    argv = ["history", "--model-name", audited["name"], "--store", audited["root"]]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"{count} recorded alias moves" in out
+    assert "warning: MLflow's aliases not compared with the record" in out
+    assert out.count("| register |") >= 3
