@@ -1,4 +1,4 @@
-"""The deployment's settings that both workflows and the command line read, declared once.
+"""The deployment's settings that the workflows and the command line read, declared once.
 
 They come from the environment the deployment gives its processes (trusted configuration,
 never a form): where the store is, the registered model's name, the CSV scheduled runs read,

@@ -1,4 +1,4 @@
-"""The pipeline's one policy for task failures, for every task of both workflows.
+"""The pipeline's one policy for task failures, for every task of the workflows.
 
 ``@fail_fast()`` under ``@task``: a wrong parameter (``ml.errors.ParameterError``, also a batch
 too big for the GPU) fails the task at once, without its retries, since the same input fails
