@@ -129,7 +129,7 @@ class Ledger:
 def alias_ledger(store: ObjectStore, root: str | S3Uri, name: str) -> Ledger:
     check_name(name, "model_name")
     layout = StoreLayout(root) if isinstance(root, S3Uri) else StoreLayout.parse(root)
-    return Ledger(store, layout.audit("aliases", name))
+    return Ledger(store, layout.alias_ledger(name))
 
 
 def _latest(entries: list[dict[str, Any]], alias: str) -> dict[str, Any] | None:

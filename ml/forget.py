@@ -42,7 +42,7 @@ RETRAIN_HINT = (
 
 def forget_ledger(store: ObjectStore, root: str | S3Uri) -> Ledger:
     layout = StoreLayout(root) if isinstance(root, S3Uri) else StoreLayout.parse(root)
-    return Ledger(store, layout.audit("forget"))
+    return Ledger(store, layout.forget_ledger)
 
 
 @dataclass(frozen=True)

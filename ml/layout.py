@@ -14,7 +14,9 @@ A store is ``s3://BUCKET/PREFIX``; under it::
     datasets/<id>/training/<key>/                    train (by hand): checkpoints, see below
     runs/<run>-<hash>/training/                      train (orchestrated): checkpoints of a run
     runs/<run>-<hash>/predictions.parquet            batch inference of a run
-    audit/...                                        append-only ledgers (see ml.audit)
+    audit/aliases/<model>/<n>.json                   alias moves, append-only (ml.audit)
+    audit/forget/<n>.json                            requests to forget an image (ml.forget)
+    audit/lineage/<model>/v<N>-split.parquet         the split a version trained on (ml.lineage)
 
 A checkpoint folder holds ``last.pt``, ``best-e<N>.pt`` and ``result.json``.
 
@@ -32,6 +34,8 @@ from ml.errors import PipelineError
 from ml.uri import S3Uri
 
 _DATASETS = "datasets"
+_AUDIT = "audit"
+_PREDICTIONS = "predictions.parquet"
 _SPLITS = "splits"
 _PART_FOLDER = re.compile(r"^(\d{8})-(\d{8})$")
 _BEST = re.compile(r"best-e(\d+)\.pt$")
@@ -51,9 +55,18 @@ class StoreLayout:
         """The content-addressed key of a stored image."""
         return self.root.child("images", sha256[:2], f"{sha256}.jpg")
 
-    def audit(self, *parts: str) -> S3Uri:
-        """A folder of the audit trail (see :mod:`ml.audit`)."""
-        return self.root.child("audit", *parts)
+    def alias_ledger(self, model: str) -> S3Uri:
+        """The ledger of a registered model's alias moves (see :mod:`ml.audit`)."""
+        return self.root.child(_AUDIT, "aliases", model)
+
+    @property
+    def forget_ledger(self) -> S3Uri:
+        """The ledger of requests to forget an image (see :mod:`ml.forget`)."""
+        return self.root.child(_AUDIT, "forget")
+
+    def kept_split(self, model: str, version: str | int) -> S3Uri:
+        """The copy of the split a model version trained on (see :mod:`ml.lineage`)."""
+        return self.root.child(_AUDIT, "lineage", model, f"v{version}-split.parquet")
 
     @property
     def datasets(self) -> S3Uri:
@@ -78,7 +91,7 @@ class StoreLayout:
         return self.run(run_id).child("training")
 
     def run_predictions(self, run_id: str) -> S3Uri:
-        return self.run(run_id).child("predictions.parquet")
+        return self.run(run_id).child(_PREDICTIONS)
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,29 @@ class DatasetLayout:
     def image(self, sha256: str) -> S3Uri:
         """The content-addressed key of a stored image."""
         return StoreLayout(self.store).image(sha256)
+
+
+def manifest_dataset(bucket: str, key: str) -> DatasetLayout | None:
+    """The dataset whose collected download manifest ``key`` is, or None for any other key."""
+    head, sep, tail = key.rpartition("/downloads/")
+    if not sep or tail != "manifest.parquet":
+        return None
+    try:
+        return DatasetLayout.parse(str(S3Uri(bucket, head)))
+    except PipelineError:
+        return None
+
+
+def is_run_predictions(key: str) -> bool:
+    """Whether ``key`` is a batch inference's output under ``runs/``."""
+    parts = key.split("/")
+    return len(parts) >= 3 and parts[-3] == "runs" and parts[-1] == _PREDICTIONS
+
+
+def is_split_manifest(key: str) -> bool:
+    """Whether ``key`` is a split manifest (``.../splits/<name>/splits.parquet``)."""
+    parts = key.split("/")
+    return len(parts) >= 3 and parts[-3] == _SPLITS and parts[-1] == "splits.parquet"
 
 
 def part_range(key: str) -> tuple[int, int] | None:

@@ -29,7 +29,14 @@ import pandas as pd
 from ml.containment import check_name
 from ml.errors import PipelineError
 from ml.labels import LABELS
-from ml.layout import DatasetLayout, SplitLayout, StoreLayout
+from ml.layout import (
+    DatasetLayout,
+    SplitLayout,
+    StoreLayout,
+    is_run_predictions,
+    is_split_manifest,
+    manifest_dataset,
+)
 from ml.redact import get_logger, redact_url
 from ml.storage import ObjectStore
 from ml.uri import S3Uri
@@ -103,12 +110,16 @@ def find_image(store: ObjectStore, root: str, target: str, *, groups: bool = Tru
         found.urls.add(redact_url(target))
     keys = store.list_keys(layout.datasets)
     columns = ("url", "sha256", "phash", "status", "label", "row")
-    for key in [k for k in keys if k.endswith("/downloads/manifest.parquet")]:
-        frame = _read_frame(store, S3Uri(layout.root.bucket, key), columns)
+    bucket = layout.root.bucket
+    for key in keys:
+        owner = manifest_dataset(bucket, key)
+        if owner is None:
+            continue
+        frame = _read_frame(store, S3Uri(bucket, key), columns)
         rows = frame[_matches(frame, found.urls, found.sha256s)]
         if rows.empty:
             continue
-        dataset = str(S3Uri(layout.root.bucket, key.rsplit("/downloads/", 1)[0]))
+        dataset = owner.uri
         found.urls.update(rows["url"].dropna())
         found.sha256s.update(s for s in rows["sha256"].dropna() if s)
         found.phashes.update(p for p in rows["phash"].dropna() if p)
@@ -116,7 +127,7 @@ def find_image(store: ObjectStore, root: str, target: str, *, groups: bool = Tru
             found.datasets.append(
                 {"dataset": dataset, "row": int(row.row), "url": row.url, "status": row.status}
             )
-    for key in [k for k in keys if k.endswith("/splits.parquet")]:
+    for key in [k for k in keys if is_split_manifest(k)]:
         uri = S3Uri(layout.root.bucket, key)
         frame = _read_frame(store, uri, ("url", "sha256", "phash", "group", "split", "label"))
         hit = _matches(frame, found.urls, found.sha256s)
@@ -140,7 +151,7 @@ def find_image(store: ObjectStore, root: str, target: str, *, groups: bool = Tru
 
 def snapshot_uri(root: str | S3Uri, name: str, version: str | int) -> S3Uri:
     layout = StoreLayout(root) if isinstance(root, S3Uri) else StoreLayout.parse(root)
-    return layout.audit("lineage", name, f"v{version}-split.parquet")
+    return layout.kept_split(name, version)
 
 
 def keep_split(store: ObjectStore, root: S3Uri, name: str, version: str, split: str) -> S3Uri:
@@ -196,7 +207,7 @@ def predictions_of(store: ObjectStore, root: str, found: Found) -> list[dict[str
     layout = StoreLayout.parse(root)
     out = []
     for key in store.list_keys(layout.runs):
-        if not key.endswith("predictions.parquet"):
+        if not is_run_predictions(key):
             continue
         uri = S3Uri(layout.root.bucket, key)
         frame = _read_frame(store, uri, ("input", "sha256", "model_version", "label", "confidence"))

@@ -120,7 +120,7 @@ def test_every_alias_move_is_recorded_and_shown_in_mlflow(audited: dict[str, Any
     description = client.get_registered_model(name).description
     assert audit.HISTORY_HEADING in description and "Load the current best" in description
     # the ledger is in the store: losing the MLflow database loses none of it
-    keys = audited["store"].list_keys(StoreLayout.parse(audited["root"]).audit("aliases", name))
+    keys = audited["store"].list_keys(StoreLayout.parse(audited["root"]).alias_ledger(name))
     assert len(keys) == len(_moves(audited)) >= 3
 
 
@@ -337,7 +337,7 @@ def test_forget_deletes_every_copy_and_a_retraining_leaves_it_out(
         tags = _client().get_model_version(name, version).tags
         assert tags["audit.contains_forgotten"] == "true"
         assert tags["audit.forget_requests"] == str(done["request"])
-    entry = audit.Ledger(store, layout.audit("forget")).entries()[-1]
+    entry = audit.Ledger(store, layout.forget_ledger).entries()[-1]
     assert entry["reason"] == "the owner asked" and entry["sha256s"] == sorted(done["sha256s"])
     assert set(entry) <= {
         "seq", "time", "by", "reason", "request", "urls", "sha256s", "phashes", "deleted",

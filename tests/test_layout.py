@@ -29,6 +29,16 @@ def test_uris_round_trip() -> None:
     checkpoint = CheckpointLayout(store.run_training("r"))
     assert CheckpointLayout.best_epoch(checkpoint.best(7).key) == 7
     assert CheckpointLayout.best_epoch(checkpoint.last.key) is None
+    # what the audit trail reads back: the manifests, splits and outputs it finds by listing
+    from ml.layout import is_run_predictions, is_split_manifest, manifest_dataset
+
+    assert manifest_dataset("bucket", dataset.download_manifest.key) == dataset
+    assert manifest_dataset("bucket", dataset.records.key) is None
+    assert is_split_manifest(split.manifest.key) and not is_split_manifest(split.summary.key)
+    assert is_run_predictions(store.run_predictions("r").key)
+    assert not is_run_predictions(split.manifest.key)
+    assert str(store.kept_split("m", 3)) == f"{ROOT}/audit/lineage/m/v3-split.parquet"
+    assert str(store.alias_ledger("m")) == f"{ROOT}/audit/aliases/m"
 
 
 @pytest.mark.parametrize(
@@ -74,6 +84,7 @@ def test_every_per_item_failure_becomes_its_status() -> None:
     each becomes its own manifest status, never an internal error, and nothing is stored."""
     from ml.download import _Worker
     from ml.fetch import FetchError, FetchResponse
+    from ml.forget import Forgotten
     from ml.imaging import ImageConfig, ImageRejected
     from ml.layout import DatasetLayout
     from ml.statuses import Rejected
@@ -92,7 +103,8 @@ def test_every_per_item_failure_becomes_its_status() -> None:
             raise AssertionError("a refused item must not be stored")
 
     layout = DatasetLayout(S3Uri("b", "p"), "ds-0")
-    worker = _Worker(Fetcher(), Store(), layout, ImageConfig())  # type: ignore[arg-type]
+    nothing = Forgotten({}, {})
+    worker = _Worker(Fetcher(), Store(), layout, ImageConfig(), nothing)  # type: ignore[arg-type]
     rows = [
         worker({"url": f"http://h.example/{name}.jpg", "id": name, "label": "Neutral", "row": 1})
         for name in ("gone", "page")
