@@ -206,6 +206,7 @@ def _run_register(args: argparse.Namespace) -> dict[str, Any]:
         margin=args.promotion_margin,
         resamples=args.promotion_resamples,
         confidence=args.promotion_confidence,
+        band=args.promotion_band,
         orchestrator_run_id=args.orchestrator_run_id,
     )
 
@@ -226,6 +227,7 @@ def _register_parser(stages: Stages) -> None:
             "promotion_margin",
             "promotion_resamples",
             "promotion_confidence",
+            "promotion_band",
             "orchestrator_run_id",
         ],
     )

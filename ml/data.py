@@ -72,6 +72,12 @@ class SplitImages(Dataset[tuple[torch.Tensor, int]]):
         self.keys = rows["object_key"].tolist()
         self.hashes = rows["sha256"].tolist()
         self.targets = [int(v) for v in rows["label_index"]]
+        #: The annotators' agreement on each label (NaN where the CSV had none).
+        self.agreement = (
+            [float(v) for v in rows["agreement"]]
+            if "agreement" in rows
+            else [float("nan")] * len(self.keys)
+        )
         self.bucket = bucket
         self.cache_dir = cache_dir
         self.transform = transform

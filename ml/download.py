@@ -58,10 +58,12 @@ MANIFEST_COLUMNS = (
     "error",
     "id",
     "label",
+    "agreement",
     "row",
     "fetched_at",
 )
 _DTYPES = {
+    "agreement": "float64",
     "http_status": "Int64",
     "bytes": "int64",
     "width": "Int64",
@@ -500,6 +502,8 @@ def collect_manifest(
     )
     # reindex: parts written before a column existed (phash) leave it empty
     manifest = manifest.sort_values("row", kind="stable").reindex(columns=list(MANIFEST_COLUMNS))
+    # the annotators' agreement on each label, from the records (parts may predate the column)
+    manifest["agreement"] = manifest["row"].map(records.set_index("row")["confidence"])
     manifest = _mark_forgotten(manifest.astype(_DTYPES).reset_index(drop=True), store, layout)
     store.write_parquet(layout.download_manifest, manifest)
     statuses = {k: int(v) for k, v in manifest["status"].value_counts().items()}

@@ -9,6 +9,7 @@ Usage: ``metrics = compute_metrics(y_true, y_pred)``; ``plot_confusion(metrics, 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,50 @@ from typing import Any
 import numpy as np
 
 from ml.labels import LABELS
+
+#: Agreement bands: the share of the (trust-weighted) judgments that chose the label. The
+#: CrowdFlower export has 3 judgments per image, so its values cluster at about 1/3, 2/3 and 1:
+#: all agree, a majority agrees, no majority. (lowest value, name), highest band first.
+AGREEMENT_BANDS = ((0.99, "all_agree"), (0.5, "majority"), (0.0, "no_majority"))
+BAND_RULE = (
+    "all_agree: agreement >= 0.99; majority: 0.5 <= agreement < 0.99; no_majority: "
+    "agreement < 0.5 (agreement: the share of the annotators' trust-weighted judgments that "
+    "chose the label; the CrowdFlower export has 3 per image, so values cluster at 1/3, 2/3 "
+    "and 1); images without an agreement value are in no band"
+)
+
+
+def agreement_band(value: float) -> str:
+    """The band of one agreement value ("" when there is none)."""
+    if math.isnan(value):  # the CSV gave no agreement
+        return ""
+    return next(name for low, name in AGREEMENT_BANDS if value >= low)
+
+
+def band_metrics(
+    agreement: Sequence[float], y_true: Sequence[int], probs: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """Accuracy, macro-F1 and per-class recall for each agreement band that has images."""
+    bands = np.array([agreement_band(float(v)) for v in agreement])
+    true = np.asarray(y_true, dtype=int)
+    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    out: dict[str, dict[str, Any]] = {}
+    for _, name in AGREEMENT_BANDS:
+        inside = bands == name
+        if not inside.any():
+            continue
+        metrics = compute_metrics(true[inside], pred[inside])
+        out[name] = {
+            "images": int(inside.sum()),
+            "accuracy": metrics["accuracy"],
+            "macro_f1": metrics["macro_f1"],
+            "recall": {
+                label: values["recall"]
+                for label, values in metrics["per_class"].items()
+                if values["support"]
+            },
+        }
+    return out
 
 
 def compute_metrics(

@@ -654,6 +654,16 @@ _DECLARED = (
         description="Confidence of the gain's interval; its lower end must be above 0 to promote.",
     ),
     _p(
+        "promotion_band",
+        str,
+        "all",
+        "Promotion band",
+        choices=("all", "all_agree", "majority", "no_majority"),
+        description="Which test images decide promotion: all of them, or only those of one "
+        "annotator-agreement band (all_agree: every annotator chose the label; majority; "
+        "no_majority).",
+    ),
+    _p(
         "force_retrain",
         bool,
         False,

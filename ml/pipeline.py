@@ -292,6 +292,7 @@ def register_step(
             margin=s.promotion_margin,
             resamples=s.promotion_resamples,
             confidence=s.promotion_confidence,
+            band=s.promotion_band,
             orchestrator_run_id=run_id,
         )
 

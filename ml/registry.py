@@ -22,7 +22,7 @@ import numpy as np
 
 from ml import audit, fencing, mlflow_access
 from ml.containment import check_name
-from ml.errors import PipelineError
+from ml.errors import ParameterError, PipelineError
 from ml.imaging import ImageConfig
 from ml.labels import LABELS
 from ml.layout import SplitLayout
@@ -119,6 +119,7 @@ def register_model(
     margin: float = PARAMETERS["promotion_margin"].default,
     resamples: int = PARAMETERS["promotion_resamples"].default,
     confidence: float = PARAMETERS["promotion_confidence"].default,
+    band: str = PARAMETERS["promotion_band"].default,
     orchestrator_run_id: str = PARAMETERS["orchestrator_run_id"].default,
     client: Any | None = None,
     store: Any | None = None,
@@ -155,7 +156,8 @@ def register_model(
         log.info("run %s is version %s of %s", run_id, version, name)
         decision = _recorded_decision(client, name, version)
     else:
-        decision = _decide(client, name, version, run, (margin, resamples, confidence), objects)
+        settings = (margin, resamples, confidence)
+        decision = _decide(client, name, version, run, settings, objects, band)
         _describe_version(client, name, version, run, orchestrator_run_id, decision)
         _describe_model(client, name, model_uri, ledger)
         if decision.promoted:
@@ -220,6 +222,7 @@ def _decide(
     run: Any,
     settings: tuple[float, int, float],
     store: Any | None,
+    band: str,
 ) -> Decision:
     margin, resamples, confidence = settings
     champion = _alias(client, name, "champion")
@@ -228,13 +231,14 @@ def _decide(
     if champion.version == version:
         return Decision(True, "already the champion", int(champion.version))
     number = int(champion.version)
-    scored = _score_both(client, name, champion, run, store)
+    scored = _score_both(client, name, champion, run, store, band)
     if isinstance(scored, Decision):
         return scored
     truth, new_probs, old_probs = scored
     comparison = compare(truth, new_probs, old_probs, resamples=resamples, confidence=confidence)
     promoted, reason = decide(comparison, margin)
-    return Decision(promoted, f"against champion v{number}: {reason}", number, comparison)
+    where = "" if band == "all" else f" (test images of agreement band {band})"
+    return Decision(promoted, f"against champion v{number}{where}: {reason}", number, comparison)
 
 
 def _score_both(
@@ -243,12 +247,16 @@ def _score_both(
     champion: Any,
     run: Any,
     store: Any | None,
+    band: str = "all",
     load: Callable[[str], Any] = mlflow_access.load_registered,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Decision:
     """(true classes, new probabilities, champion probabilities) on the new version's test
-    images, or the fallback Decision when the champion cannot be scored there."""
+    images (those of agreement ``band`` unless it is "all"), or the fallback Decision when
+    the champion cannot be scored there."""
     number = int(champion.version)
     predictions = _test_predictions(client, run.info.run_id)
+    if predictions is not None and band != "all":
+        predictions = _in_band(predictions, band)
     if predictions is None:
         score = float(run.data.metrics["test_macro_f1"])
         old = client.get_run(champion.run_id).data.metrics.get("test_macro_f1")
@@ -277,6 +285,21 @@ def _score_both(
         predictions[columns].to_numpy()[usable],
         rows[columns].to_numpy(dtype=np.float64)[usable],
     )
+
+
+def _in_band(predictions: Any, band: str) -> Any:
+    """The test predictions of one agreement band; one clear error when there are none."""
+    from ml.evaluate import agreement_band
+
+    values = predictions.get("agreement", [])
+    inside = [agreement_band(float(v)) == band for v in values]
+    if not any(inside):
+        raise ParameterError(
+            f"parameter 'promotion_band' {band!r}: the new version's test split has no images "
+            "of that agreement band (the CSV's confidence column decides it); use "
+            "promotion_band all"
+        )
+    return predictions[inside].reset_index(drop=True)
 
 
 def _test_predictions(client: Any, run_id: str) -> Any:

@@ -63,6 +63,7 @@ class PipelineSettings:
     promotion_margin: float = P["promotion_margin"].field()
     promotion_resamples: int = P["promotion_resamples"].field()
     promotion_confidence: float = P["promotion_confidence"].field()
+    promotion_band: str = P["promotion_band"].field()
     force_retrain: bool = P["force_retrain"].field()
 
     @property

@@ -41,6 +41,7 @@ SPLIT_COLUMNS = (
     "id",
     "label",
     "label_index",
+    "agreement",
     "sha256",
     "object_key",
     "width",
@@ -50,7 +51,7 @@ SPLIT_COLUMNS = (
     "split",
 )
 #: Manifest columns a split can do without (written by newer downloads; filled in here).
-OPTIONAL_COLUMNS = ("phash",)
+OPTIONAL_COLUMNS = ("phash", "agreement")
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
@@ -177,6 +178,8 @@ def make_splits(
             f"(statuses: {manifest['status'].value_counts().to_dict()})"
         )
     images["label_index"] = images["label"].map(LABEL_INDEX).astype("int64")
+    if "agreement" not in images:  # a manifest collected before agreement travelled with it
+        images["agreement"] = float("nan")
     images["phash"] = fill_hashes(images, layout.store.bucket, store)
     images, grouping = with_groups(images)
     with Progress(len(images), "split") as bar:

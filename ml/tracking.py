@@ -33,6 +33,8 @@ from ml import fencing
 from ml.data import Loaders
 from ml.errors import PipelineError
 from ml.evaluate import (
+    BAND_RULE,
+    band_metrics,
     calibration,
     confidently_wrong,
     plot_confusion,
@@ -210,6 +212,18 @@ def test_metrics(test: dict[str, Any], best_epoch: int) -> dict[str, float]:
     return metrics
 
 
+def band_metric_names(bands: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """MLflow metrics of the agreement bands: test_macro_f1_all_agree, ... and the images."""
+    metrics: dict[str, float] = {}
+    for band, values in bands.items():
+        metrics[f"test_images_{band}"] = float(values["images"])
+        metrics[f"test_accuracy_{band}"] = values["accuracy"]
+        metrics[f"test_macro_f1_{band}"] = values["macro_f1"]
+        for label, recall in values["recall"].items():
+            metrics[f"test_recall_{label.lower().replace(' ', '_')}_{band}"] = recall
+    return metrics
+
+
 @dataclass
 class TestOutcome:
     """What the test split said: metrics, class probabilities per image, and the images."""
@@ -235,14 +249,25 @@ def log_end(
     import mlflow
 
     calibrated = calibration(test.probs, test.images.targets)
-    mlflow.log_metrics({**test_metrics(test.metrics, best_epoch), "test_ece": calibrated["ece"]})
+    bands = band_metrics(test.images.agreement, test.images.targets, test.probs)
+    mlflow.log_metrics(
+        {
+            **test_metrics(test.metrics, best_epoch),
+            "test_ece": calibrated["ece"],
+            **band_metric_names(bands),
+        }
+    )
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         plot_confusion(test.metrics, tmp / "confusion_matrix.png")
         plot_curves(history, tmp / "training_curves.png")
         plot_reliability(calibrated, tmp / "reliability.png")
         _plot_wrong(test, tmp / "confidently_wrong.png")
-        report = {**test.metrics, "calibration": calibrated}
+        report = {
+            **test.metrics,
+            "calibration": calibrated,
+            "agreement_bands": {"rule": BAND_RULE, "bands": bands},
+        }
         (tmp / "test_report.json").write_text(json.dumps(report, indent=2))
         test_predictions(test).to_parquet(tmp / "test_predictions.parquet", index=False)
         card = model_card(cfg, test.metrics, loaders.counts, preprocessing, weights, best_epoch)
@@ -263,6 +288,7 @@ def test_predictions(test: TestOutcome) -> Any:
             "object_key": list(test.images.keys),
             "sha256": list(test.images.hashes),
             "label_index": list(test.images.targets),
+            "agreement": list(test.images.agreement),
         }
     )
     for j, label in enumerate(LABELS):

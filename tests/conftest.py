@@ -170,8 +170,15 @@ def labelled_split(
     bucket = f"learn-{uuid.uuid4().hex[:8]}"
     store.ensure_bucket(bucket)
     rows = labelled_urls(image_server, per_label, prefix=prefix, w=96, h=80)
+    # the annotators' agreement, as the CrowdFlower export gives it (3 judgments: 1/3, 2/3, 1)
+    agreement = ("1.0", "0.6667", "0.3333")
     path = tmp_path_factory.mktemp(prefix) / f"{prefix}.csv"
-    path.write_bytes(plain_csv(rows))
+    path.write_bytes(
+        plain_csv(
+            [(url, label, agreement[i % 3]) for i, (url, label) in enumerate(rows)],
+            header=("url", "label", "confidence"),
+        )
+    )
     dataset = ingest(str(path), f"s3://{bucket}/p", store=store).dataset
     download(dataset, DownloadConfig(allow_networks=("127.0.0.0/8",)), store=store)
     return str(make_splits(dataset, ratios="0.6,0.2,0.2", seed=0, store=store)["split"])

@@ -208,6 +208,43 @@ def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_annotator_agreement_travels_from_the_csv_to_the_evaluation(
+    trained: dict[str, Any], learn_split: str
+) -> None:
+    """The CSV's confidence column reaches the split, the per-image test predictions, and the
+    report and MLflow metrics per agreement band, beside the overall figures."""
+    from mlflow import MlflowClient
+
+    from ml.evaluate import BAND_RULE, band_metrics
+
+    table, _ = load_split(learn_split, ObjectStore())
+    assert set(table["agreement"].round(4)) == {1.0, 0.6667, 0.3333}
+    run_id = trained["result"]["run_id"]
+    client = MlflowClient()
+    predictions = pd.read_parquet(
+        client.download_artifacts(run_id, "evaluation/test_predictions.parquet")
+    )
+    test = table[table["split"] == "test"].set_index("sha256")["agreement"]
+    assert predictions["agreement"].tolist() == test.loc[predictions["sha256"]].tolist()
+    report = json.loads(
+        Path(client.download_artifacts(run_id, "evaluation/test_report.json")).read_text()
+    )
+    bands = report["agreement_bands"]
+    assert bands["rule"] == BAND_RULE
+    probs = predictions[[c for c in predictions.columns if c.startswith("p_")]].to_numpy()
+    again = band_metrics(predictions["agreement"], predictions["label_index"], probs)
+    assert bands["bands"] == pytest.approx(again)
+    assert set(again) == {"all_agree", "majority", "no_majority"}
+    assert sum(b["images"] for b in again.values()) == 20
+    metrics = client.get_run(run_id).data.metrics
+    for band, values in again.items():
+        assert metrics[f"test_macro_f1_{band}"] == pytest.approx(values["macro_f1"])
+        assert metrics[f"test_accuracy_{band}"] == pytest.approx(values["accuracy"])
+        assert metrics[f"test_images_{band}"] == values["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_finished_training_is_not_repeated(trained: dict[str, Any]) -> None:
     started = time.monotonic()
     again = fine_tune(trained["config"])

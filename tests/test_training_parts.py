@@ -549,3 +549,37 @@ def test_predictions_keep_images_the_model_refused() -> None:
         True,
         True,
     ]
+
+
+def test_agreement_bands_and_the_promotion_band() -> None:
+    """Bands by the share of annotators who chose the label; a promotion band keeps only its
+    images, and a band the test split lacks is a parameter error, not a silent fallback."""
+    import pandas as pd
+
+    from ml.evaluate import agreement_band, band_metrics
+    from ml.registry import _in_band
+
+    values = [1.0, 0.999, 0.6715, 0.5, 0.4999, 0.3333, float("nan")]
+    bands = ["all_agree", "all_agree", "majority", "majority", "no_majority", "no_majority", ""]
+    assert [agreement_band(v) for v in values] == bands
+
+    truth = [0, 1, 0, 1, 2, 2, 0]
+    probs = np.eye(5)[[0, 1, 1, 1, 2, 0, 3]]
+    found = band_metrics(values, truth, probs)
+    assert found["all_agree"] == {
+        "images": 2,
+        "accuracy": 1.0,
+        "macro_f1": 1.0,
+        "recall": {"Highly negative": 1.0, "Negative": 1.0},
+    }
+    assert (found["majority"]["images"], found["majority"]["accuracy"]) == (2, 0.5)
+    assert found["no_majority"]["recall"] == {"Neutral": 0.5}
+    assert sum(b["images"] for b in found.values()) == 6  # the NaN is in no band
+
+    frame = pd.DataFrame({"agreement": values, "label_index": truth})
+    kept = _in_band(frame, "majority")
+    assert kept["agreement"].tolist() == [0.6715, 0.5]
+    with pytest.raises(ParameterError, match="promotion_band.*no images of that agreement band"):
+        _in_band(frame.iloc[:2], "no_majority")
+    with pytest.raises(ParameterError, match="promotion_band"):
+        _in_band(pd.DataFrame({"label_index": [0]}), "majority")  # logged before agreement
