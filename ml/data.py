@@ -70,6 +70,7 @@ class SplitImages(Dataset[tuple[torch.Tensor, int]]):
         self, rows: pd.DataFrame, bucket: str, cache_dir: Path | None, transform: Transform
     ) -> None:
         self.keys = rows["object_key"].tolist()
+        self.urls = rows["url"].tolist() if "url" in rows else [""] * len(self.keys)
         self.hashes = rows["sha256"].tolist()
         self.targets = [int(v) for v in rows["label_index"]]
         #: The annotators' agreement on each label (NaN where the CSV had none).

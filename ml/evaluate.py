@@ -221,7 +221,11 @@ def confidently_wrong(probs: np.ndarray, y_true: Sequence[int], limit: int = 16)
 
 
 def plot_image_grid(
-    images: Sequence[bytes], captions: Sequence[str], path: Path, title: str
+    images: Sequence[bytes],
+    captions: Sequence[str],
+    path: Path,
+    title: str,
+    empty: str = "no wrong predictions",
 ) -> Path:
     """Images (encoded) in a grid with a caption under each."""
     import io
@@ -241,7 +245,7 @@ def plot_image_grid(
         ax.imshow(Image.open(io.BytesIO(data)).convert("RGB"))
         ax.set_title(caption, fontsize=8)
     if not images:
-        axes.flat[0].text(0.5, 0.5, "no wrong predictions", ha="center", va="center")
+        axes.flat[0].text(0.5, 0.5, empty, ha="center", va="center")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -231,6 +231,8 @@ class TestOutcome:
     metrics: dict[str, Any]
     probs: np.ndarray
     images: Any  # ml.data.SplitImages: keys, hashes, targets and read(i)
+    #: The valid split's probabilities and images (held out too: label errors use both).
+    valid: tuple[np.ndarray, Any] | None = None
 
 
 def log_end(
@@ -263,6 +265,8 @@ def log_end(
         plot_curves(history, tmp / "training_curves.png")
         plot_reliability(calibrated, tmp / "reliability.png")
         _plot_wrong(test, tmp / "confidently_wrong.png")
+        issues = _label_issues(test, tmp)
+        mlflow.log_metric("label_issues", float(len(issues)))
         report = {
             **test.metrics,
             "calibration": calibrated,
@@ -276,6 +280,36 @@ def log_end(
     model_uri = log_model(cfg, classifier, preprocessing)
     mlflow.set_tag("model_uri", model_uri)
     return model_uri
+
+
+def _label_issues(test: TestOutcome, tmp: Path) -> Any:
+    """Likely label errors among the held-out images (ml.quality): ``label_issues.csv`` for a
+    labeller (cells a spreadsheet would run are neutralized) and a contact sheet of the top."""
+    from ml.predict import neutralize_formulas
+    from ml.quality import SHEET_SIZE, held_out_frame, label_issues
+
+    parts = [("test", test.images, test.probs)]
+    if test.valid is not None:
+        parts.append(("valid", test.valid[1], test.valid[0]))
+    issues = label_issues(held_out_frame(parts))
+    neutralize_formulas(issues).to_csv(tmp / "label_issues.csv", index=False)
+    by_split = {name: images for name, images, _ in parts}
+    pictures, captions = [], []
+    for row in issues.head(SHEET_SIZE).itertuples():
+        images = by_split[row.split]
+        pictures.append(images.read(images.hashes.index(row.sha256)))
+        captions.append(
+            f"#{row.rank} given: {row.given_label}\nmodel: {row.suggested_label} "
+            f"({row.confidence:.2f})"
+        )
+    plot_image_grid(
+        pictures,
+        captions,
+        tmp / "label_issues.png",
+        "Likely label errors: held-out images whose label the model contradicts most",
+        empty="no likely label errors",
+    )
+    return issues
 
 
 def test_predictions(test: TestOutcome) -> Any:

@@ -331,6 +331,7 @@ class Trainer:
         elif self.resumed is not None:  # resumed with no better epoch since: the saved best
             model.load_state_dict(self.checkpoints.best_weights(self.resumed))
         test, probs = evaluate(model, self.loaders.test, cfg, self.rt, self.step.normalizer)
+        _, valid = evaluate(model, self.loaders.valid, cfg, self.rt, self.step.normalizer)
         classifier = Classifier(
             model.to("cpu").float().to(memory_format=torch.contiguous_format),
             self.preprocessing.mean,
@@ -339,7 +340,9 @@ class Trainer:
         model_uri = tracking.log_end(
             cfg,
             classifier,
-            tracking.TestOutcome(test, probs, self.loaders.test.dataset),
+            tracking.TestOutcome(
+                test, probs, self.loaders.test.dataset, (valid, self.loaders.valid.dataset)
+            ),
             state.history,
             state.best_epoch,
             self.loaders,

@@ -23,7 +23,7 @@ import pytest
 from devkit.imageserver import ImageServer
 from devkit.servers import local_s3
 from ml.labels import LABELS
-from ml.storage import ObjectStore
+from ml.storage import ObjectStore, S3Uri
 from tests.helpers import labelled_urls, plain_csv, small_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -151,8 +151,15 @@ def mlflow_server(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
 def learn_split(
     s3_endpoint: str, image_server: ImageServer, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
-    """100 small labelled images (colour tint per class), downloaded and split 60/20/20."""
-    return labelled_split(image_server, dict.fromkeys(LABELS, 20), "learn", tmp_path_factory)
+    """100 small labelled images (colour tint per class), downloaded and split 60/20/20; 4 of
+    the held-out images carry a wrong label (:data:`FLIPPED`), as annotators' mistakes."""
+    return labelled_split(
+        image_server, dict.fromkeys(LABELS, 20), "learn", tmp_path_factory, flip=4
+    )
+
+
+#: The images whose label a split's fixture made wrong on purpose, by split URI.
+FLIPPED: dict[str, list[str]] = {}
 
 
 def labelled_split(
@@ -160,6 +167,7 @@ def labelled_split(
     per_label: dict[str, int],
     prefix: str,
     tmp_path_factory: pytest.TempPathFactory,
+    flip: int = 0,
 ) -> str:
     """A bucket of its own with ``per_label`` images per class, downloaded and split 60/20/20."""
     from ml.download import DownloadConfig, download
@@ -181,7 +189,17 @@ def labelled_split(
     )
     dataset = ingest(str(path), f"s3://{bucket}/p", store=store).dataset
     download(dataset, DownloadConfig(allow_networks=("127.0.0.0/8",)), store=store)
-    return str(make_splits(dataset, ratios="0.6,0.2,0.2", seed=0, store=store)["split"])
+    split = str(make_splits(dataset, ratios="0.6,0.2,0.2", seed=0, store=store)["split"])
+    if flip:  # a wrong label on some held-out images, two classes away from the right one
+        uri = S3Uri.parse(split)
+        table = store.read_parquet(uri)
+        held_out = table.index[table["split"] != "train"]
+        chosen = table.loc[held_out].sort_values("sha256").index[:flip]
+        table.loc[chosen, "label_index"] = (table.loc[chosen, "label_index"] + 2) % len(LABELS)
+        table.loc[chosen, "label"] = [LABELS[i] for i in table.loc[chosen, "label_index"]]
+        store.write_parquet(uri, table)
+        FLIPPED[split] = table.loc[chosen, "sha256"].tolist()
+    return split
 
 
 @pytest.fixture(scope="session")

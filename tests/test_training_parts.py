@@ -583,3 +583,42 @@ def test_agreement_bands_and_the_promotion_band() -> None:
         _in_band(frame.iloc[:2], "no_majority")
     with pytest.raises(ParameterError, match="promotion_band"):
         _in_band(pd.DataFrame({"label_index": [0]}), "majority")  # logged before agreement
+
+
+def test_label_issues_rank_confident_contradictions_first() -> None:
+    """Per-class thresholds (the mean self-confidence of each given class): an image is listed
+    when another class reaches its threshold, ranked by that probability over the given one's."""
+    import pandas as pd
+
+    from ml.labels import LABELS
+    from ml.quality import LABEL_ISSUE_COLUMNS, label_issues
+    from ml.serving import probability_column
+
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(5), 20)
+    probs = np.full((100, 5), 0.02) + rng.uniform(0, 0.02, (100, 5))
+    probs[np.arange(100), truth] = 0.9  # the model sees each picture's true class
+    given = truth.copy()
+    wrong = [3, 27, 55, 81]
+    given[wrong] = (truth[wrong] + 2) % 5  # annotators' mistakes
+    probs[7, [truth[7], (truth[7] + 1) % 5]] = [0.5, 0.45]  # unsure, but right: not listed
+    probs /= probs.sum(1, keepdims=True)
+    frame = pd.DataFrame(
+        {
+            "url": [f"https://example.com/{i}.jpg" for i in range(100)],
+            "sha256": [f"{i:064x}" for i in range(100)],
+            "split": "test",
+            "label_index": given,
+            "agreement": 1.0,
+        }
+    )
+    for j, label in enumerate(LABELS):
+        frame[probability_column(label)] = probs[:, j]
+    issues = label_issues(frame)
+    assert list(issues.columns) == list(LABEL_ISSUE_COLUMNS)
+    assert sorted(issues["sha256"].head(4)) == [f"{i:064x}" for i in wrong]
+    assert len(issues) == 4  # the unsure-but-right image is not an issue
+    first = issues.iloc[0]
+    assert first["suggested_label"] == LABELS[truth[int(first["sha256"], 16)]]
+    assert first["confidence"] > 0.8 and first["given_label_probability"] < 0.05
+    assert label_issues(frame.iloc[0:0]).empty
