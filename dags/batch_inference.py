@@ -8,6 +8,12 @@ Runs whenever a model version is registered (the `image_sentiment_model` asset) 
 `ML_INFERENCE_CSV` names a CSV to score, or by hand with the form's parameters. A version that
 did not become champion changes nothing to score: such a run is skipped, saying so. URLs are fetched
 with the same safety rules as the training downloads.
+
+Each run compares the batch with the model's own test images (predicted-label mix, and the
+network's penultimate features: see `ml/drift.py`). When a test's p-value is below
+`ML_DRIFT_P_VALUE` (default 0.01), `drift_alarm` says so in its log and updates the
+`image_sentiment_drift` asset with the figures in its metadata (schedule retraining on it);
+otherwise it is skipped.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Asset, Metadata, Param, dag, task
 from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
 
 # The form checks with the same rule the worker enforces (ml.containment: light, stdlib only).
@@ -24,6 +30,7 @@ from ml.deployment import Deployment
 
 DEPLOYMENT = Deployment.from_env()  # ML_STORE, ML_MODEL_NAME, ML_INFERENCE_CSV
 MODEL_ASSET = Asset(*DEPLOYMENT.model_asset)
+DRIFT_ASSET = Asset(*DEPLOYMENT.drift_asset)
 
 
 @dag(
@@ -85,7 +92,31 @@ def image_sentiment_batch_inference() -> None:
         output = params["output"] or str(store.run_predictions(run_id))
         return predict_step(params["csv"], output, params["model_uri"])
 
-    predict()
+    @task(outlets=[DRIFT_ASSET])
+    @fail_fast()
+    def drift_alarm(scored: dict[str, Any]) -> Any:
+        import logging
+
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        report = scored.get("drift")
+        if not report or not report["alarm"]:
+            raise AirflowSkipException(report["verdict"] if report else "drift not checked")
+        logging.getLogger(__name__).warning("drift: %s", report["verdict"])
+        figures = {
+            "model_version": report["model_version"],
+            "predictions": scored["predictions"],
+            "verdict": report["verdict"],
+            "label_mix_p_value": report["label_mix"]["p_value"],
+            "feature_p_value": (report["features"] or {}).get("p_value"),
+            "feature_mmd2": (report["features"] or {}).get("mmd2"),
+            "threshold": report["threshold"],
+            "mlflow_run": report.get("mlflow_run"),
+        }
+        yield Metadata(DRIFT_ASSET, figures)
+        return figures
+
+    drift_alarm(predict())
 
 
 image_sentiment_batch_inference()

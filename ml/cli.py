@@ -244,6 +244,7 @@ def _run_predict(args: argparse.Namespace) -> dict[str, Any]:
         bucket=args.bucket,
         config=download_config(args),
         batch_size=args.inference_batch_size,
+        drift_p_value=None if args.no_drift else args.drift_p_value,
     )
 
 
@@ -260,6 +261,20 @@ def _predict_parser(stages: Stages) -> None:
     p.add_argument("--bucket", default=None, help="bucket for bare object keys")
     add_options(p, ["inference_batch_size"])
     _download_options(p)
+    from ml.deployment import Deployment
+
+    p.add_argument(
+        "--drift-p-value",
+        type=float,
+        default=Deployment.from_env().drift_p_value,
+        help="alarm when a drift test's p-value is below this (default: $ML_DRIFT_P_VALUE "
+        "or %(default)s)",
+    )
+    p.add_argument(
+        "--no-drift",
+        action="store_true",
+        help="do not compare the batch with the model's test images",
+    )
     p.set_defaults(run=_run_predict)
 
 

@@ -28,6 +28,8 @@ class Deployment:
     download_parallelism: int
     train_timeout_hours: float
     gpu_queue: str
+    #: Batch inference raises a drift alarm when a test's p-value is below this.
+    drift_p_value: float
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Deployment:
@@ -43,6 +45,7 @@ class Deployment:
             download_parallelism=int(env.get("ML_DOWNLOAD_PARALLELISM", "4")),
             train_timeout_hours=float(env.get("ML_TRAIN_TIMEOUT_HOURS", "12")),
             gpu_queue=env.get("ML_GPU_QUEUE", "gpu"),
+            drift_p_value=float(env.get("ML_DRIFT_P_VALUE", "0.01")),
         )
 
     @property
@@ -54,6 +57,11 @@ class Deployment:
     def model_asset(self) -> tuple[str, str]:
         """(name, URI) of the asset each registration updates; batch inference waits on it."""
         return "image_sentiment_model", f"mlflow-registry://{self.model_name}"
+
+    @property
+    def drift_asset(self) -> tuple[str, str]:
+        """(name, URI) of the asset a batch inference updates when it finds drift."""
+        return "image_sentiment_drift", f"mlflow-registry://{self.model_name}/drift"
 
     @property
     def champion_uri(self) -> str:

@@ -334,11 +334,13 @@ def predict_step(
     output = check_output(output, store=store, output_dir=output_dir_setting(env))
     networks = allowed_networks(env)
 
+    from ml.deployment import Deployment
     from ml.download import DownloadConfig
     from ml.predict import predict
 
     config = DownloadConfig(allow_networks=networks)
-    return predict(model_uri, csv, output, config=config, s3_roots=roots)
+    threshold = Deployment.from_env(env).drift_p_value
+    return predict(model_uri, csv, output, config=config, s3_roots=roots, drift_p_value=threshold)
 
 
 @in_task

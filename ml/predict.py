@@ -31,7 +31,7 @@ from ml.mlflow_access import load_registered, require_tracking_uri
 from ml.netpolicy import AddressPolicy
 from ml.params import PARAMETERS
 from ml.redact import get_logger, redact_url
-from ml.serving import IMAGE_COLUMN, ImageClassifier
+from ml.serving import IMAGE_COLUMN, ImageClassifier, penultimate_features
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
 from ml.transforms import Preprocessing
@@ -146,13 +146,16 @@ def predict(
     batch_size: int = PARAMETERS["inference_batch_size"].default,
     store: ObjectStore | None = None,
     s3_roots: Sequence[str] | None = None,
+    drift_p_value: float | None = None,
 ) -> dict[str, Any]:
     """Write one row per input with its predicted label and per-class probabilities.
 
     ``model_uri`` must name a registered model (``models:/<name>@<alias>`` or
     ``models:/<name>/<version>``): a model from anywhere else could carry code. The output is
     checked before any work starts. ``s3_roots`` limits which store folders the listed
-    ``s3://`` inputs may come from (a run started from a form passes the input roots).
+    ``s3://`` inputs may come from (a run started from a form passes the input roots). With
+    ``drift_p_value``, the batch is compared with the version's own test images (ml.drift):
+    the report goes next to the output (``<out>.drift.json``), to MLflow, and into the summary.
     """
     check_model_uri(model_uri, "--model")
     require_tracking_uri(model_uri)
@@ -172,11 +175,15 @@ def predict(
         loaded = list(pool.map(loader, values))
         hashes = list(pool.map(loader.sha256, [data for data, _, _ in loaded]))
     ready = [i for i, (data, _, _) in enumerate(loaded) if data is not None]
-    scored = classify(model, [loaded[i][0] or b"" for i in ready], config.image, batch_size)
+    with penultimate_features(model) as captured:
+        scored = classify(model, [loaded[i][0] or b"" for i in ready], config.image, batch_size)
     result = _result_frame(values, loaded, ready, scored)
     result.insert(1, "sha256", hashes)
     result.insert(2, "model_version", version)
     _write(result, out, store)
+    drift = None
+    if drift_p_value is not None:
+        drift = _drift(model, (name, version), scored, captured, out, store, drift_p_value)
     has = result["label"].notna()
     counts = result.loc[has, "label"].value_counts().to_dict()
     failed = result.loc[~has, "status"].value_counts().to_dict()
@@ -189,7 +196,37 @@ def predict(
         "failed": {k: int(v) for k, v in failed.items()},
         "model": model_uri,
         "model_version": version,
+        "drift": drift,
     }
+
+
+def _drift(
+    model: Any,
+    version: tuple[str, int],
+    scored: pd.DataFrame,
+    captured: list[np.ndarray] | None,
+    out: str,
+    store: ObjectStore,
+    threshold: float,
+) -> dict[str, Any] | None:
+    """The batch against the version's own test images; recorded next to the output and in
+    MLflow, and said in the log (a warning when it is drift)."""
+    import json
+
+    from ml import drift
+
+    report = drift.assess(model, *version, scored, captured, store, threshold)
+    if report is None:
+        log.info("drift not checked: v%s logged no test predictions to compare with", version[1])
+        return None
+    report["mlflow_run"] = drift.record(report, out)
+    data = json.dumps(report, indent=2, default=str).encode()
+    if out.startswith("s3://"):
+        store.put_bytes(S3Uri.parse(f"{out}.drift.json"), data, content_type="application/json")
+    else:
+        Path(f"{out}.drift.json").write_bytes(data)
+    (log.warning if report["alarm"] else log.info)("%s", report["verdict"])
+    return report
 
 
 def resolve_version(model_uri: str) -> tuple[str, int]:

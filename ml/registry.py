@@ -192,7 +192,37 @@ def register_model(
         "promotion": decision.to_json(),
         "champion_version": int(current.version) if current else None,
         "model_uri": f"models:/{name}@champion",
+        "agreement_bands": _band_figures(run.data.metrics),
+        "label_issues": _top_label_issues(client, run_id),
     }
+
+
+def _band_figures(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The run's test figures per annotator-agreement band (ml.evaluate.AGREEMENT_BANDS)."""
+    from ml.evaluate import AGREEMENT_BANDS
+
+    return {
+        band: {
+            "images": int(metrics[f"test_images_{band}"]),
+            "macro_f1": metrics[f"test_macro_f1_{band}"],
+            "accuracy": metrics[f"test_accuracy_{band}"],
+        }
+        for _, band in AGREEMENT_BANDS
+        if f"test_images_{band}" in metrics
+    }
+
+
+def _top_label_issues(client: Any, run_id: str, count: int = 3) -> dict[str, Any] | None:
+    """How many likely label errors the run listed, and the first few (ml.quality)."""
+    import pandas as pd
+
+    try:
+        path = client.download_artifacts(run_id, "evaluation/label_issues.csv")
+    except Exception:  # a run logged before the list existed
+        return None
+    issues = pd.read_csv(path)
+    top = issues.head(count)[["url", "given_label", "suggested_label", "confidence"]]
+    return {"listed": len(issues), "top": top.to_dict("records")}
 
 
 @dataclass

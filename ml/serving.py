@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,29 @@ def network_forward(classifier: Classifier, device: torch.device) -> Forward:
             return np.asarray(classifier(batch.to(device)).float().cpu().numpy())
 
     return forward
+
+
+@contextlib.contextmanager
+def penultimate_features(model: Any) -> Iterator[list[np.ndarray] | None]:
+    """While inside, every forward pass of a registered model's network appends the inputs of
+    its last layer (the penultimate features, one row per image) to the yielded list; None
+    when the model is not one whose network can be reached (a version logged before)."""
+    python_model = getattr(model, "unwrap_python_model", lambda: None)()
+    network = getattr(python_model, "network", None)
+    last = getattr(getattr(network, "model", None), "fc", None)
+    if last is None:
+        yield None
+        return
+    captured: list[np.ndarray] = []
+
+    def hook(module: Any, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+        captured.append(inputs[0].detach().float().cpu().numpy())
+
+    handle = last.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class ImageClassifier:

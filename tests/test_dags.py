@@ -496,3 +496,39 @@ def test_the_forget_form_only_names_an_image_and_a_reason(
     monkeypatch.delenv("ML_STORE")
     with pytest.raises(AirflowFailException, match="ML_STORE"):
         forget(params={"image": "a" * 64, "reason": "x", "retrain": False}, run_id="r")
+
+
+@pytest.mark.integration
+def test_drift_over_the_threshold_updates_the_drift_asset(dagbag: Any) -> None:
+    """drift_alarm is skipped without drift (a skipped task emits no asset event) and, with
+    drift, yields the figures as the drift asset's metadata for a team to schedule on."""
+    from airflow.sdk import Metadata
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    alarm = dagbag.dags["image_sentiment_batch_inference"].get_task("drift_alarm")
+    assert [a.name for a in alarm.outlets] == ["image_sentiment_drift"]
+    assert alarm.upstream_task_ids == {"predict"}
+
+    def report(alarmed: bool) -> dict[str, Any]:
+        return {
+            "predictions": "s3://b/p/runs/r/predictions.parquet",
+            "drift": {
+                "alarm": alarmed,
+                "verdict": "drift: p = 0.001 < 0.01" if alarmed else "no drift: every p-value",
+                "model_version": 3,
+                "threshold": 0.01,
+                "label_mix": {"p_value": 0.2},
+                "features": {"p_value": 0.001, "mmd2": 0.4},
+                "mlflow_run": "abc",
+            },
+        }
+
+    with pytest.raises(AirflowSkipException, match="no drift"):
+        list(alarm.python_callable(report(False)))
+    with pytest.raises(AirflowSkipException, match="drift not checked"):
+        list(alarm.python_callable({"predictions": "x", "drift": None}))
+    events = list(alarm.python_callable(report(True)))
+    assert len(events) == 1 and isinstance(events[0], Metadata)
+    assert events[0].asset.name == "image_sentiment_drift"
+    assert events[0].extra["feature_p_value"] == 0.001
+    assert events[0].extra["model_version"] == 3

@@ -453,6 +453,47 @@ def test_the_registered_model_takes_images_and_predicts_a_csv(
     assert table.loc[4, "status"] == "http_error" and np.isnan(table.loc[4, "confidence"])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
+def test_batch_inference_compares_its_images_with_the_models_test_images(
+    trained: dict[str, Any], image_server: ImageServer, tmp_path: Path
+) -> None:
+    """A batch from the training images' generator raises no alarm; one from another
+    generator (untinted pictures, another size) does. Both reports go next to the output and
+    to MLflow."""
+    from mlflow import MlflowClient
+
+    from ml.drift import FEATURE_TEST, LABEL_TEST
+
+    name = f"drift-{uuid.uuid4().hex[:6]}"
+    register_model(trained["result"]["run_id"], name=name)
+    same = labelled_urls(image_server, dict.fromkeys(LABELS, 6), prefix="drift-same", w=96, h=80)
+    other = [(image_server.url(f"drift-other/{i}.jpg", w=160, h=120), "") for i in range(30)]
+    reports = {}
+    for kind, rows in (("same", same), ("other", other)):
+        csv = tmp_path / f"{kind}.csv"
+        csv.write_bytes(plain_csv([(u,) for u, _ in rows], header=("url",)))
+        out = tmp_path / f"{kind}.parquet"
+        summary = predict(
+            f"models:/{name}@champion", str(csv), str(out), config=LOOPBACK, drift_p_value=0.01
+        )
+        report = summary["drift"]
+        assert report == json.loads((tmp_path / f"{kind}.parquet.drift.json").read_text())
+        assert report["label_mix"]["test"] == LABEL_TEST
+        assert report["features"]["test"] == FEATURE_TEST
+        assert report["features"]["images"] == [30, 20]  # the batch, the model's test images
+        assert sum(report["label_mix"]["reference"].values()) == 20
+        run = MlflowClient().get_run(report["mlflow_run"])
+        assert run.data.metrics["drift_alarm"] == float(report["alarm"])
+        assert run.data.metrics["drift_feature_p_value"] == report["features"]["p_value"]
+        assert run.data.tags["predictions"] == str(out)
+        reports[kind] = report
+    print({k: (r["label_mix"]["p_value"], r["features"]["p_value"]) for k, r in reports.items()})
+    assert not reports["same"]["alarm"], reports["same"]["verdict"]
+    assert reports["other"]["alarm"], reports["other"]["verdict"]
+    assert reports["other"]["features"]["p_value"] < 0.01
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_torchrun_ddp_logs_once(learn_split: str, mlflow_server: str, tmp_path: Path) -> None:

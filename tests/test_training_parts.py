@@ -622,3 +622,27 @@ def test_label_issues_rank_confident_contradictions_first() -> None:
     assert first["suggested_label"] == LABELS[truth[int(first["sha256"], 16)]]
     assert first["confidence"] > 0.8 and first["given_label_probability"] < 0.05
     assert label_issues(frame.iloc[0:0]).empty
+
+
+def test_drift_tests_tell_a_shift_from_a_sample_of_the_same() -> None:
+    from ml.drift import check_drift, label_mix, mmd_test
+
+    rng = np.random.default_rng(1)
+    reference = rng.normal(0, 1, (150, 32))
+    same = rng.normal(0, 1, (120, 32))
+    shifted = rng.normal(0.4, 1, (120, 32))
+    assert mmd_test(same, reference, permutations=200)["p_value"] > 0.05
+    moved = mmd_test(shifted, reference, permutations=200)
+    assert moved["p_value"] < 0.01 and moved["mmd2"] > 0 and moved["images"] == [120, 150]
+
+    labels = ["Positive"] * 60 + ["Negative"] * 40
+    assert label_mix(labels, labels)["p_value"] > 0.99
+    flipped = label_mix(["Negative"] * 80 + ["Positive"] * 20, labels)
+    assert flipped["p_value"] < 0.01 and flipped["batch"]["Negative"] == 80
+    assert label_mix([], labels)["p_value"] == 1.0  # nothing scored: nothing to say
+
+    quiet = check_drift(labels, same, labels, reference, 0.01)
+    assert not quiet["alarm"] and quiet["verdict"].startswith("no drift")
+    loud = check_drift(labels, shifted, labels, reference, 0.01)
+    assert loud["alarm"] and loud["verdict"].startswith("drift: p = ")
+    assert check_drift(labels, None, labels, reference)["features"] is None

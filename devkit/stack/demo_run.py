@@ -100,6 +100,8 @@ def demo(stack: LocalStack, args: argparse.Namespace) -> int:
             f"  inference  : {INFERENCE_DAG_ID} scored {scored.get('predicted', 0)} images with "
             f"the champion -> {scored.get('predictions')}"
         )
+        drift = scored.get("drift")
+        say(f"  drift      : {drift['verdict'] if drift else 'not checked'}")
     say("The stack stays up for browsing. Stop it with: bash scripts/stop")
     print(json.dumps({"runs": runs, "inference": scored}), flush=True)
     return 0
@@ -169,6 +171,23 @@ def say_registered(stack: LocalStack, registered: dict[str, Any], note: str) -> 
         f"{metrics.get('test_macro_f1', 0):.3f} on its own test split ({note})"
     )
     say(f"  promotion  : {describe_promotion(registered['promotion'])}")
+    bands = registered.get("agreement_bands") or {}
+    if bands:
+        say(
+            "  agreement  : "
+            + "; ".join(
+                f"{band} macro-F1 {b['macro_f1']:.3f} ({b['images']} images)"
+                for band, b in bands.items()
+            )
+        )
+    issues = registered.get("label_issues")
+    if issues is not None:
+        say(f"  labels     : {issues['listed']} likely label errors among held-out images")
+        for item in issues["top"]:
+            say(
+                f"               {item['url']}: given {item['given_label']}, the model says "
+                f"{item['suggested_label']} ({item['confidence']:.2f})"
+            )
 
 
 def wait_inference(stack: LocalStack, timeout: float) -> dict[str, Any] | None:
