@@ -143,9 +143,7 @@ def reference(model: Any, name: str, version: int, store: Any) -> tuple[list[str
     split = run.data.tags.get("split", "")
     if not split:
         return None
-    kept = StoreLayout(SplitLayout.parse(split).dataset.store).root.child(
-        "drift", name, f"v{version}-reference.npz"
-    )
+    kept = StoreLayout(SplitLayout.parse(split).dataset.store).drift_reference(name, version)
     if store.exists(kept):
         saved = np.load(io.BytesIO(store.get_bytes(kept)), allow_pickle=False)
         features = saved["features"] if saved["features"].size else None

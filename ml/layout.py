@@ -17,6 +17,7 @@ A store is ``s3://BUCKET/PREFIX``; under it::
     audit/aliases/<model>/<n>.json                   alias moves, append-only (ml.audit)
     audit/forget/<n>.json                            requests to forget an image (ml.forget)
     audit/lineage/<model>/v<N>-split.parquet         the split a version trained on (ml.lineage)
+    drift/<model>/v<N>-reference.npz                 a version's test-image features (ml.drift)
 
 A checkpoint folder holds ``last.pt``, ``best-e<N>.pt`` and ``result.json``.
 
@@ -63,6 +64,10 @@ class StoreLayout:
     def forget_ledger(self) -> S3Uri:
         """The ledger of requests to forget an image (see :mod:`ml.forget`)."""
         return self.root.child(_AUDIT, "forget")
+
+    def drift_reference(self, model: str, version: str | int) -> S3Uri:
+        """A version's test-image features and labels, for drift checks (see :mod:`ml.drift`)."""
+        return self.root.child("drift", model, f"v{version}-reference.npz")
 
     def kept_split(self, model: str, version: str | int) -> S3Uri:
         """The copy of the split a model version trained on (see :mod:`ml.lineage`)."""
