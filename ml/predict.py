@@ -30,7 +30,7 @@ from ml.labels import LABELS
 from ml.mlflow_access import load_registered, require_tracking_uri
 from ml.netpolicy import AddressPolicy
 from ml.params import PARAMETERS
-from ml.redact import get_logger, redact_url
+from ml.redact import get_logger, redact_text, redact_url
 from ml.serving import IMAGE_COLUMN, ImageClassifier, penultimate_features
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
@@ -215,7 +215,11 @@ def _drift(
 
     from ml import drift
 
-    report = drift.assess(model, *version, scored, captured, store, threshold)
+    try:
+        report = drift.assess(model, *version, scored, captured, store, threshold)
+    except Exception as exc:  # the predictions are written: a failed comparison must not undo them
+        log.warning("drift not checked: %s", redact_text(f"{type(exc).__name__}: {exc}")[:300])
+        return None
     if report is None:
         log.info("drift not checked: v%s logged no test predictions to compare with", version[1])
         return None
