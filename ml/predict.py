@@ -223,7 +223,11 @@ def _drift(
     if report is None:
         log.info("drift not checked: v%s logged no test predictions to compare with", version[1])
         return None
-    report["mlflow_run"] = drift.record(report, out)
+    try:
+        report["mlflow_run"] = drift.record(report, out)
+    except Exception as exc:  # MLflow down: the report still goes next to the predictions
+        report["mlflow_run"] = None
+        log.warning("drift not recorded in MLflow: %s", redact_text(str(exc))[:300])
     data = json.dumps(report, indent=2, default=str).encode()
     if out.startswith("s3://"):
         store.put_bytes(S3Uri.parse(f"{out}.drift.json"), data, content_type="application/json")
