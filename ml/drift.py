@@ -20,7 +20,7 @@ Usage: ``check_drift(batch_labels, batch_features, reference_labels, reference_f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,11 +63,11 @@ def _subset(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def mmd_test(
-    batch: np.ndarray, reference: np.ndarray, *, permutations: int = PERMUTATIONS, seed: int = 0
+    batch: np.ndarray, reference: np.ndarray, *, permutations: int = PERMUTATIONS, shuffle: int = 0
 ) -> dict[str, Any]:
     """MMD^2 (biased estimate) between two samples of feature vectors, and the share of label
     permutations whose MMD^2 is at least as large (the p-value, with the +1 correction)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(shuffle)
     x, y = (
         _subset(np.asarray(batch, np.float64), rng),
         _subset(np.asarray(reference, np.float64), rng),
@@ -123,19 +123,18 @@ def check_drift(
 # ------------------------------------------------------------------------------ in batch inference
 
 
-def reference(model: Any, name: str, version: int, store: Any) -> tuple[list[str], Any] | None:
+#: Scores encoded images: (rows with label and status, the penultimate features captured).
+Score = Callable[[list[bytes]], tuple[Any, "list[np.ndarray] | None"]]
+
+
+def reference(name: str, version: int, store: Any, score: Score) -> tuple[list[str], Any] | None:
     """(predicted labels, penultimate features or None) of the version's own test images,
     kept in the store after the first time (``drift/<model>/v<N>-reference.npz`` under the
     store its training split is in); None when the version logged no test predictions."""
     import io
 
     from ml import mlflow_access
-    from ml.imaging import ImageConfig
     from ml.layout import SplitLayout, StoreLayout
-    from ml.params import PARAMETERS
-    from ml.predict import classify
-    from ml.registry import _test_predictions
-    from ml.serving import penultimate_features
     from ml.uri import S3Uri
 
     client = mlflow_access.client()
@@ -148,13 +147,12 @@ def reference(model: Any, name: str, version: int, store: Any) -> tuple[list[str
         saved = np.load(io.BytesIO(store.get_bytes(kept)), allow_pickle=False)
         features = saved["features"] if saved["features"].size else None
         return [str(v) for v in saved["labels"]], features
-    predictions = _test_predictions(client, run.info.run_id)
+    predictions = mlflow_access.test_predictions(client, run.info.run_id)
     if predictions is None:
         return None
     keys = list(predictions["object_key"])[:MAX_SAMPLES]
     images = _readable(store, S3Uri.parse(split).bucket, keys)
-    with penultimate_features(model) as captured:
-        rows = classify(model, images, ImageConfig(), PARAMETERS["inference_batch_size"].default)
+    rows, captured = score(images)
     ok = rows["status"] == "ok"
     labels = [str(v) for v in rows.loc[ok, "label"]]
     features = _stacked(captured, int(ok.sum()))
@@ -194,17 +192,17 @@ def _stacked(captured: list[np.ndarray] | None, rows: int) -> np.ndarray | None:
 
 
 def assess(
-    model: Any,
     name: str,
     version: int,
     scored: Any,
     captured: list[np.ndarray] | None,
     store: Any,
     threshold: float,
+    score: Score,
 ) -> dict[str, Any] | None:
-    """The drift report of a batch that ``model`` (version ``version`` of ``name``) scored;
-    None when the version has nothing to compare with."""
-    found = reference(model, name, version, store)
+    """The drift report of a batch that version ``version`` of ``name`` scored (``score`` is
+    how it scores images); None when the version has nothing to compare with."""
+    found = reference(name, version, store, score)
     if found is None:
         return None
     ok = scored["status"] == "ok"

@@ -155,3 +155,15 @@ def load_registered(model_uri: str, model_config: dict[str, Any] | None = None) 
         raise PipelineError(
             f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
         ) from None
+
+
+def test_predictions(client: Any, run_id: str) -> Any:
+    """A training run's per-image test predictions (evaluation/test_predictions.parquet: the
+    images, true classes and probabilities promotion and drift compare on), or None."""
+    import pandas as pd
+
+    try:
+        path = client.download_artifacts(run_id, "evaluation/test_predictions.parquet")
+    except Exception:  # logged by older code, or removed: the caller falls back
+        return None
+    return pd.read_parquet(path)

@@ -183,7 +183,13 @@ def predict(
     _write(result, out, store)
     drift = None
     if drift_p_value is not None:
-        drift = _drift(model, (name, version), scored, captured, out, store, drift_p_value)
+
+        def score(images: list[bytes]) -> tuple[pd.DataFrame, list[np.ndarray] | None]:
+            with penultimate_features(model) as features:
+                return classify(model, images, config.image, batch_size), features
+
+        checked = (scored, captured, score)
+        drift = _drift((name, version), checked, out, store, drift_p_value)
     has = result["label"].notna()
     counts = result.loc[has, "label"].value_counts().to_dict()
     failed = result.loc[~has, "status"].value_counts().to_dict()
@@ -201,10 +207,8 @@ def predict(
 
 
 def _drift(
-    model: Any,
     version: tuple[str, int],
-    scored: pd.DataFrame,
-    captured: list[np.ndarray] | None,
+    checked: tuple[pd.DataFrame, list[np.ndarray] | None, Any],
     out: str,
     store: ObjectStore,
     threshold: float,
@@ -216,7 +220,8 @@ def _drift(
     from ml import drift
 
     try:
-        report = drift.assess(model, *version, scored, captured, store, threshold)
+        scored, captured, score = checked
+        report = drift.assess(*version, scored, captured, store, threshold, score)
     except Exception as exc:  # the predictions are written: a failed comparison must not undo them
         log.warning("drift not checked: %s", redact_text(f"{type(exc).__name__}: {exc}")[:300])
         return None

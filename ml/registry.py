@@ -284,7 +284,7 @@ def _score_both(
     images (those of agreement ``band`` unless it is "all"), or the fallback Decision when
     the champion cannot be scored there."""
     number = int(champion.version)
-    predictions = _test_predictions(client, run.info.run_id)
+    predictions = mlflow_access.test_predictions(client, run.info.run_id)
     if predictions is not None and band != "all":
         predictions = _in_band(predictions, band)
     if predictions is None:
@@ -330,17 +330,6 @@ def _in_band(predictions: Any, band: str) -> Any:
             "promotion_band all"
         )
     return predictions[inside].reset_index(drop=True)
-
-
-def _test_predictions(client: Any, run_id: str) -> Any:
-    """The run's per-image test predictions (evaluation/test_predictions.parquet), or None."""
-    import pandas as pd
-
-    try:
-        path = client.download_artifacts(run_id, "evaluation/test_predictions.parquet")
-    except Exception:  # logged by older code, or removed: the caller falls back
-        return None
-    return pd.read_parquet(path)
 
 
 def _read_images(store: Any | None, bucket: str, keys: list[str]) -> list[bytes]:
