@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pendulum
 from airflow.sdk import Asset, Metadata, Param, dag, task
-from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
+from task_policy import fail_fast, workflow  # plugins/: Airflow puts it on the import path
 
 # The form checks with the same rule the worker enforces (ml.containment: light, stdlib only).
 from ml.containment import MODEL_URI_RULE, OUTPUT_RULE
@@ -36,12 +35,8 @@ DRIFT_ASSET = Asset(*DEPLOYMENT.drift_asset)
 @dag(
     dag_id="image_sentiment_batch_inference",
     schedule=[MODEL_ASSET],
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     doc_md=__doc__,
-    tags=["image-sentiment", "ml", "inference"],
-    default_args={"retries": 2, "retry_exponential_backoff": 2.0},
+    **workflow("inference"),
     params={
         "csv": Param(
             DEPLOYMENT.inference_csv,

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
-from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
+from task_policy import fail_fast, workflow  # plugins/: Airflow puts it on the import path
 
 from ml.containment import FORGET_IMAGE_RULE, FORGET_REASON_RULE
 from ml.deployment import Deployment
@@ -28,12 +27,8 @@ DEPLOYMENT = Deployment.from_env()  # ML_STORE, ML_MODEL_NAME
 @dag(
     dag_id="image_sentiment_forget",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     doc_md=__doc__,
-    tags=["image-sentiment", "ml", "audit"],
-    default_args={"retries": 2, "retry_exponential_backoff": 2.0},
+    **workflow("audit"),
     params={
         "image": Param(
             "",

@@ -34,9 +34,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
 from airflow.sdk import Asset, Metadata, Param, dag, task
-from task_policy import fail_fast  # plugins/: Airflow puts it on the import path
+from task_policy import fail_fast, workflow  # plugins/: Airflow puts it on the import path
 
 from ml.deployment import Deployment
 from ml.errors import PipelineError
@@ -59,18 +58,9 @@ PARAMS = {
 @dag(
     dag_id=DAG_ID,
     schedule=DEPLOYMENT.schedule,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     params=PARAMS,
     doc_md=__doc__,
-    tags=["image-sentiment", "ml", "retraining"],
-    default_args={
-        "retries": 2,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": timedelta(minutes=20),
-    },
+    **workflow("retraining"),
 )
 def image_sentiment() -> None:
     # Every task: a wrong parameter fails at once, without retries (plugins/task_policy.py).

@@ -67,8 +67,9 @@ def actor(airflow_run: str) -> str:
 
 
 def check_reason(reason: str | None) -> str:
-    """A reason is required for every change a person makes, and kept short."""
-    text = " ".join((reason or "").split())
+    """A reason is required for every change a person makes, and kept short (on one line,
+    with any secret a URL in it carries redacted: it goes into the ledger and MLflow)."""
+    text = redact_text(" ".join((reason or "").split()))
     if not text:
         raise PipelineError("--reason must say why (it is kept in the audit trail), got nothing")
     if len(text) > MAX_REASON:
@@ -128,7 +129,7 @@ class Ledger:
 
 def alias_ledger(store: ObjectStore, root: str | S3Uri, name: str) -> Ledger:
     check_name(name, "model_name")
-    layout = StoreLayout(root) if isinstance(root, S3Uri) else StoreLayout.parse(root)
+    layout = StoreLayout.parse(root)
     return Ledger(store, layout.alias_ledger(name))
 
 
@@ -404,9 +405,7 @@ def rollback(
 
     check_name(name, "model_name")
     reason = check_reason(reason)
-    if client is None:
-        mlflow_access.check_tracking_server()
-        client = mlflow_access.client()
+    client = mlflow_access.checked_client(client)
     target = model_version(client, name, to_version)
     store = store or ObjectStore()
     ledger = alias_ledger(store, root, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -63,11 +64,17 @@ def load_split(uri: str, store: ObjectStore) -> tuple[pd.DataFrame, str]:
     return table, hashlib.sha256(data).hexdigest()
 
 
-class SplitImages(Dataset[tuple[torch.Tensor, int]]):
-    """Images of one split: (uint8 CHW tensor, class index) from the store or a local cache."""
+class SplitImages(Dataset[tuple[Any, ...]]):
+    """Images of one split: (uint8 CHW tensor, class index) from the store or a local cache,
+    with the image's loss weight as a third item when ``weighted`` (see :meth:`weight`)."""
 
     def __init__(
-        self, rows: pd.DataFrame, bucket: str, cache_dir: Path | None, transform: Transform
+        self,
+        rows: pd.DataFrame,
+        bucket: str,
+        cache_dir: Path | None,
+        transform: Transform,
+        weighted: bool = False,
     ) -> None:
         self.keys = rows["object_key"].tolist()
         self.urls = rows["url"].tolist() if "url" in rows else [""] * len(self.keys)
@@ -79,6 +86,7 @@ class SplitImages(Dataset[tuple[torch.Tensor, int]]):
             if "agreement" in rows
             else [float("nan")] * len(self.keys)
         )
+        self.weighted = weighted
         self.bucket = bucket
         self.cache_dir = cache_dir
         self.transform = transform
@@ -106,8 +114,17 @@ class SplitImages(Dataset[tuple[torch.Tensor, int]]):
             partial.replace(cached)
         return data
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(decode(self.read(index))), self.targets[index]
+    def weight(self, index: int) -> float:
+        """The image's loss weight with ``--agreement-weighting``: its annotators' agreement
+        (the CrowdFlower export's values lie in [1/3, 1]), 1 where the CSV gave none."""
+        value = self.agreement[index]
+        return 1.0 if math.isnan(value) else min(1.0, max(0.0, value))
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        image = self.transform(decode(self.read(index)))
+        if self.weighted:
+            return image, self.targets[index], self.weight(index)
+        return image, self.targets[index]
 
 
 def prefetch(datasets: Sequence[SplitImages], threads: int = 32) -> int:
@@ -185,7 +202,9 @@ def make_loaders(
     """Train (shuffled or sampled, full batches only), valid and test loaders over the split."""
     cache = Path(cfg.cache_dir or Path.home() / ".cache" / "image-sentiment" / "images")
     parts = {name: table[table["split"] == name].reset_index(drop=True) for name in SPLITS}
-    train_set = SplitImages(parts["train"], bucket, cache, preprocessing.train_transform())
+    train_set = SplitImages(
+        parts["train"], bucket, cache, preprocessing.train_transform(), cfg.agreement_weighting
+    )
     evaluation = preprocessing.eval_transform()
     valid_set = SplitImages(parts["valid"], bucket, cache, evaluation)
     test_set = SplitImages(parts["test"], bucket, cache, evaluation)

@@ -41,7 +41,7 @@ RETRAIN_HINT = (
 
 
 def forget_ledger(store: ObjectStore, root: str | S3Uri) -> Ledger:
-    layout = StoreLayout(root) if isinstance(root, S3Uri) else StoreLayout.parse(root)
+    layout = StoreLayout.parse(root)
     return Ledger(store, layout.forget_ledger)
 
 
@@ -116,9 +116,7 @@ def forget(
             "exactly as the CSV has it, or the sha256 from a manifest (python -m ml lineage "
             "--image finds both)"
         )
-    if client is None:
-        mlflow_access.check_tracking_server()
-        client = mlflow_access.client()
+    client = mlflow_access.checked_client(client)
     versions = versions_containing(client, store, root, name, found.sha256s)
     shas = sorted(s for s in found.sha256s if s)
     entry = forget_ledger(store, root).add(

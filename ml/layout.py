@@ -49,8 +49,9 @@ class StoreLayout:
     root: S3Uri
 
     @classmethod
-    def parse(cls, uri: str) -> StoreLayout:
-        return cls(S3Uri.parse(uri.rstrip("/")))
+    def parse(cls, uri: str | S3Uri) -> StoreLayout:
+        """The store's root, from its URI (``ML_STORE``) or an already parsed one."""
+        return cls(uri if isinstance(uri, S3Uri) else S3Uri.parse(uri.rstrip("/")))
 
     def image(self, sha256: str) -> S3Uri:
         """The content-addressed key of a stored image."""

@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from ml.containment import check_name
+from ml.containment import FORGET_IMAGE_RULE, check_name
 from ml.errors import PipelineError
 from ml.labels import LABELS
 from ml.layout import (
@@ -44,25 +44,18 @@ from ml.uri import S3Uri
 log = get_logger(__name__)
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
-_MAX_TARGET = 4096
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def check_target(target: str) -> str:
-    """An image named by its http(s) URL or its SHA-256 (64 hex digits)."""
+    """An image named by its http(s) URL or its SHA-256 (the forget form's rule,
+    :data:`~ml.containment.FORGET_IMAGE_RULE`); a hash comes back in lower case."""
     text = (target or "").strip()
-    if SHA256.fullmatch(text.lower()):
-        return text.lower()
-    if (
-        text.lower().startswith(("http://", "https://"))
-        and len(text) <= _MAX_TARGET
-        and not _CONTROL.search(text)
-    ):
-        return text
-    raise PipelineError(
-        f"name the image by its http(s) URL (as the CSV gave it) or by the SHA-256 of its stored "
-        f"bytes (64 hex digits, see the manifest's sha256 column), got {text[:100]!r}"
-    )
+    if not FORGET_IMAGE_RULE.matches(text):
+        raise PipelineError(
+            f"name the image by {FORGET_IMAGE_RULE.expects} (the URL as the CSV gave it, or the "
+            f"manifest's sha256 column), got {text[:100]!r}"
+        )
+    return text.lower() if SHA256.fullmatch(text.lower()) else text
 
 
 @dataclass
@@ -150,7 +143,7 @@ def find_image(store: ObjectStore, root: str, target: str, *, groups: bool = Tru
 
 
 def snapshot_uri(root: str | S3Uri, name: str, version: str | int) -> S3Uri:
-    layout = StoreLayout(root) if isinstance(root, S3Uri) else StoreLayout.parse(root)
+    layout = StoreLayout.parse(root)
     return layout.kept_split(name, version)
 
 
@@ -244,9 +237,7 @@ def image_lineage(
             f"no dataset under {root} holds an image with {_shown(found.target)}; give the URL "
             "exactly as the CSV has it, or the sha256 from a manifest"
         )
-    if client is None:
-        mlflow_access.check_tracking_server()
-        client = mlflow_access.client()
+    client = mlflow_access.checked_client(client)
     return {
         "image": _shown(found.target),
         "urls": sorted(found.urls),
@@ -283,9 +274,7 @@ def version_lineage(
     from ml.audit import model_version
 
     check_name(name, "model_name")
-    if client is None:
-        mlflow_access.check_tracking_server()
-        client = mlflow_access.client()
+    client = mlflow_access.checked_client(client)
     store = store or ObjectStore()
     found = model_version(client, name, version)
     run = client.get_run(found.run_id)

@@ -9,7 +9,7 @@ trainer's own step on a bare GPU machine (torch, torchvision, NumPy; scikit-lear
   backbone its own warmup from the step it thaws.
 - No weight decay on BatchNorm parameters and biases.
 - Training loss is logged as plain cross-entropy, like validation loss; the objective (class
-  weights, label smoothing) is logged beside it.
+  weights, label smoothing, agreement weights) is logged beside it.
 """
 
 from __future__ import annotations
@@ -159,6 +159,36 @@ def autocast(cfg: TrainConfig, device: torch.device) -> Any:
     return torch.autocast("cuda", dtype=dtype)
 
 
+class Objective(nn.Module):
+    """Cross-entropy with label smoothing and class weights, each image's term optionally
+    scaled by its own weight (``--agreement-weighting``). The batch's terms are divided by the
+    sum of the weights they carry, so with every image weight 1 this is exactly
+    ``nn.CrossEntropyLoss``'s weighted mean, and a batch of ambiguous images keeps the loss's
+    scale while each image counts in proportion to its weight within the batch."""
+
+    def __init__(self, class_weights: torch.Tensor | None, label_smoothing: float) -> None:
+        super().__init__()
+        self.class_weights = class_weights
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if weights is None:
+            return functional.cross_entropy(
+                logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing
+            )
+        terms = functional.cross_entropy(
+            logits,
+            targets,
+            weight=self.class_weights,
+            label_smoothing=self.label_smoothing,
+            reduction="none",
+        )
+        carried = weights if self.class_weights is None else weights * self.class_weights[targets]
+        return (terms * weights).sum() / carried.sum().clamp_min(1e-12)
+
+
 @dataclass
 class Step:
     """What one optimization step needs besides the batch."""
@@ -166,7 +196,7 @@ class Step:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
-    objective: nn.Module
+    objective: Objective
     normalizer: Normalizer
 
 
@@ -187,7 +217,7 @@ def make_step(
         scaler=torch.amp.GradScaler(
             "cuda", enabled=effective_precision(cfg.precision, rt.device) == "fp16"
         ),
-        objective=nn.CrossEntropyLoss(weight=class_weights, label_smoothing=cfg.label_smoothing),
+        objective=Objective(class_weights, cfg.label_smoothing),
         normalizer=normalizer,
     )
 
@@ -203,15 +233,18 @@ def train_one_epoch(
     """One pass over the training loader. Sums stay on the device (no per-step host sync)."""
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, objective, right, n
     started = time.perf_counter()
-    for index, (images, targets) in enumerate(loader):
+    for index, batch in enumerate(loader):
         if cfg.max_steps_per_epoch and index >= cfg.max_steps_per_epoch:
             break
+        images, targets = batch[0], batch[1]
         x = step.normalizer(images)
         y = targets.to(rt.device, non_blocking=True)
+        # A third item is each image's loss weight (SplitImages with ``weighted``).
+        w = batch[2].to(rt.device, torch.float32, non_blocking=True) if len(batch) > 2 else None
         with autocast(cfg, rt.device):
             logits = model(x)
         logits = logits.float()
-        loss = step.objective(logits, y)
+        loss = step.objective(logits, y, w)
         step.optimizer.zero_grad(set_to_none=True)
         step.scaler.scale(loss).backward()
         if cfg.clip_grad > 0:

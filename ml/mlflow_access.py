@@ -66,6 +66,15 @@ def client() -> Any:
     return MlflowClient()
 
 
+def checked_client(given: Any = None) -> Any:
+    """``given`` when a caller passes its own client; else a new :func:`client`, after
+    :func:`check_tracking_server` has made sure the server answers."""
+    if given is not None:
+        return given
+    check_tracking_server()
+    return client()
+
+
 def missing(exc: Exception) -> bool:
     return (
         "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", ""))

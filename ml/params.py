@@ -477,6 +477,14 @@ _DECLARED = (
         "none trains on the data as it is.",
     ),
     _p(
+        "agreement_weighting",
+        bool,
+        False,
+        "Weigh by annotator agreement",
+        description="Weigh each training image's loss by its annotators' agreement (the CSV's "
+        "confidence), so ambiguous images count less; images without one weigh 1.",
+    ),
+    _p(
         "head_epochs",
         int,
         0,

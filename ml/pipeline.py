@@ -350,7 +350,6 @@ def forget_step(
     """Forget from the form: the image is matched, never fetched; the store is the
     deployment's; every value is checked again here."""
     from ml.audit import actor, check_reason
-    from ml.containment import FORGET_IMAGE_RULE
     from ml.deployment import Deployment
     from ml.errors import ParameterError, PipelineError
     from ml.forget import forget
@@ -360,12 +359,13 @@ def forget_step(
     store = env.get("ML_STORE", "").rstrip("/")
     if not store.startswith("s3://"):
         raise ParameterError("ML_STORE is not set to an s3://BUCKET/PREFIX URI on this worker")
-    image = str(params.get("image", ""))
-    if not FORGET_IMAGE_RULE.matches(image):
-        raise ParameterError(f"parameter 'image' must be {FORGET_IMAGE_RULE.expects}")
     try:
-        target, reason = check_target(image), check_reason(str(params.get("reason", "")))
+        target = check_target(str(params.get("image", "")))
     except PipelineError as exc:
-        raise ParameterError(f"parameter 'image' or 'reason': {exc}") from None
+        raise ParameterError(f"parameter 'image': {exc}") from None
+    try:
+        reason = check_reason(str(params.get("reason", "")))
+    except PipelineError as exc:
+        raise ParameterError(f"parameter 'reason': {exc}") from None
     name = Deployment.from_env().model_name
     return forget(target, reason, root=store, name=name, by=actor(run_id))

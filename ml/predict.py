@@ -251,9 +251,9 @@ def resolve_version(model_uri: str) -> tuple[str, int]:
     name, _, rest = model_uri.removeprefix("models:/").partition("/")
     if not rest:
         name, _, alias = name.partition("@")
-        mlflow_access.check_tracking_server()
+        client = mlflow_access.checked_client()
         try:
-            found = mlflow_access.client().get_model_version_by_alias(name, alias)
+            found = client.get_model_version_by_alias(name, alias)
         except Exception:
             raise PipelineError(
                 f"cannot load model {model_uri}: no version of {name} has alias {alias!r} "

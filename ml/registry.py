@@ -129,9 +129,7 @@ def register_model(
     check_name(name, "model_name")
     if not _RUN_ID.fullmatch(run_id or ""):
         raise PipelineError(f"--run-id must be an MLflow run id (32 hex digits), got {run_id!r}")
-    if client is None:
-        mlflow_access.check_tracking_server()
-        client = mlflow_access.client()
+    client = mlflow_access.checked_client(client)
     run, model_uri, score = _finished_run(client, run_id)
     fencing.check()  # a superseded attempt registers nothing
     _ensure_registered_model(client, name)
@@ -457,9 +455,7 @@ def champion_training(name: str, client: Any | None = None) -> dict[str, Any] | 
     """The current champion's version, run and training key (dataset content and training
     settings, see :meth:`ml.train_config.TrainConfig.key`); None without a champion."""
     check_name(name, "model_name")
-    if client is None:
-        mlflow_access.check_tracking_server()
-        client = mlflow_access.client()
+    client = mlflow_access.checked_client(client)
     champion = _alias(client, name, "champion")
     if champion is None:
         return None

@@ -52,6 +52,7 @@ class PipelineSettings:
     learning_rate: float = P["learning_rate"].field()
     optimizer: str = P["optimizer"].field()
     imbalance: str = P["imbalance"].field()
+    agreement_weighting: bool = P["agreement_weighting"].field()
     head_epochs: int = P["head_epochs"].field()
     image_size: int = P["image_size"].field()
     device: str = P["device"].field()

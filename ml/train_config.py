@@ -56,6 +56,7 @@ class TrainConfig:
     warmup_epochs: float = P["warmup_epochs"].field()
     label_smoothing: float = P["label_smoothing"].field()
     imbalance: str = P["imbalance"].field()
+    agreement_weighting: bool = P["agreement_weighting"].field()
     head_epochs: int = P["head_epochs"].field()
     image_size: int = P["image_size"].field()
     device: str = P["device"].field()

@@ -6,6 +6,10 @@ the same way again; ``@fail_fast(PipelineError)`` widens that to every error a p
 first (the preflight's missing weights or GPU). Anything else (a store or server that is down,
 a killed worker) is retried. The message is the error's one line.
 
+``workflow(purpose)`` gives what every workflow shares: its start date, no catch-up, one run
+at a time, the project's tags and the retry policy (2 retries, backing off from 1 minute to at
+most 20).
+
 Airflow puts the plugins folder on the import path of every process that reads the workflows.
 """
 
@@ -14,7 +18,10 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any, TypeVar
+
+import pendulum
 
 Task = TypeVar("Task", bound=Callable[..., Any])
 
@@ -51,3 +58,19 @@ def fail_fast(*kinds: type[BaseException]) -> Callable[[Task], Task]:
         return run  # type: ignore[return-value]
 
     return decorate
+
+
+def workflow(purpose: str) -> dict[str, Any]:
+    """``@dag`` arguments every workflow of the pipeline shares (``purpose``: its own tag)."""
+    return {
+        "start_date": pendulum.datetime(2026, 1, 1, tz="UTC"),
+        "catchup": False,
+        "max_active_runs": 1,
+        "tags": ["image-sentiment", "ml", purpose],
+        "default_args": {
+            "retries": 2,
+            "retry_delay": timedelta(minutes=1),
+            "retry_exponential_backoff": 2.0,
+            "max_retry_delay": timedelta(minutes=20),
+        },
+    }

@@ -326,7 +326,8 @@ def test_forget_deletes_every_copy_and_a_retraining_leaves_it_out(
     assert target_sha != near_sha
     assert store.exists(layout.image(target_sha)) and store.exists(layout.image(near_sha))
 
-    argv = ["forget", audited["target"], "--reason", "the owner asked", "--retrain"]
+    reason = "the owner asked via https://mail.example.com/t?token=s3cr3t"
+    argv = ["forget", audited["target"], "--reason", reason, "--retrain"]
     assert main([*argv, "--model-name", name, "--store", root]) == 0
     done = json.loads(capsys.readouterr().out)
     assert "trigger the image_sentiment DAG" in done["retrain"]
@@ -338,7 +339,8 @@ def test_forget_deletes_every_copy_and_a_retraining_leaves_it_out(
         assert tags["audit.contains_forgotten"] == "true"
         assert tags["audit.forget_requests"] == str(done["request"])
     entry = audit.Ledger(store, layout.forget_ledger).entries()[-1]
-    assert entry["reason"] == "the owner asked" and entry["sha256s"] == sorted(done["sha256s"])
+    assert entry["reason"] == "the owner asked via https://mail.example.com/t?token=***"
+    assert entry["sha256s"] == sorted(done["sha256s"])
     assert set(entry) <= {
         "seq", "time", "by", "reason", "request", "urls", "sha256s", "phashes", "deleted",
         "model_versions",

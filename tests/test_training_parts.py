@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from ml.checkpoint import Checkpoints, TrainingState, cpu_copy
 from ml.errors import ParameterError, PipelineError
 from ml.loop import (
+    Objective,
     Step,
     make_optimizer,
     make_scheduler,
@@ -129,7 +130,7 @@ def _step(model: nn.Module, cfg: TrainConfig, steps: int) -> Step:
         optimizer,
         make_scheduler(optimizer, cfg, steps),
         torch.amp.GradScaler("cuda", enabled=False),
-        nn.CrossEntropyLoss(),
+        Objective(None, 0.0),
         Normalizer([0.5] * 3, [0.25] * 3, torch.device("cpu"), channels_last=False),
     )
 
@@ -583,6 +584,71 @@ def test_agreement_bands_and_the_promotion_band() -> None:
         _in_band(frame.iloc[:2], "no_majority")
     with pytest.raises(ParameterError, match="promotion_band"):
         _in_band(pd.DataFrame({"label_index": [0]}), "majority")  # logged before agreement
+
+
+def test_the_agreement_weighted_objective_scales_each_images_term() -> None:
+    """Weights of 1 give nn.CrossEntropyLoss's weighted mean exactly; a weight of 2 counts an
+    image as two copies of it; a weight of 0 leaves the image's logits without gradient."""
+    from torch.nn import functional
+
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    classes = torch.tensor([2.0, 1.0, 0.5, 1.0, 3.0])
+    objective = Objective(classes, 0.1)
+    plain = functional.cross_entropy(logits, targets, weight=classes, label_smoothing=0.1)
+    assert torch.allclose(objective(logits, targets), plain)
+    assert torch.allclose(objective(logits, targets, torch.ones(6)), plain)
+    doubled = objective(logits, targets, torch.tensor([2.0, 1, 1, 1, 1, 1]))
+    copied = objective(torch.cat([logits[:1], logits]), torch.cat([targets[:1], targets]))
+    assert torch.allclose(doubled, copied)
+    assert not torch.allclose(doubled, plain)
+    leaf = logits.clone().requires_grad_()
+    Objective(None, 0.1)(leaf, targets, torch.tensor([0.0, 1, 1, 1, 1, 1])).backward()
+    assert leaf.grad is not None
+    assert torch.count_nonzero(leaf.grad[0]) == 0 and torch.count_nonzero(leaf.grad[1:]) > 0
+
+
+def test_agreement_weighting_reaches_the_training_step(tmp_path: Path) -> None:
+    """With --agreement-weighting the training images carry their agreement (1 where the CSV
+    gave none) and the step uses it: an image of weight 0 leaves the update as if it were not
+    in the batch. Without it, the dataset gives no weight at all."""
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from ml.data import SplitImages
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buffer, format="JPEG")
+    (tmp_path / f"{'a' * 64}.jpg").write_bytes(buffer.getvalue())
+    rows = pd.DataFrame(
+        {
+            "object_key": ["k"] * 4,
+            "sha256": ["a" * 64] * 4,
+            "label_index": [0, 1, 2, 3],
+            "agreement": [0.3333, float("nan"), 1.0, 1.7],
+        }
+    )
+    weighted = SplitImages(rows, "b", tmp_path, lambda image: image, weighted=True)
+    assert [weighted[i][1:] for i in range(4)] == [(0, 0.3333), (1, 1.0), (2, 1.0), (3, 1.0)]
+    assert len(SplitImages(rows, "b", tmp_path, lambda image: image)[0]) == 2
+    assert weighted[0][0].shape == (3, 8, 8)  # read from the cache and decoded
+    assert TrainConfig().agreement_weighting is False  # off by default
+
+    cfg = TrainConfig(split="s3://b/x", epochs=1, warmup_epochs=0.0, learning_rate=0.5)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    targets = torch.tensor([0, 3])
+
+    def after(batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(48, 5))
+        train_one_epoch(model, [batch], _step(model, cfg, steps=1), cfg, CPU)  # type: ignore[arg-type]
+        return model[1].weight.detach().clone()
+
+    alone = after((images[:1], targets[:1]))
+    assert torch.allclose(after((images, targets, torch.tensor([1.0, 0.0]))), alone, atol=1e-6)
+    assert not torch.allclose(after((images, targets)), alone, atol=1e-3)
 
 
 def test_label_issues_rank_confident_contradictions_first() -> None:
