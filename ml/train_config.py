@@ -30,6 +30,11 @@ RUNTIME_FIELDS = (
     "ddp_timeout_minutes",
 )
 
+#: Settings added after trainings were recorded, left out of the identity while at their
+#: default: a training that does not use one keeps the key (and checkpoints) it had before, so
+#: adding a setting never makes an unchanged scheduled run retrain.
+LATER_SETTINGS = ("agreement_weighting",)
+
 
 @dataclass
 class TrainConfig:
@@ -88,7 +93,11 @@ class TrainConfig:
     def identity(self, split_sha256: str = "") -> dict[str, Any]:
         """What is trained: every setting that changes the result, and the split's content
         (not only its URI: a split rewritten under the same name is other data)."""
-        payload = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+        payload = {
+            k: v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in RUNTIME_FIELDS and not (k in LATER_SETTINGS and v == P[k].default)
+        }
         payload["split_sha256"] = split_sha256
         return payload
 

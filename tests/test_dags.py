@@ -39,7 +39,7 @@ LIGHT_ML = {
 }
 
 PARSE = """
-import importlib.util, json, sys, time
+import importlib.util, json, sys
 import pendulum
 from airflow.sdk import Asset, dag, task
 # What Airflow itself loads for any DAG with assets (its providers' URI handlers) is not the
@@ -49,13 +49,11 @@ def baseline():
     task(lambda: None, task_id="t", outlets=[Asset(name="b", uri="s3://b/k")])()
 baseline()
 before = set(sys.modules)
-start = time.perf_counter()
 spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
-elapsed = time.perf_counter() - start
 added = set(sys.modules) - before
-print(json.dumps({"seconds": elapsed, "modules": sorted(added)}))
+print(json.dumps({"modules": sorted(added)}))
 """
 
 
@@ -80,7 +78,9 @@ def dagbag(airflow_db: Path) -> Any:
 
 
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
-def test_dag_file_parses_fast_and_light(path: Path) -> None:
+def test_dag_file_parses_light(path: Path) -> None:
+    """A DAG file loads no heavy library and only the pipeline's declarations at parse time
+    (what makes parsing slow; the parse time itself is not asserted: it depends on the load)."""
     done = subprocess.run(
         [sys.executable, "-c", PARSE, str(path)],
         capture_output=True,
@@ -95,7 +95,6 @@ def test_dag_file_parses_fast_and_light(path: Path) -> None:
     assert not heavy, f"{path.name} imports {sorted(heavy)[:10]} at parse"
     ours = {m for m in loaded if m.split(".")[0] == "ml"}
     assert ours <= LIGHT_ML, f"{path.name} imports {sorted(ours - LIGHT_ML)} at parse"
-    assert report["seconds"] < 1.0, report["seconds"]
 
 
 @pytest.mark.integration

@@ -243,6 +243,11 @@ def _the_demo_shows_a_decision(summary: dict[str, Any], stdout: str) -> dict[str
     assert "(epoch " in stdout and ": step " in stdout  # the training's progress was shown
     # The new champion is an asset event: the batch-inference DAG scored with it.
     assert summary["inference"]["predicted"] >= 15, summary["inference"]
+    # The data-quality lines: agreement bands, likely label errors, the batch's drift verdict.
+    assert "  agreement  : all_agree macro-F1 " in stdout and "no_majority macro-F1" in stdout
+    assert "likely label errors among held-out images" in stdout
+    verdict = summary["inference"]["drift"]["verdict"]
+    assert verdict.startswith(("drift", "no drift")) and f"  drift      : {verdict}" in stdout
     return dict(first)
 
 

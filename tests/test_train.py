@@ -76,6 +76,11 @@ def test_checkpoint_key_ignores_runtime_settings() -> None:
     assert str(a.checkpoint_dir()).startswith("s3://b/p/datasets/ds-1/training/")
     # The split's content is part of what is trained, not only its URI.
     assert a.key("aaaa") != a.key("bbbb") and a.checkpoint_dir("a") != a.checkpoint_dir("b")
+    # A setting added later keeps the keys of trainings that leave it off (no retraining of
+    # an unchanged champion after an upgrade), and changes the key when it is on.
+    assert "agreement_weighting" not in a.identity()
+    weighted = TrainConfig(split=a.split, agreement_weighting=True)
+    assert weighted.identity()["agreement_weighting"] is True and weighted.key() != a.key()
 
 
 def test_class_weights_favour_rare_classes() -> None:
