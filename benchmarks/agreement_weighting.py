@@ -4,9 +4,9 @@ The data imitates what the CrowdFlower export says of itself: three judgments pe
 agreement is about 1/3, 2/3 or 1 (10 %, 50 % and 40 % of the images, as in the real CSV), and
 the less the annotators agreed, the likelier the given label is wrong. Here a label is replaced
 by a neighbouring class (sentiment is ordinal) with probability 0.6 at 1/3, 0.2 at 2/3 and 0.03
-at 1. The pictures are :func:`devkit.imageserver.render_image` backgrounds with a faint tint of
-their true class, so the task is learnable but not trivial. Train and valid labels carry the
-noise (as a real split's would); the test labels are the true classes.
+at 1. The pictures are :func:`devkit.imageserver.render_image` backgrounds with a tint of their
+true class (30 % by default), so the task is learnable but not trivial. Train and valid labels
+carry the noise (as a real split's would); the test labels are the true classes.
 
 Each row trains ResNet-18 from random weights with the trainer's own parts (``make_loaders``
 over a local image cache, ``make_step``'s objective, ``train_one_epoch``, ``evaluate``), keeps
@@ -42,7 +42,7 @@ SIDE = 48
 
 
 def picture(key: str, label: int, tint: float) -> Any:
-    """A textured background with a faint tint of its class's colour."""
+    """A textured background tinted with its class's colour."""
     from PIL import Image
 
     base = np.asarray(render_image(key, width=SIDE, height=SIDE, detail=40.0), np.float64)
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=1500, help="training images")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--tint", type=float, default=0.12, help="strength of the class signal")
+    parser.add_argument("--tint", type=float, default=0.3, help="strength of the class signal")
     args = parser.parse_args()
     counts = {"train": args.train, "valid": args.train // 4, "test": args.train // 2}
     results: dict[bool, list[dict[str, Any]]] = {False: [], True: []}

@@ -712,3 +712,25 @@ def test_drift_tests_tell_a_shift_from_a_sample_of_the_same() -> None:
     loud = check_drift(labels, shifted, labels, reference, 0.01)
     assert loud["alarm"] and loud["verdict"].startswith("drift: p = ")
     assert check_drift(labels, None, labels, reference)["features"] is None
+
+
+def test_the_agreement_weighting_benchmark_runs_on_noise_that_follows_agreement(
+    tmp_path: Path,
+) -> None:
+    """benchmarks/agreement_weighting.py: its data's wrong labels grow as agreement falls and
+    spare the test split, and one weighted epoch runs through the trainer's parts."""
+    from benchmarks.agreement_weighting import make_data, train_once
+
+    table = make_data(tmp_path, {"train": 400, "valid": 20, "test": 40}, tint=0.3, seed=0)
+    assert len(list(tmp_path.glob("*.jpg"))) == table["sha256"].nunique()
+    wrong = table["label_index"] != table["truth"]
+    train = table["split"] == "train"
+    rates = wrong[train].groupby(table.loc[train, "agreement"].round(2)).mean()
+    assert rates[0.33] > rates[0.67] > rates[1.0]
+    assert not wrong[table["split"] == "test"].any()
+    assert (abs(table.loc[wrong, "label_index"] - table.loc[wrong, "truth"]) == 1).all()
+    import pandas as pd
+
+    small = table[train].head(40)
+    found = train_once(pd.concat([small, table[~train]]), tmp_path, True, seed=0, epochs=1)
+    assert found["epoch"] == 1 and 0.0 <= found["test_macro_f1"] <= 1.0
