@@ -52,8 +52,8 @@ def check_target(target: str) -> str:
     text = (target or "").strip()
     if not FORGET_IMAGE_RULE.matches(text):
         raise PipelineError(
-            f"name the image by {FORGET_IMAGE_RULE.expects} (the URL as the CSV gave it, or the "
-            f"manifest's sha256 column), got {text[:100]!r}"
+            "name the image by its http(s) URL (as the CSV gave it) or by the SHA-256 of its "
+            f"stored bytes (64 hex digits, see the manifest's sha256 column), got {text[:100]!r}"
         )
     return text.lower() if SHA256.fullmatch(text.lower()) else text
 
