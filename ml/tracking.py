@@ -439,6 +439,11 @@ def model_card(
         if weights.pretrained
         else "random weights (`--weights none`: a test or demo, not a usable model)"
     )
+    loss = f"cross-entropy, imbalance remedy `{cfg.imbalance}`" + (
+        ", each training image weighed by its annotators' agreement"
+        if cfg.agreement_weighting
+        else ""
+    )
     return f"""# Image sentiment classifier
 
 {cfg.arch} fine-tuned from {origin} to 5 sentiment classes: {", ".join(LABELS)}.
@@ -446,6 +451,7 @@ def model_card(
 - Data: `{cfg.split}`: {images} images (train {sum(counts["train"].values())}, valid
   {sum(counts["valid"].values())}, test {sum(counts["test"].values())})
 - Best epoch (validation macro-F1): {best_epoch}; trained {cfg.epochs} epochs at most
+- Loss: {loss}
 - Test accuracy {test["accuracy"]:.4f}, test macro-F1 {test["macro_f1"]:.4f}
 
 ## Classes in this run's data
