@@ -14,6 +14,8 @@ img2dataset 1.47.0 is installed into ``.venv-img2dataset`` on first use (a few m
 at its best settings on this machine (2 processes x 64 threads), once writing local files and
 once writing to the same S3 endpoint as ours. ``--profile FILE`` runs our first download under
 py-spy (every thread sampled; raw stacks to FILE) and prints where the samples fall.
+``--rounds N`` (3 by default) then runs ours and img2dataset to local files N more times, taking
+turns on new URLs, and prints the medians and the ratio of their CPU per image, round by round.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -148,12 +151,20 @@ def run_ours(
 
 
 def run_img2dataset(
-    store: ObjectStore, base: str, tmp: Path, args: argparse.Namespace, env: dict[str, str]
+    store: ObjectStore,
+    base: str,
+    tmp: Path,
+    args: argparse.Namespace,
+    env: dict[str, str],
+    *,
+    targets: tuple[str, ...] = ("local files", "S3"),
+    suffix: str = "",
 ) -> list[dict[str, Any]]:
-    """img2dataset on the same kind of URLs, writing local files and then to our S3 endpoint."""
+    """img2dataset on the same kind of URLs, writing local files and then to our S3 endpoint.
+    ``suffix`` makes the URLs and the output new (a repeated round fetches everything again)."""
     rows: list[dict[str, Any]] = []
-    for target in ("local files", "S3"):
-        tag = "i2d-local" if target == "local files" else "i2d"
+    for target in targets:
+        tag = ("i2d-local" if target == "local files" else "i2d") + suffix
         listing = tmp / f"{tag}.csv"
         listing.write_text("url\n" + "".join(f"{base}/{tag}/{i}.jpg\n" for i in range(args.images)))
         output = str(tmp / tag) if target == "local files" else f"s3://bench/{tag}"
@@ -169,6 +180,50 @@ def run_img2dataset(
         rows.append(figures(approach, result, len(stored), args.images))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def rounds(
+    store: ObjectStore, base: str, tmp: Path, args: argparse.Namespace, env: dict[str, str]
+) -> list[dict[str, Any]]:
+    """``--rounds`` more runs of ours and of img2dataset to local files, taking turns, each on
+    new URLs; then the median of each and their ratio. This machine's speed drifts from one
+    minute to the next by as much as the difference being measured, so a comparison is made
+    within each round (same minute) and over several rounds."""
+    if args.rounds < 1 or args.profile:
+        return []
+    ours: list[dict[str, Any]] = []
+    theirs: list[dict[str, Any]] = []
+    ratios: list[float] = []
+    for number in range(1, args.rounds + 1):
+        urls = [f"{base}/round{number}/{i}.jpg" for i in range(args.images)]
+        ours.append(run_ours(store, "bench", urls, args, env, tmp, f"round{number}"))
+        ours[-1]["approach"] = f"round {number}: {ours[-1]['approach']}"
+        print(json.dumps(ours[-1]), flush=True)
+        if not args.skip_img2dataset:
+            theirs += run_img2dataset(
+                store, base, tmp, args, env, targets=("local files",), suffix=f"-r{number}"
+            )
+            theirs[-1]["approach"] = f"round {number}: {theirs[-1]['approach']}"
+            ratios.append(theirs[-1]["cpu_ms_per_image"] / ours[-1]["cpu_ms_per_image"])
+    rows = [*ours, *theirs]
+    for name, runs in (("ours", ours), ("img2dataset to local files", theirs)):
+        if runs:
+            rows.append(median_row(f"{name}, median of {len(runs)} rounds", runs))
+            print(json.dumps(rows[-1]), flush=True)
+    if ratios:
+        print(
+            "their CPU per image / ours, per round: "
+            + ", ".join(f"{r:.2f}" for r in ratios)
+            + f" (median {statistics.median(ratios):.2f})",
+            flush=True,
+        )
+    return rows
+
+
+def median_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over ``runs`` (figure by figure, so not one run's row)."""
+    keys = ("images", "ok", "wall_s", "images_per_s", "cpu_ms_per_image", "peak_rss_mb")
+    return {"approach": name, **{k: statistics.median(r[k] for r in runs) for k in keys}}
 
 
 def ensure_pyspy() -> Path:
@@ -248,6 +303,12 @@ def main() -> int:
         help="profile our first run instead (py-spy, every thread; raw stacks to FILE)",
     )
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="further rounds of ours and img2dataset to local files, taking turns (0: none)",
+    )
     args = parser.parse_args()
 
     s3_port, img_port = free_port(), free_port()
@@ -336,6 +397,7 @@ def main() -> int:
                 print(json.dumps(rows[-1]), flush=True)
             if not args.skip_img2dataset:
                 rows += run_img2dataset(store, base, tmp, args, env)
+            rows += rounds(store, base, tmp, args, env)
             for size in [int(s) for s in args.memory_sizes.split(",") if s.strip()]:
                 urls = [f"{base}/mem{size}/{i}.jpg" for i in range(size)]
                 rows.append(run_ours(store, "bench", urls, args, env, tmp, f"mem{size}"))

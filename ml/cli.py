@@ -112,16 +112,32 @@ def download_config(args: argparse.Namespace) -> Any:
     return DownloadConfig.from_values(vars(args), tuple(args.allow_network))
 
 
+def check_download_options(args: argparse.Namespace) -> None:
+    """Refuse wrong download options with their one clear message, even when a rerun turns
+    out to have nothing to fetch (the same checks the download itself makes)."""
+    from ml.netpolicy import parse_networks
+    from ml.params import check_all
+
+    check_all(vars(args), DOWNLOAD)
+    parse_networks(args.allow_network)
+
+
 def _run_download(args: argparse.Namespace) -> dict[str, Any]:
-    from ml.download import download, read_records
+    from ml.download_state import already_done
     from ml.layout import DatasetLayout
-    from ml.progress import Progress
     from ml.storage import ObjectStore
 
-    config = download_config(args)
-    store = ObjectStore(max_pool_connections=config.download_concurrency + 4)
+    check_download_options(args)
+    store = ObjectStore(max_pool_connections=args.download_concurrency + 4)
     layout = DatasetLayout.parse(args.dataset)
     store.check_bucket(layout.store)
+    # A rerun with nothing to do answers from a few requests, before pandas is even loaded.
+    if (summary := already_done(store, layout)) is not None:
+        return summary
+    from ml.download import download, read_records
+    from ml.progress import Progress
+
+    config = download_config(args)
     total = len(read_records(layout, store))
     with Progress(total, "download") as bar:
         return download(args.dataset, config, store=store, on_result=bar.advance)

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
+from ml import download_state
 from ml.errors import PipelineError
 from ml.fencing import StaleAttemptError
 from ml.fetch import FetchConfig, Fetcher
@@ -552,6 +553,7 @@ def download(
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore(max_pool_connections=config.download_concurrency + 4)
     store.check_bucket(layout.store)
+    seen = download_state.observe(store, layout)  # before the reads it fingerprints
     known = (read_records(layout, store), read_parts(layout, store))
     total = len(known[0])
     spec = BatchSpec(dataset, 0, 0, total, total)
@@ -559,8 +561,10 @@ def download(
         spec, config, store=store, resolver=resolver, on_result=on_result, known=known
     )
     if result.statuses:  # rows were written: fold the new parts in too
+        seen = seen and seen.with_parts(store, layout)
         known = (known[0], read_parts(layout, store))
     summary = collect_manifest(dataset, store=store, known=known)
+    download_state.remember(store, layout, seen, summary)
     log.info("download: %s", summary["statuses"])
     return {
         **result.to_json(),

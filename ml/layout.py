@@ -9,6 +9,7 @@ A store is ``s3://BUCKET/PREFIX``; under it::
     datasets/<id>/dataset.json                       ingest: summary and options
     datasets/<id>/downloads/parts/<start>-<stop>/*.parquet   download: manifest parts per batch
     datasets/<id>/downloads/manifest.parquet         download: one row per record, the best try
+    datasets/<id>/downloads/state.json               download: what a finished download saw
     datasets/<id>/splits/<name>/splits.parquet       split: one row per ok image with its split
     datasets/<id>/splits/<name>/splits.json          split: its summary
     datasets/<id>/training/<key>/                    train (by hand): checkpoints, see below
@@ -150,6 +151,11 @@ class DatasetLayout:
     @property
     def download_manifest(self) -> S3Uri:
         return self.root.child("downloads", "manifest.parquet")
+
+    @property
+    def download_state(self) -> S3Uri:
+        """What the last download that left every record done saw (:mod:`ml.download_state`)."""
+        return self.root.child("downloads", "state.json")
 
     def split_dir(self, name: str) -> S3Uri:
         return self.root.child(_SPLITS, name)

@@ -212,6 +212,17 @@ class ObjectStore:
                 raise
             return True
 
+    def etag(self, uri: S3Uri) -> str | None:
+        """The object's ETag (one HEAD request); None when absent."""
+        with store_errors("check", uri):
+            try:
+                response = self.client.head_object(Bucket=uri.bucket, Key=uri.key)
+            except ClientError as exc:
+                if _code(exc) in _MISSING_CODES:
+                    return None
+                raise
+            return str(response["ETag"])
+
     def put_bytes(
         self,
         uri: S3Uri,

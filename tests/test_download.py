@@ -329,6 +329,75 @@ def test_cli_download_prints_summary(
     assert "download: 3/3 done" in done.stderr
 
 
+def _cli_download(dataset: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ml", "download", "--dataset", dataset, *extra],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_rerun_with_nothing_to_do_answers_from_the_download_state(
+    store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
+) -> None:
+    """Once every record is done, a rerun reads no records or parts (it proves nothing changed
+    from listings); any change to the records, the parts, the forget requests or the manifest
+    sends it back through the full check."""
+    from ml.forget import forget_ledger
+
+    rows = labelled_urls(image_server, {"Positive": 3}, prefix="state")
+    dataset = _ingest(store_uri, store, tmp_path, rows)
+    layout = DatasetLayout.parse(dataset)
+    allow = ("--allow-network", "127.0.0.0/8")
+    first = _cli_download(dataset, *allow)
+    assert first.returncode == 0, first.stderr
+    assert store.exists(layout.download_state)
+    hits = sum(image_server.hits.values())
+
+    again = _cli_download(dataset, *allow)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to fetch: all 3 records" in again.stderr
+    summary = json.loads(again.stdout)
+    assert summary["statuses"] == {"ok": 3} and summary["downloaded"] == 0
+    assert summary["skipped_existing"] == 3 and summary["images"] == 3
+    assert sum(image_server.hits.values()) == hits
+
+    # a wrong option is still refused, with its message, on the short path
+    bad = _cli_download(dataset, "--allow-network", "not-a-network")
+    assert bad.returncode != 0 and "not a CIDR network" in bad.stderr
+
+    def full_check(expect: dict[str, int]) -> None:
+        done = _cli_download(dataset, *allow)
+        assert done.returncode == 0, done.stderr
+        assert "nothing to fetch" not in done.stderr
+        assert json.loads(done.stdout)["statuses"] == expect
+        short = _cli_download(dataset, *allow)  # and the full check left a state again
+        assert "nothing to fetch" in short.stderr, short.stderr
+
+    store.delete(layout.download_manifest)  # the manifest is gone: rebuilt
+    full_check({"ok": 3})
+    assert store.exists(layout.download_manifest)
+    # another attempt's manifest part appeared
+    part = store.list_keys(layout.download_parts)[0]
+    store.put_bytes(
+        layout.download_part(0, 3, "copy.parquet"), store.get_bytes(S3Uri(layout.root.bucket, part))
+    )
+    full_check({"ok": 3})
+    # a forget request for one of the URLs: the full check marks it
+    forget_ledger(store, layout.store).add({"urls": [rows[0][0]], "sha256s": [], "phashes": []})
+    full_check({"ok": 2, "forgotten": 1})
+    # the records changed (a row more): the new one is fetched
+    records = store.read_parquet(layout.records)
+    ((url, _),) = labelled_urls(image_server, {"Neutral": 1}, prefix="state-more")
+    row = int(records["row"].max()) + 1
+    records.loc[len(records)] = {**records.iloc[0].to_dict(), "url": url, "row": row}
+    store.write_parquet(layout.records, records)
+    done = _cli_download(dataset, *allow)
+    assert done.returncode == 0 and "nothing to fetch" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["downloaded"] == 1
+
+
 def test_without_allow_network_loopback_is_blocked(
     store_uri: str, store: ObjectStore, tmp_path: Path, image_server: ImageServer
 ) -> None:
