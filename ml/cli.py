@@ -123,6 +123,9 @@ def check_download_options(args: argparse.Namespace) -> None:
 
 
 def _run_download(args: argparse.Namespace) -> dict[str, Any]:
+    from ml.heap import return_large_buffers_to_the_os
+
+    return_large_buffers_to_the_os()  # before anything allocates (see ml.heap)
     from ml.download_state import already_done
     from ml.layout import DatasetLayout
     from ml.storage import ObjectStore

@@ -22,8 +22,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ml.errors import PipelineError
 from ml.fetch import FetchConfig, Fetcher, FetchError, MiB
@@ -31,6 +30,9 @@ from ml.netpolicy import AddressPolicy, Resolver
 from ml.redact import redact_url
 from ml.statuses import Status
 from ml.storage import ObjectStore, S3Uri
+
+if TYPE_CHECKING:  # pandas loads when a CSV is parsed, not when the CLI builds its options
+    import pandas as pd
 
 DEFAULT_MAX_BYTES = 512 * MiB
 _BOMS = (  # longest first: the UTF-32 LE BOM starts with the UTF-16 LE one
@@ -200,6 +202,8 @@ def _record_at(data: bytes, offset: int) -> int:
 
 def read_header(data: bytes, name: str = "the CSV") -> list[str]:
     """The column names of UTF-8 CSV bytes."""
+    import pandas as pd
+
     try:
         frame = pd.read_csv(io.BytesIO(data), nrows=0, dtype=str, encoding="utf-8")
     except pd.errors.EmptyDataError:
@@ -226,6 +230,8 @@ def rows_with_extra_fields(data: bytes, width: int) -> list[int]:
 
 def _parser_problem(exc: Exception) -> str:
     """pandas' parser message, which names lines and field counts but never cell contents."""
+    import pandas as pd
+
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, pd.errors.ParserError) and "Error tokenizing data" in text:
         return text
@@ -234,6 +240,8 @@ def _parser_problem(exc: Exception) -> str:
 
 def parse_all(data: bytes, name: str = "the CSV") -> pd.DataFrame:
     """Every field of UTF-8 CSV bytes as a string (for small inputs such as predict's list)."""
+    import pandas as pd
+
     read_header(data, name)
     try:
         frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, encoding="utf-8")

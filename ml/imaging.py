@@ -21,8 +21,6 @@ Usage: ``normalize_image(data, ImageConfig())`` returns a :class:`NormalizedImag
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import hashlib
 import io
 import re
@@ -36,6 +34,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps
 
 from ml.dedup import perceptual_hash
+from ml.heap import return_large_buffers_to_the_os
 from ml.params import PARAMETERS
 from ml.statuses import Rejected, Status
 
@@ -112,22 +111,7 @@ class DecodeBudget:
                 self._free.notify_all()
 
 
-def _return_large_buffers_to_the_os() -> None:
-    """Make glibc serve buffers of 4 MiB and more with mmap, always.
-
-    By default glibc raises its mmap threshold after the first large free, and from then on
-    large decode buffers come from per-thread heaps that keep the memory: eight threads that
-    decode one large image each in turn would hold eight images' worth. A fixed threshold gives
-    every decode buffer back on free, so the budget bounds what the process actually holds.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 4 * MiB)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-_return_large_buffers_to_the_os()
+return_large_buffers_to_the_os()
 _BUDGETS: dict[int, DecodeBudget] = {}
 _BUDGETS_LOCK = threading.Lock()
 
