@@ -168,10 +168,14 @@ class Parts:
 
 
 def read_parts(
-    layout: DatasetLayout, store: ObjectStore, window: tuple[int, int] | None = None
+    layout: DatasetLayout,
+    store: ObjectStore,
+    window: tuple[int, int] | None = None,
+    listing: list[tuple[str, int]] | None = None,
 ) -> Parts:
     """Every manifest row written so far (all attempts), optionally only parts overlapping
-    the record window ``[start, stop)``.
+    the record window ``[start, stop)``; ``listing`` is the parts' listing when the caller has
+    just taken it (it is taken here otherwise).
 
     Objects this project did not write (folder markers that S3 consoles create, empty files,
     junk or truncated Parquet, a part with other columns) are skipped and named in a warning;
@@ -179,7 +183,9 @@ def read_parts(
     """
     frames = []
     unreadable: list[str] = []
-    for key, size in store.list_objects(layout.download_parts):
+    if listing is None:
+        listing = store.list_objects(layout.download_parts)
+    for key, size in listing:
         if key.endswith("/") and size == 0:
             continue  # a folder marker
         span = part_range(key)
@@ -561,8 +567,9 @@ def download(
         spec, config, store=store, resolver=resolver, on_result=on_result, known=known
     )
     if result.statuses:  # rows were written: fold the new parts in too
-        seen = seen and seen.with_parts(store, layout)
-        known = (known[0], read_parts(layout, store))
+        listing = store.list_objects(layout.download_parts)
+        seen = seen and seen.with_parts(store, layout, listing)
+        known = (known[0], read_parts(layout, store, listing=listing))
     summary = collect_manifest(dataset, store=store, known=known)
     download_state.remember(store, layout, seen, summary)
     log.info("download: %s", summary["statuses"])

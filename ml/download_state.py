@@ -47,10 +47,13 @@ class Seen:
     parts: str
     forget_requests: str
 
-    def with_parts(self, store: ObjectStore, layout: DatasetLayout) -> Seen:
-        """The same records, with the parts and forget requests listed again now."""
-        fresh = _listings(store, layout)
-        return Seen(self.records_etag, *fresh)
+    def with_parts(
+        self, store: ObjectStore, layout: DatasetLayout, parts: list[tuple[str, int]]
+    ) -> Seen:
+        """The same records, with ``parts`` (the manifest parts' listing, taken before they
+        are read) and the forget requests listed again now."""
+        requests = store.list_objects(StoreLayout.parse(layout.store).forget_ledger)
+        return Seen(self.records_etag, _fingerprint(parts), _fingerprint(requests))
 
     def token(self) -> str:
         text = json.dumps([_VERSION, self.records_etag, self.parts, self.forget_requests])
@@ -61,18 +64,12 @@ def _fingerprint(listing: list[tuple[str, int]]) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def _listings(store: ObjectStore, layout: DatasetLayout) -> tuple[str, str]:
-    parts = store.list_objects(layout.download_parts)
-    requests = store.list_objects(StoreLayout.parse(layout.store).forget_ledger)
-    return _fingerprint(parts), _fingerprint(requests)
-
-
 def observe(store: ObjectStore, layout: DatasetLayout) -> Seen | None:
     """The fingerprint now; None when the records are missing (the read after says why)."""
     etag = store.etag(layout.records)
     if etag is None:
         return None
-    return Seen(etag, *_listings(store, layout))
+    return Seen(etag, "", "").with_parts(store, layout, store.list_objects(layout.download_parts))
 
 
 def remember(

@@ -203,14 +203,7 @@ class ObjectStore:
             return response["Body"].read(), str(response["ETag"])
 
     def exists(self, uri: S3Uri) -> bool:
-        with store_errors("check", uri):
-            try:
-                self.client.head_object(Bucket=uri.bucket, Key=uri.key)
-            except ClientError as exc:
-                if _code(exc) in _MISSING_CODES:
-                    return False
-                raise
-            return True
+        return self.etag(uri) is not None
 
     def etag(self, uri: S3Uri) -> str | None:
         """The object's ETag (one HEAD request); None when absent."""
