@@ -244,7 +244,7 @@ def print_profile(raw: Path, top: int = 25) -> None:
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if not stack:
+        if not stack or not count.isdigit():  # a frame name with a newline in it splits a line
             continue
         frames = stack.split(";")
         total += int(count)

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+
+from ml.cpus import available_cpus
 
 #: Hashes at most this many bits apart are the same picture. Measured on 80 generated pictures
 #: (``devkit.imageserver.render_image``): halving or enlarging moves at most 4 bits, JPEG quality
@@ -130,7 +131,7 @@ def near_pairs(
     found: list[np.ndarray] = []
     earlier: list[tuple[int, int, int]] = []  # (shift, bit mask, radius) of the blocks done
     shift = 0
-    workers = threads or len(os.sched_getaffinity(0))
+    workers = threads or available_cpus()
     with ThreadPoolExecutor(workers) as pool:
         for bits, radius in plan(len(hashes), max_distance) if len(hashes) > 1 else []:
             if radius >= 0:

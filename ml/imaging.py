@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps
 
+from ml.cpus import cpu_gate
 from ml.dedup import perceptual_hash
 from ml.heap import return_large_buffers_to_the_os
 from ml.params import PARAMETERS
@@ -218,7 +219,8 @@ def normalize_image(
             f"the {budget.limit // MiB} MiB decode budget",
         )
     try:
-        with budget.reserve(need):
+        # CPU work, a few threads at a time (ml.cpus); the memory reserved only once it starts.
+        with cpu_gate(), budget.reserve(need):
             image = _render(opened, config.max_side)
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=config.jpeg_quality)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ml.cpus import available_cpus
 from ml.errors import PipelineError
 from ml.supervise import die_with_parent
 
@@ -92,14 +93,6 @@ def teardown_runtime() -> None:
     """Leave the process group (a distributed run's last step on every rank)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity: a container's cpuset), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def loader_workers(requested: int, world: int, cpus: int | None = None) -> int:

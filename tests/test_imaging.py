@@ -149,6 +149,39 @@ def test_concurrent_decodes_share_one_budget() -> None:
     assert 0 < budget.peak <= budget.limit and budget.in_use == 0
 
 
+def test_no_more_threads_decode_at_once_than_there_are_cpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A download's dozens of threads fetch at once, but decode a CPU's worth at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ml.imaging
+    from ml.cpus import available_cpus
+
+    render, lock = ml.imaging._render, threading.Lock()
+    active, peak = [0], [0]
+
+    def slow_render(opened: Image.Image, max_side: int) -> Image.Image:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)  # long enough for every thread to arrive while the first ones work
+        try:
+            return render(opened, max_side)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(ml.imaging, "_render", slow_render)
+    data = encode(render_image("gate", width=320, height=240), "jpeg")
+    threads = available_cpus() + 4
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda _: normalize_image(data, ImageConfig()), range(threads)))
+    assert {r.sha256 for r in results} == {results[0].sha256}
+    assert peak[0] == available_cpus() and active[0] == 0
+
+
 @pytest.mark.slow
 def test_decode_memory_stays_within_the_budget_across_threads(tmp_path: Path) -> None:
     """Eight threads each given a 170 KB PNG of 40 Mpx (about 440 MB to decode alone): with the
