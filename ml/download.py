@@ -16,11 +16,12 @@ the batch.
 from __future__ import annotations
 
 import math
+import queue
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -444,30 +445,26 @@ def _run_pool(
     config: DownloadConfig,
     on_row: Callable[[dict[str, Any]], None],
 ) -> None:
-    """Every record through ``worker`` on a bounded pool; results in completion order."""
+    """Every record through ``worker`` on a bounded pool; results in completion order. Each
+    future puts itself on a queue when it finishes, so taking the next result costs the same
+    however many are in flight (``wait(FIRST_COMPLETED)`` visits every one of them)."""
     pool = ThreadPoolExecutor(
         max_workers=config.download_concurrency, thread_name_prefix="download"
     )
-    inflight: set[Future[dict[str, Any]]] = set()
+    finished: queue.SimpleQueue[Future[dict[str, Any]]] = queue.SimpleQueue()
+    inflight = 0
     try:
         for record in todo:
-            if len(inflight) >= 2 * config.download_concurrency:  # bounded queue: flat memory
-                finished, inflight = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    on_row(future.result())
-            inflight.add(pool.submit(worker, record))
-        for future in _as_completed(inflight):
-            on_row(future.result())
-        inflight = set()
+            if inflight >= 2 * config.download_concurrency:  # bounded queue: flat memory
+                on_row(finished.get().result())
+                inflight -= 1
+            pool.submit(worker, record).add_done_callback(finished.put)
+            inflight += 1
+        while inflight:
+            on_row(finished.get().result())
+            inflight -= 1
     finally:
         pool.shutdown(wait=not inflight, cancel_futures=True)
-
-
-def _as_completed(futures: Iterable[Future[dict[str, Any]]]) -> Iterable[Future[dict[str, Any]]]:
-    pending = set(futures)
-    while pending:
-        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-        yield from finished
 
 
 def collect_manifest(
