@@ -210,3 +210,18 @@ def test_decode_memory_stays_within_the_budget_across_threads(tmp_path: Path) ->
     count, base_mb, peak_mb = (int(v) for v in out.stdout.split())
     assert count == 8
     assert peak_mb - base_mb < 512, (base_mb, peak_mb)
+
+
+def test_available_cpus_honours_the_cgroup_quota(tmp_path: Path) -> None:
+    from ml.cpus import available_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert available_cpus(quota) == min(affinity, 2)
+    quota.write_text("50000 100000\n")
+    assert available_cpus(quota) == 1
+    for unlimited in ("max 100000\n", "junk\n", ""):
+        quota.write_text(unlimited)
+        assert available_cpus(quota) == affinity
+    assert available_cpus(tmp_path / "absent") == affinity
