@@ -47,13 +47,24 @@ class Seen:
     parts: str
     forget_requests: str
 
+    @classmethod
+    def of(
+        cls,
+        records_etag: str,
+        store: ObjectStore,
+        layout: DatasetLayout,
+        parts: list[tuple[str, int]],
+    ) -> Seen:
+        """The fingerprint of records with ETag ``records_etag``, the manifest parts'
+        listing ``parts`` (taken before they are read) and the forget requests listed now."""
+        requests = store.list_objects(StoreLayout.parse(layout.store).forget_ledger)
+        return cls(records_etag, _fingerprint(parts), _fingerprint(requests))
+
     def with_parts(
         self, store: ObjectStore, layout: DatasetLayout, parts: list[tuple[str, int]]
     ) -> Seen:
-        """The same records, with ``parts`` (the manifest parts' listing, taken before they
-        are read) and the forget requests listed again now."""
-        requests = store.list_objects(StoreLayout.parse(layout.store).forget_ledger)
-        return Seen(self.records_etag, _fingerprint(parts), _fingerprint(requests))
+        """The same records, with ``parts`` and the forget requests listed again now."""
+        return Seen.of(self.records_etag, store, layout, parts)
 
     def token(self) -> str:
         text = json.dumps([_VERSION, self.records_etag, self.parts, self.forget_requests])
@@ -69,7 +80,7 @@ def observe(store: ObjectStore, layout: DatasetLayout) -> Seen | None:
     etag = store.etag(layout.records)
     if etag is None:
         return None
-    return Seen(etag, "", "").with_parts(store, layout, store.list_objects(layout.download_parts))
+    return Seen.of(etag, store, layout, store.list_objects(layout.download_parts))
 
 
 def remember(
