@@ -13,7 +13,9 @@ Usage::
 img2dataset 1.47.0 is installed into ``.venv-img2dataset`` on first use (a few minutes); it runs
 at its best settings on this machine (2 processes x 64 threads), once writing local files and
 once writing to the same S3 endpoint as ours. ``--profile FILE`` runs our first download under
-py-spy (every thread sampled; raw stacks to FILE) and prints where the samples fall.
+py-spy (every thread sampled; raw stacks to FILE) and prints where the samples fall;
+``--phases`` instead counts its CPU stage by stage with each thread's own clock (a sampler also
+counts threads waiting in native code).
 ``--rounds N`` (3 by default) then runs ours and img2dataset to local files N more times, taking
 turns on new URLs, and prints the medians and the ratio of their CPU per image, round by round.
 """
@@ -134,10 +136,16 @@ def run_ours(
         "--per-host",
         str(args.concurrency),
     ]
+    phases = tmp / f"{tag}-phases.json"
+    if args.phases and not rerun:
+        cmd[1:3] = ["-m", "benchmarks.cpu_phases"]
+        env = {**env, "CPU_PHASES_OUT": str(phases)}
     if args.profile and not rerun:  # py-spy samples every thread (cProfile sees only one)
         spy = [str(ensure_pyspy()), "record", "--format", "raw", "--rate", "250", "--nonblocking"]
         cmd = [*spy, "-o", args.profile, "--", *cmd]
     result = measure(cmd, env)
+    if args.phases and not rerun:
+        print_phases(json.loads(phases.read_text()), len(urls))
     # the summary is the last JSON line (py-spy adds lines of its own)
     summary = json.loads([ln for ln in result["stdout"].splitlines() if ln.startswith("{")][-1])
     if args.profile and not rerun:
@@ -226,6 +234,27 @@ def median_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"approach": name, **{k: statistics.median(r[k] for r in runs) for k in keys}}
 
 
+def print_phases(report: dict[str, Any], images: int) -> None:
+    """benchmarks/cpu_phases.py's report as a table: CPU per image of each stage, and its
+    share of the process's CPU."""
+    process = report["process_user_s"] + report["process_system_s"]
+    print(f"\nCPU by stage (thread clocks), {images} images")
+    print("| stage | calls | CPU ms per image | share of the process |\n|---|---|---|---|")
+    rows = [(name, s["calls"], s["cpu_s"]) for name, s in report["stages"].items()]
+    rows += [
+        ("imports (main thread, before any work)", 1, report["imports_s"]),
+        (
+            f"process (user {report['process_user_s']:.2f} s, system "
+            f"{report['process_system_s']:.2f} s)",
+            1,
+            process,
+        ),
+    ]
+    for name, calls, seconds in rows:
+        share = 100 * seconds / process
+        print(f"| {name} | {calls} | {1000 * seconds / images:.2f} | {share:.0f} % |")
+
+
 def ensure_pyspy() -> Path:
     """py-spy (a sampling profiler, a binary) in its own folder, installed on first use."""
     binary = REPO / ".venv-pyspy" / "bin" / "py-spy"
@@ -284,7 +313,7 @@ def img2dataset_command(listing: Path, output: str, args: argparse.Namespace) ->
     return command
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--latency-ms", type=float, default=40.0)
@@ -302,6 +331,11 @@ def main() -> int:
         metavar="FILE",
         help="profile our first run instead (py-spy, every thread; raw stacks to FILE)",
     )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="count our first run's CPU by stage (thread clocks; benchmarks/cpu_phases.py)",
+    )
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument(
         "--rounds",
@@ -309,8 +343,11 @@ def main() -> int:
         default=3,
         help="further rounds of ours and img2dataset to local files, taking turns (0: none)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def main() -> int:
+    args = parse_args()
     s3_port, img_port = free_port(), free_port()
     env = {
         **os.environ,
