@@ -115,9 +115,11 @@ def run_ours(
     tag: str,
     *,
     rerun: bool = False,
+    first: bool = False,
 ) -> dict[str, Any]:
     """Our downloader on ``urls``; ``rerun``: again over the dataset stored before (nothing is
-    missing, so nothing should be fetched)."""
+    missing, so nothing should be fetched); ``first``: the run that ``--profile`` and
+    ``--phases`` look into."""
     csv = tmp / f"{tag}.csv"
     csv.write_text("url,label\n" + "".join(f"{u},Positive\n" for u in urls))
     dataset = ingest(str(csv), f"s3://{bucket}/{tag}", store=store).dataset
@@ -137,18 +139,18 @@ def run_ours(
         str(args.concurrency),
     ]
     phases = tmp / f"{tag}-phases.json"
-    if args.phases and not rerun:
+    if args.phases and first:
         cmd[1:3] = ["-m", "benchmarks.cpu_phases"]
         env = {**env, "CPU_PHASES_OUT": str(phases)}
-    if args.profile and not rerun:  # py-spy samples every thread (cProfile sees only one)
+    if args.profile and first:  # py-spy samples every thread (cProfile sees only one)
         spy = [str(ensure_pyspy()), "record", "--format", "raw", "--rate", "250", "--nonblocking"]
         cmd = [*spy, "-o", args.profile, "--", *cmd]
     result = measure(cmd, env)
-    if args.phases and not rerun:
+    if args.phases and first:
         print_phases(json.loads(phases.read_text()), len(urls))
     # the summary is the last JSON line (py-spy adds lines of its own)
     summary = json.loads([ln for ln in result["stdout"].splitlines() if ln.startswith("{")][-1])
-    if args.profile and not rerun:
+    if args.profile and first:
         print_profile(Path(args.profile))
         return figures("ours, profiled (py-spy's own CPU included)", result, len(urls), len(urls))
     if rerun:
@@ -407,7 +409,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as name:
             tmp = Path(name)
             urls = [f"{base}/main/{i}.jpg" for i in range(args.images)]
-            rows.append(run_ours(store, "bench", urls, args, env, tmp, "ours"))
+            rows.append(run_ours(store, "bench", urls, args, env, tmp, "ours", first=True))
             print(json.dumps(rows[-1]), flush=True)
             rows.append(run_ours(store, "bench", urls, args, env, tmp, "ours", rerun=True))
             print(json.dumps(rows[-1]), flush=True)
