@@ -137,13 +137,14 @@ def _run_download(args: argparse.Namespace) -> dict[str, Any]:
     # A rerun with nothing to do answers from a few requests, before pandas is even loaded.
     if (summary := already_done(store, layout)) is not None:
         return summary
-    from ml.download import download, read_records
+    from ml.download import download
     from ml.progress import Progress
 
     config = download_config(args)
-    total = len(read_records(layout, store))
-    with Progress(total, "download") as bar:
-        return download(args.dataset, config, store=store, on_result=bar.advance)
+    with Progress(0, "download") as bar:  # the total comes from download's own read
+        return download(
+            args.dataset, config, store=store, on_total=bar.set_total, on_result=bar.advance
+        )
 
 
 def _allow_network(parser: Any, text: str) -> None:

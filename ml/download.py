@@ -549,9 +549,12 @@ def download(
     *,
     store: ObjectStore | None = None,
     resolver: Resolver | None = None,
+    on_total: Callable[[int], None] | None = None,
     on_result: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Download every image of ``dataset`` in this process; the CLI's ``download`` stage."""
+    """Download every image of ``dataset`` in this process; the CLI's ``download`` stage.
+    ``on_total`` hears the number of records once they are read; ``on_result`` each URL's
+    status."""
     config = config or DownloadConfig()
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore(max_pool_connections=config.download_concurrency + 4)
@@ -559,6 +562,8 @@ def download(
     seen = download_state.observe(store, layout)  # before the reads it fingerprints
     known = (read_records(layout, store), read_parts(layout, store))
     total = len(known[0])
+    if on_total:
+        on_total(total)
     spec = BatchSpec(dataset, 0, 0, total, total)
     result = download_batch(
         spec, config, store=store, resolver=resolver, on_result=on_result, known=known

@@ -14,7 +14,8 @@ log = get_logger(__name__)
 
 
 class Progress:
-    """Usage: ``with Progress(total, "download") as bar: bar.advance("ok")``."""
+    """Usage: ``with Progress(total, "download") as bar: bar.advance("ok")``. A total not known
+    up front is 0, and :meth:`set_total` gives it once it is."""
 
     def __init__(self, total: int, description: str, *, log_every: float = 15.0) -> None:
         self.total = total
@@ -24,7 +25,12 @@ class Progress:
         self._last_log = time.monotonic()
         self._bar: Any = None
         self._task: Any = None
-        if sys.stderr.isatty() and total > 0:
+        self._entered = False
+        self._make_bar()
+
+    def _make_bar(self) -> None:
+        """A live bar, on a terminal and once the total is known."""
+        if sys.stderr.isatty() and self.total > 0:
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -47,10 +53,24 @@ class Progress:
             )
 
     def __enter__(self) -> Progress:
+        self._entered = True
+        self._start_bar()
+        return self
+
+    def _start_bar(self) -> None:
         if self._bar is not None:
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total, counts="")
-        return self
+
+    def set_total(self, total: int) -> None:
+        """The total, once it is known: the bar (on a terminal) and the log lines count to it."""
+        self.total = total
+        if self._bar is None:
+            self._make_bar()
+            if self._entered:
+                self._start_bar()
+        elif self._task is not None:
+            self._bar.update(self._task, total=total)
 
     def advance(self, status: str, count: int = 1) -> None:
         self.counts[status] += count

@@ -188,3 +188,26 @@ def test_every_stage_has_help(package: str, stage: str) -> None:
     )
     assert done.returncode == 0 and done.stdout.startswith(f"usage: python -m {package} {stage}")
     assert "--help" in done.stdout
+
+
+def test_a_progress_bar_whose_total_comes_later_counts_to_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The download's bar opens before the records are read, and its total comes from the
+    download's own read (one read of the records, not two)."""
+    from ml.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with Progress(0, "download") as bar:
+        assert bar._bar is None  # no total yet: no bar to draw
+        bar.set_total(4)
+        for _ in range(4):
+            bar.advance("ok")
+        task = bar._bar.tasks[0]
+        assert (task.total, task.completed) == (4, 4)
+        bar.set_total(5)  # a total that changes moves the bar's end
+        assert bar._bar.tasks[0].total == 5
