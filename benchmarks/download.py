@@ -138,26 +138,29 @@ def run_ours(
         "--per-host",
         str(args.concurrency),
     ]
-    phases = tmp / f"{tag}-phases.json"
-    if args.phases and first:
+    phases = tmp / f"{tag}-phases.json" if args.phases and first else None
+    profile = Path(args.profile) if args.profile and first else None
+    if phases:
         cmd[1:3] = ["-m", "benchmarks.cpu_phases"]
         env = {**env, "CPU_PHASES_OUT": str(phases)}
-    if args.profile and first:  # py-spy samples every thread (cProfile sees only one)
+    if profile:  # py-spy samples every thread (cProfile sees only one)
         spy = [str(ensure_pyspy()), "record", "--format", "raw", "--rate", "250", "--nonblocking"]
-        cmd = [*spy, "-o", args.profile, "--", *cmd]
+        cmd = [*spy, "-o", str(profile), "--", *cmd]
     result = measure(cmd, env)
-    if args.phases and first:
+    if phases:
         print_phases(json.loads(phases.read_text()), len(urls))
     # the summary is the last JSON line (py-spy adds lines of its own)
     summary = json.loads([ln for ln in result["stdout"].splitlines() if ln.startswith("{")][-1])
-    if args.profile and first:
-        print_profile(Path(args.profile))
+    if profile:
+        print_profile(profile)
         return figures("ours, profiled (py-spy's own CPU included)", result, len(urls), len(urls))
     if rerun:
         fetched, stored = summary["downloaded"], summary["skipped_existing"]
         name = f"ours, rerun (fetched {fetched}, already stored {stored})"
         return figures(name, result, summary["skipped_existing"], len(urls))
-    return figures("ours (python -m ml download)", result, summary["downloaded"], len(urls))
+    name = "ours, counted by stage (thread clocks)" if phases else "ours (python -m ml download)"
+    name += f", {summary['stored_new']} new objects"  # the image server gives each URL its own
+    return figures(name, result, summary["downloaded"], len(urls))
 
 
 def run_img2dataset(

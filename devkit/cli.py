@@ -59,7 +59,7 @@ def _imageserver_parser(stages: Stages) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="serve N pre-made 500 px JPEGs of 30-150 KB (unique bytes per URL) instead of "
+        help="serve N pre-made 500 px JPEGs of 30-150 KB (each URL its own pixels) instead of "
         "rendering each image (benchmarks)",
     )
     p.set_defaults(run=_run_imageserver)

@@ -154,10 +154,27 @@ def memory_png(side: int = 6300) -> bytes:
     return out.getvalue()
 
 
-def with_comment(jpeg: bytes, text: str) -> bytes:
-    """The same JPEG with a COM segment after SOI: unique bytes without re-encoding."""
-    payload = text.encode()[:60000]
-    return jpeg[:2] + b"\xff\xfe" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+def with_own_pixels(jpeg: bytes, key: str) -> bytes:
+    """The same JPEG with its first quantization table nudged by ``key``: each key decodes to
+    pixels of its own (a level or two apart), so a downloader stores one new object per key,
+    at the same decoding cost and without re-encoding. 40 low-frequency entries are each raised
+    by one or not, as ``key``'s hash says."""
+    bits = _seed(f"quantization:{key}")
+    body = bytearray(jpeg)
+    pos = 2
+    while pos + 4 <= len(body) and body[pos] == 0xFF:
+        code = body[pos + 1]
+        (length,) = struct.unpack_from(">H", body, pos + 2)
+        if code == 0xDA:  # image data begins: no table found
+            break
+        if code == 0xDB and body[pos + 4] >> 4 == 0:  # 8-bit entries, zigzag order
+            table = pos + 5
+            for j in range(1, 41):
+                if bits >> j & 1:
+                    body[table + j] = min(255, body[table + j] + 1)
+            return bytes(body)
+        pos += 2 + length
+    raise ValueError("not a baseline JPEG with 8-bit quantization tables")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -200,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         key = query.get("content", path)
         if self.server.pool:
             pool = self.server.pool
-            return with_comment(pool[_seed(key) % len(pool)], key)
+            return with_own_pixels(pool[_seed(key) % len(pool)], key)
         label = normalize_label(query.get("label", ""))
         image = render_image(
             key + (label or ""),
