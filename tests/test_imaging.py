@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from devkit.imageserver import encode, memory_png, png_bomb, render_image, scan_bomb
+from devkit.imageserver import (
+    encode,
+    memory_png,
+    png_bomb,
+    realistic_pool,
+    render_image,
+    scan_bomb,
+    with_own_pixels,
+)
 from ml.imaging import (
     DecodeBudget,
     ImageConfig,
@@ -98,6 +106,18 @@ def test_output_is_deterministic() -> None:
     data = encode(render_image("same"))
     first, second = normalize_image(data, ImageConfig()), normalize_image(data, ImageConfig())
     assert first.sha256 == second.sha256
+
+
+def test_the_benchmark_image_server_gives_each_url_an_image_of_its_own() -> None:
+    """The download benchmark's pool: one picture, many URLs; each URL must store a new object
+    (as img2dataset writes one file per URL), not a conditional PUT refused as a duplicate."""
+    (picture,) = realistic_pool(1)
+    keys = [f"/round1/{i}.jpg" for i in range(40)]
+    served = [with_own_pixels(picture, key) for key in keys]
+    assert with_own_pixels(picture, keys[0]) == served[0]  # the same URL, the same answer
+    stored = {normalize_image(data, ImageConfig()).sha256 for data in served}
+    assert len(stored) == len(keys)
+    assert {len(data) for data in served} == {len(picture)}  # same size, same decoding work
 
 
 def test_not_image_message_quotes_none_of_the_bytes() -> None:
