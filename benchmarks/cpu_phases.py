@@ -5,8 +5,10 @@ waiting on its runtime) as busy, so its shares mix CPU with waiting. This wrappe
 reads each thread's own CPU clock (``time.thread_time``) around the stages of one URL (fetch,
 normalize and its parts, store) and, at exit, writes one JSON object to the file named by
 ``CPU_PHASES_OUT``: calls and CPU seconds per stage, the CPU of the imports, and the process's
-CPU (user and system) from ``getrusage``. What the stages do not cover is the main thread's
-loop, the manifest, and the threads the stages start (the S3 client's runtime).
+CPU (user and system) from ``getrusage``. Two more rows cut across the stages: the main
+thread's own CPU after the imports (records, the pool's loop, manifest rows and parts) and the
+garbage collector's, in whichever thread it ran. What no row covers is the threads the stages
+start (the S3 client's runtime) and the download threads between stages.
 
 Usage (``benchmarks/download.py --phases`` runs it and prints the table)::
 
@@ -16,6 +18,7 @@ Usage (``benchmarks/download.py --phases`` runs it and prints the table)::
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import resource
@@ -63,10 +66,29 @@ def _counted(function: Callable[..., Any], stage: str) -> Callable[..., Any]:
     return counted
 
 
+_GC = "garbage collection (any thread)"
+_collecting = threading.local()
+
+
+def _collection(phase: str, info: dict[str, Any]) -> None:
+    """A ``gc.callbacks`` entry: the collection's CPU on the thread that runs it."""
+    if phase == "start":
+        _collecting.since = time.thread_time()
+        return
+    spent = time.thread_time() - getattr(_collecting, "since", time.thread_time())
+    with _lock:
+        calls_and_seconds = _totals.setdefault(_GC, [0, 0.0])
+        calls_and_seconds[0] += 1
+        calls_and_seconds[1] += spent
+
+
 def _write() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    main_thread = time.thread_time() - _IMPORTS  # atexit runs on the main thread
     report = {
         "imports_s": _IMPORTS,
+        "main_thread_s": main_thread,
+        "gc": {"calls": int(_totals.get(_GC, [0])[0]), "cpu_s": _totals.get(_GC, [0, 0.0])[1]},
         "process_user_s": usage.ru_utime,
         "process_system_s": usage.ru_stime,
         "stages": {
@@ -82,5 +104,6 @@ def _write() -> None:
 if __name__ == "__main__":
     for owner, attribute, stage in STAGES:
         setattr(owner, attribute, _counted(getattr(owner, attribute), stage))
+    gc.callbacks.append(_collection)
     atexit.register(_write)
     raise SystemExit(main())

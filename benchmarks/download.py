@@ -249,6 +249,12 @@ def print_phases(report: dict[str, Any], images: int) -> None:
     rows += [
         ("imports (main thread, before any work)", 1, report["imports_s"]),
         (
+            "main thread after the imports (records, pool loop, manifest)",
+            1,
+            report["main_thread_s"],
+        ),
+        ("garbage collection (any thread)", report["gc"]["calls"], report["gc"]["cpu_s"]),
+        (
             f"process (user {report['process_user_s']:.2f} s, system "
             f"{report['process_system_s']:.2f} s)",
             1,
