@@ -2,8 +2,9 @@
 
 Prints images/s, CPU seconds per image and peak RSS for each, plus our peak RSS at two dataset
 sizes (memory should stay flat). Everything runs on loopback: a moto S3 server and the local
-image server (pre-made 30-150 KB JPEGs, unique bytes per URL, ``--latency-ms`` per answer) each
-in its own process, so each downloader's CPU and memory are its own.
+image server (pre-made 30-150 KB JPEGs, each URL decoding to pixels of its own, so every
+downloader stores one new object per URL; ``--latency-ms`` per answer) each in its own process,
+so each downloader's CPU and memory are its own.
 
 Usage::
 
@@ -68,8 +69,16 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listening on port {port}")
 
 
-def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
-    """Run ``cmd`` with its whole process tree's CPU time and largest RSS recorded."""
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user and system) that process ``pid`` has spent so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(cmd: list[str], env: dict[str, str], endpoint: int | None = None) -> dict[str, Any]:
+    """Run ``cmd`` with its whole process tree's CPU time and largest RSS recorded, and the CPU
+    that the S3 endpoint (process ``endpoint``) spent meanwhile serving it."""
+    before = process_cpu(endpoint) if endpoint else 0.0
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, json.dumps(cmd)],
         env=env,
@@ -80,6 +89,8 @@ def measure(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(out.stdout)
     if result["rc"] != 0:
         raise RuntimeError(f"{cmd[:3]} failed: {result['stderr']}")
+    if endpoint:
+        result["endpoint_cpu"] = process_cpu(endpoint) - before
     return result
 
 
@@ -92,6 +103,9 @@ def figures(name: str, result: dict[str, Any], ok: int, n: int) -> dict[str, Any
         "images_per_s": round(ok / result["wall"], 1),
         "cpu_ms_per_image": round(1000 * result["cpu"] / max(ok, 1), 2),
         "peak_rss_mb": round(result["rss_mb"], 1),
+        "endpoint_cpu_ms_per_image": (
+            round(1000 * result["endpoint_cpu"] / max(ok, 1), 2) if "endpoint_cpu" in result else ""
+        ),
     }
 
 
@@ -146,7 +160,7 @@ def run_ours(
     if profile:  # py-spy samples every thread (cProfile sees only one)
         spy = [str(ensure_pyspy()), "record", "--format", "raw", "--rate", "250", "--nonblocking"]
         cmd = [*spy, "-o", str(profile), "--", *cmd]
-    result = measure(cmd, env)
+    result = measure(cmd, env, args.endpoint)
     if phases:
         print_phases(json.loads(phases.read_text()), len(urls))
     # the summary is the last JSON line (py-spy adds lines of its own)
@@ -181,7 +195,11 @@ def run_img2dataset(
         listing = tmp / f"{tag}.csv"
         listing.write_text("url\n" + "".join(f"{base}/{tag}/{i}.jpg\n" for i in range(args.images)))
         output = str(tmp / tag) if target == "local files" else f"s3://bench/{tag}"
-        result = measure(img2dataset_command(listing, output, args), env)
+        result = measure(
+            img2dataset_command(listing, output, args),
+            env,
+            args.endpoint if target == "S3" else None,
+        )
         if target == "local files":
             stored = [p.name for p in (tmp / tag).rglob("*.jpg")]
         else:
@@ -235,8 +253,11 @@ def rounds(
 
 def median_row(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each figure's median over ``runs`` (figure by figure, so not one run's row)."""
-    keys = ("images", "ok", "wall_s", "images_per_s", "cpu_ms_per_image", "peak_rss_mb")
-    return {"approach": name, **{k: statistics.median(r[k] for r in runs) for k in keys}}
+    keys = ["images", "ok", "wall_s", "images_per_s", "cpu_ms_per_image", "peak_rss_mb"]
+    row: dict[str, Any] = {"approach": name, "endpoint_cpu_ms_per_image": ""}
+    if all(r["endpoint_cpu_ms_per_image"] != "" for r in runs):
+        keys.append("endpoint_cpu_ms_per_image")
+    return {**row, **{k: statistics.median(r[k] for r in runs) for k in keys}}
 
 
 def print_phases(report: dict[str, Any], images: int) -> None:
@@ -409,6 +430,7 @@ def main() -> int:
         ),
     ]
     rows: list[dict[str, Any]] = []
+    args.endpoint = servers[0].pid  # moto's CPU is counted around each run that writes to it
     try:
         wait_port(s3_port)
         wait_port(img_port)
@@ -433,6 +455,7 @@ def main() -> int:
                         "s3://bench/naive",
                     ],
                     env,
+                    args.endpoint,
                 )
                 rows.append(
                     figures(
@@ -458,12 +481,16 @@ def main() -> int:
         f"\n{args.images} images, {args.latency_ms:g} ms latency, concurrency "
         f"{args.concurrency}, {os.cpu_count()} CPUs\n"
     )
-    print("| approach | images | ok | wall s | images/s | CPU ms/image | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| approach | images | ok | wall s | images/s | CPU ms/image | peak RSS MB "
+        "| S3 endpoint's CPU ms/image |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['approach']} | {r['images']} | {r['ok']} | {r['wall_s']} | "
-            f"{r['images_per_s']} | {r['cpu_ms_per_image']} | {r['peak_rss_mb']} |"
+            f"{r['images_per_s']} | {r['cpu_ms_per_image']} | {r['peak_rss_mb']} | "
+            f"{r['endpoint_cpu_ms_per_image']} |"
         )
     return 0
 
