@@ -375,6 +375,7 @@ def parse_args() -> argparse.Namespace:
         default=3,
         help="further rounds of ours and img2dataset to local files, taking turns (0: none)",
     )
+    parser.set_defaults(endpoint=None)  # main() sets the S3 endpoint's process id once it runs
     return parser.parse_args()
 
 
