@@ -36,6 +36,7 @@ import ml.storage  # noqa: E402
 from ml.cli import main  # noqa: E402
 
 _IMPORTS = time.process_time() - _START
+_MAIN_AFTER_IMPORTS = time.thread_time()  # the main thread's clock once the imports are done
 _totals: dict[str, list[float]] = {}
 _lock = threading.Lock()
 
@@ -57,13 +58,17 @@ def _counted(function: Callable[..., Any], stage: str) -> Callable[..., Any]:
         try:
             return function(*args, **kwargs)
         finally:
-            spent = time.thread_time() - start
-            with _lock:
-                calls_and_seconds = _totals.setdefault(stage, [0, 0.0])
-                calls_and_seconds[0] += 1
-                calls_and_seconds[1] += spent
+            _add(stage, time.thread_time() - start)
 
     return counted
+
+
+def _add(stage: str, seconds: float) -> None:
+    """One more call of ``stage`` that took ``seconds`` of CPU."""
+    with _lock:
+        calls_and_seconds = _totals.setdefault(stage, [0, 0.0])
+        calls_and_seconds[0] += 1
+        calls_and_seconds[1] += seconds
 
 
 _GC = "garbage collection (any thread)"
@@ -75,20 +80,18 @@ def _collection(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         _collecting.since = time.thread_time()
         return
-    spent = time.thread_time() - getattr(_collecting, "since", time.thread_time())
-    with _lock:
-        calls_and_seconds = _totals.setdefault(_GC, [0, 0.0])
-        calls_and_seconds[0] += 1
-        calls_and_seconds[1] += spent
+    now = time.thread_time()
+    _add(_GC, now - getattr(_collecting, "since", now))
 
 
 def _write() -> None:
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    main_thread = time.thread_time() - _IMPORTS  # atexit runs on the main thread
+    main_thread = time.thread_time() - _MAIN_AFTER_IMPORTS  # atexit runs on the main thread
+    gc_calls, gc_seconds = _totals.get(_GC, (0, 0.0))
     report = {
         "imports_s": _IMPORTS,
         "main_thread_s": main_thread,
-        "gc": {"calls": int(_totals.get(_GC, [0])[0]), "cpu_s": _totals.get(_GC, [0, 0.0])[1]},
+        "gc": {"calls": int(gc_calls), "cpu_s": gc_seconds},
         "process_user_s": usage.ru_utime,
         "process_system_s": usage.ru_stime,
         "stages": {
