@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ml.errors import PipelineError
 from ml.redact import redact_text, redact_url
+
+T = TypeVar("T")
 
 
 def code_version() -> str:
@@ -152,18 +156,49 @@ def require_tracking_uri(model_uri: str) -> None:
 def load_registered(model_uri: str, model_config: dict[str, Any] | None = None) -> Any:
     """The registered model (a pyfunc); one clear error when it cannot be loaded. A registry
     URI needs MLFLOW_TRACKING_URI: without it MLflow would look in a new, empty ``mlflow.db``
-    in the current folder and say the model does not exist."""
+    in the current folder and say the model does not exist.
+
+    The model's files are downloaded into a folder of our own and removed once it is loaded
+    (``SentimentModel.load_context`` reads the weights and the manifest into memory): left to
+    MLflow, each load keeps a copy of the weights (224 MB for ResNet-152) in the temporary
+    folder for good, and a worker that registers or predicts on a schedule fills its disk."""
     import mlflow
 
     require_tracking_uri(model_uri)
     check_tracking_server()
-    try:
-        return mlflow.pyfunc.load_model(model_uri, model_config=model_config)
-    except Exception as exc:
-        first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
-        raise PipelineError(
-            f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
-        ) from None
+    with tempfile.TemporaryDirectory(prefix="ml-model-") as folder:
+        try:
+            return mlflow.pyfunc.load_model(model_uri, dst_path=folder, model_config=model_config)
+        except Exception as exc:
+            first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
+            raise PipelineError(
+                f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
+            ) from None
+
+
+def model_signature(model_uri: str) -> Any:
+    """The signature logged with a model (its MLmodel file, read from a folder removed
+    afterwards: ``mlflow.models.get_model_info`` keeps each download for good)."""
+    import mlflow
+    from mlflow.models import Model
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+
+    source = model_uri
+    if model_uri.startswith("models:/"):  # a logged model (models:/m-<id>) or a version
+        source = ModelsArtifactRepository.get_underlying_uri(model_uri)  # type: ignore[no-untyped-call]
+    with tempfile.TemporaryDirectory(prefix="ml-model-") as folder:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{source.rstrip('/')}/MLmodel", dst_path=folder
+        )
+        return Model.load(path).signature
+
+
+def read_artifact(client: Any, run_id: str, path: str, read: Callable[[Path], T]) -> T:
+    """``read`` applied to one artifact of a run, downloaded into a folder removed afterwards
+    (without a destination MLflow makes a new temporary folder per download and keeps it).
+    MLflow's errors pass through: callers decide what a missing artifact means."""
+    with tempfile.TemporaryDirectory(prefix="ml-artifact-") as folder:
+        return read(Path(client.download_artifacts(run_id, path, folder)))
 
 
 def test_predictions(client: Any, run_id: str) -> Any:
@@ -172,7 +207,6 @@ def test_predictions(client: Any, run_id: str) -> Any:
     import pandas as pd
 
     try:
-        path = client.download_artifacts(run_id, "evaluation/test_predictions.parquet")
+        return read_artifact(client, run_id, "evaluation/test_predictions.parquet", pd.read_parquet)
     except Exception:  # logged by older code, or removed: the caller falls back
         return None
-    return pd.read_parquet(path)

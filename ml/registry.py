@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -215,10 +214,11 @@ def _top_label_issues(client: Any, run_id: str, count: int = 3) -> dict[str, Any
     import pandas as pd
 
     try:
-        path = client.download_artifacts(run_id, "evaluation/label_issues.csv")
+        issues = mlflow_access.read_artifact(
+            client, run_id, "evaluation/label_issues.csv", pd.read_csv
+        )
     except Exception:  # a run logged before the list existed
         return None
-    issues = pd.read_csv(path)
     top = issues.head(count)[["url", "given_label", "suggested_label", "confidence"]]
     return {"listed": len(issues), "top": top.to_dict("records")}
 
@@ -419,9 +419,7 @@ def _describe_version(
 def _describe_model(client: Any, name: str, model_uri: str, ledger: audit.Ledger) -> None:
     """The registered model's description, from the newest version's logged signature, ending
     with the latest alias moves."""
-    from mlflow.models import get_model_info
-
-    signature = get_model_info(model_uri).signature
+    signature = mlflow_access.model_signature(model_uri)
     description = audit.with_history(model_description(name, signature), ledger.entries())
     fencing.check()
     client.update_registered_model(name, description=description)
@@ -492,8 +490,9 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
 
 def _split_counts(client: Any, run_id: str) -> str:
     try:
-        path = client.download_artifacts(run_id, "data/split_counts.json")
-        counts = json.loads(Path(path).read_text())
+        counts = mlflow_access.read_artifact(
+            client, run_id, "data/split_counts.json", lambda path: json.loads(path.read_text())
+        )
         return json.dumps({k: sum(v.values()) for k, v in counts.items()})
     except Exception:  # an older run without the artifact is still registrable
         return ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -9,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,36 @@ from ml.train_config import TrainConfig
 from tests.helpers import image_server_bytes, labelled_urls, plain_csv, small_config
 
 LOOPBACK = DownloadConfig(allow_networks=("127.0.0.0/8",))
+
+
+@contextlib.contextmanager
+def leaves_the_temporary_folder_empty(folder: Path) -> Iterator[list[Path]]:
+    """Points the temporary folder at an empty ``folder`` while the block runs, records the
+    entries created there (the list it yields fills as they appear), and asserts that none is
+    left at the end: a model or artifact downloaded for the block must be removed by it."""
+    folder.mkdir()
+    seen: list[Path] = []
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*args: Any, **kwargs: Any) -> str:
+        made = real(*args, **kwargs)
+        seen.append(Path(made))
+        return made
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(folder))
+        patch.setattr(tempfile, "mkdtemp", mkdtemp)
+        yield seen
+    left = sorted(p.name for p in folder.iterdir())
+    assert not left, f"left in the temporary folder: {left}"
+
+
+def artifact(run_id: str, path: str, folder: Path) -> Path:
+    """One artifact of a run, downloaded into ``folder`` (the test's own, so none is left in
+    the temporary folder)."""
+    from mlflow import MlflowClient
+
+    return Path(MlflowClient().download_artifacts(run_id, path, str(folder)))
 
 
 # ---------------------------------------------------------------- unit tests (no servers)
@@ -169,7 +202,7 @@ def test_weights_staged_in_the_store(
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None:
+def test_training_learns_label_dependent_images(trained: dict[str, Any], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     result = trained["result"]
@@ -197,11 +230,11 @@ def test_training_learns_label_dependent_images(trained: dict[str, Any]) -> None
     } <= artifacts
     assert 0.0 <= run.data.metrics["test_ece"] <= 1.0
     report = json.loads(
-        Path(client.download_artifacts(result["run_id"], "evaluation/test_report.json")).read_text()
+        artifact(result["run_id"], "evaluation/test_report.json", tmp_path).read_text()
     )
     assert sum(b["count"] for b in report["calibration"]["bins"]) == 20
     predictions = pd.read_parquet(
-        client.download_artifacts(result["run_id"], "evaluation/test_predictions.parquet")
+        artifact(result["run_id"], "evaluation/test_predictions.parquet", tmp_path)
     )
     assert len(predictions) == 20 and predictions["object_key"].str.contains("/images/").all()
     probabilities = predictions[[c for c in predictions.columns if c.startswith("p_")]]
@@ -228,7 +261,7 @@ def test_wrongly_labelled_held_out_images_rank_at_the_top_of_the_label_issues(
     client = MlflowClient()
     artifacts = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert {"evaluation/label_issues.csv", "evaluation/label_issues.png"} <= artifacts
-    issues = pd.read_csv(client.download_artifacts(run_id, "evaluation/label_issues.csv"))
+    issues = pd.read_csv(artifact(run_id, "evaluation/label_issues.csv", tmp_path))
     assert list(issues.columns) == list(LABEL_ISSUE_COLUMNS)
     assert issues["rank"].tolist() == list(range(1, len(issues) + 1))
     assert issues["score"].is_monotonic_decreasing and (issues["score"] >= 0).all()
@@ -252,7 +285,7 @@ def test_wrongly_labelled_held_out_images_rank_at_the_top_of_the_label_issues(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_annotator_agreement_travels_from_the_csv_to_the_evaluation(
-    trained: dict[str, Any], learn_split: str
+    trained: dict[str, Any], learn_split: str, tmp_path: Path
 ) -> None:
     """The CSV's confidence column reaches the split, the per-image test predictions, and the
     report and MLflow metrics per agreement band, beside the overall figures."""
@@ -264,14 +297,10 @@ def test_annotator_agreement_travels_from_the_csv_to_the_evaluation(
     assert set(table["agreement"].round(4)) == {1.0, 0.6667, 0.3333}
     run_id = trained["result"]["run_id"]
     client = MlflowClient()
-    predictions = pd.read_parquet(
-        client.download_artifacts(run_id, "evaluation/test_predictions.parquet")
-    )
+    predictions = pd.read_parquet(artifact(run_id, "evaluation/test_predictions.parquet", tmp_path))
     test = table[table["split"] == "test"].set_index("sha256")["agreement"]
     assert predictions["agreement"].tolist() == test.loc[predictions["sha256"]].tolist()
-    report = json.loads(
-        Path(client.download_artifacts(run_id, "evaluation/test_report.json")).read_text()
-    )
+    report = json.loads(artifact(run_id, "evaluation/test_report.json", tmp_path).read_text())
     bands = report["agreement_bands"]
     assert bands["rule"] == BAND_RULE
     probs = predictions[[c for c in predictions.columns if c.startswith("p_")]].to_numpy()
@@ -382,7 +411,8 @@ def test_registry_promotion_and_prediction(
     trained: dict[str, Any], learn_split: str, image_server: ImageServer, tmp_path: Path
 ) -> None:
     """A weak first version is champion; a clearly better one replaces it, judged on the same
-    test images with a bootstrap interval above zero, recorded on the version."""
+    test images with a bootstrap interval above zero, recorded on the version. The champion
+    loaded for the comparison and the artifacts read for it leave no files behind."""
     name = f"sentiment-{uuid.uuid4().hex[:6]}"
     good = trained["result"]
     weak = fine_tune(
@@ -398,7 +428,9 @@ def test_registry_promotion_and_prediction(
     again = register_model(weak["run_id"], name=name)
     assert (again["version"], again["created"], again["promoted"]) == (1, False, False)
 
-    second = register_model(good["run_id"], name=name, resamples=2000)
+    with leaves_the_temporary_folder_empty(tmp_path / "tmp") as made:
+        second = register_model(good["run_id"], name=name, resamples=2000)
+    assert any(p.name.startswith("ml-model-") for p in made), made  # the champion was loaded
     assert (second["version"], second["promoted"]) == (2, True)
     assert second["aliases"] == ["challenger", "champion"] and second["champion_version"] == 2
     comparison = second["promotion"]["comparison"]
@@ -435,7 +467,8 @@ def test_the_registered_model_takes_images_and_predicts_a_csv(
     name = f"images-{uuid.uuid4().hex[:6]}"
     register_model(trained["result"]["run_id"], name=name)
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    (tmp_path / "model").mkdir()
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion", dst_path=str(tmp_path / "model"))
     jpeg = image_server_bytes(image_server, "predict/direct.jpg", label="Highly positive")
     rows = model.predict(pd.DataFrame({"image": [jpeg, jpeg[:100]]}))
     assert rows.loc[0, "status"] == "ok" and rows.loc[0, "label"] in LABELS
@@ -455,7 +488,9 @@ def test_the_registered_model_takes_images_and_predicts_a_csv(
         )
     )
     out = tmp_path / "predictions.parquet"
-    summary = predict(f"models:/{name}@champion", str(csv), str(out), config=LOOPBACK)
+    with leaves_the_temporary_folder_empty(tmp_path / "tmp") as made:
+        summary = predict(f"models:/{name}@champion", str(csv), str(out), config=LOOPBACK)
+    assert any(p.name.startswith("ml-model-") for p in made), made  # the model was downloaded
     assert summary["rows"] == 5 and summary["predicted"] == 4
     assert summary["failed"] == {"http_error": 1}
     table = pd.read_parquet(out)
