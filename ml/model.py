@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,8 +226,12 @@ def build_model(
     model: Any = get_model(arch, weights=None, zero_init_residual=path is None)
     if path is not None:
         try:
-            # weights_only: tensors and plain values; a weights file never runs code.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only: tensors and plain values; a weights file never runs code. Torch's
+            # warnings about the file (an unknown pickle protocol in a garbage file) stay out of
+            # the output: a file that fails gets the one error below, which names it.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:  # unpicklable, truncated, or another model's tensors
             first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
