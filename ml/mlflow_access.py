@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ml.errors import PipelineError
-from ml.redact import redact_text, redact_url
+from ml.redact import get_logger, redact_text, redact_url
 
+log = get_logger(__name__)
 T = TypeVar("T")
 
 
@@ -193,12 +194,28 @@ def model_signature(model_uri: str) -> Any:
         return Model.load(path).signature
 
 
-def read_artifact(client: Any, run_id: str, path: str, read: Callable[[Path], T]) -> T:
-    """``read`` applied to one artifact of a run, downloaded into a folder removed afterwards
-    (without a destination MLflow makes a new temporary folder per download and keeps it).
-    MLflow's errors pass through: callers decide what a missing artifact means."""
+def optional_artifact(client: Any, run_id: str, path: str, read: Callable[[Path], T]) -> T | None:
+    """``read`` of a run's artifact, downloaded into a folder removed afterwards (without a
+    destination MLflow makes a new temporary folder per download and keeps it). None for a run
+    that has none (logged by older code, or removed): every caller has a fallback. One that is
+    there but cannot be read (a corrupt file, a server failing to answer) also gives None, with
+    a warning naming it and why, so the fallback is never silent."""
     with tempfile.TemporaryDirectory(prefix="ml-artifact-") as folder:
-        return read(Path(client.download_artifacts(run_id, path, folder)))
+        try:
+            local = Path(client.download_artifacts(run_id, path, folder))
+        except Exception as exc:
+            if missing(exc):
+                return None
+            problem = exc
+        else:
+            try:
+                return read(local)
+            except Exception as exc:  # judged on its content alone: never "missing"
+                problem = exc
+    first_line = (str(problem).splitlines() or [""])[0][:200]
+    why = redact_text(f"{type(problem).__name__}: {first_line}")
+    log.warning("%s of run %s could not be read, so it is left out (%s)", path, run_id, why)
+    return None
 
 
 def test_predictions(client: Any, run_id: str) -> Any:
@@ -206,7 +223,4 @@ def test_predictions(client: Any, run_id: str) -> Any:
     images, true classes and probabilities promotion and drift compare on), or None."""
     import pandas as pd
 
-    try:
-        return read_artifact(client, run_id, "evaluation/test_predictions.parquet", pd.read_parquet)
-    except Exception:  # logged by older code, or removed: the caller falls back
-        return None
+    return optional_artifact(client, run_id, "evaluation/test_predictions.parquet", pd.read_parquet)

@@ -15,6 +15,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,13 +214,13 @@ def _top_label_issues(client: Any, run_id: str, count: int = 3) -> dict[str, Any
     """How many likely label errors the run listed, and the first few (ml.quality)."""
     import pandas as pd
 
-    try:
-        issues = mlflow_access.read_artifact(
-            client, run_id, "evaluation/label_issues.csv", pd.read_csv
-        )
-    except Exception:  # a run logged before the list existed
+    columns = ["url", "given_label", "suggested_label", "confidence"]
+    issues = mlflow_access.optional_artifact(
+        client, run_id, "evaluation/label_issues.csv", lambda path: pd.read_csv(path)[columns]
+    )
+    if issues is None:  # a run logged before the list existed, or an unreadable one
         return None
-    top = issues.head(count)[["url", "given_label", "suggested_label", "confidence"]]
+    top = issues.head(count)
     return {"listed": len(issues), "top": top.to_dict("records")}
 
 
@@ -489,10 +490,11 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
 
 
 def _split_counts(client: Any, run_id: str) -> str:
-    try:
-        counts = mlflow_access.read_artifact(
-            client, run_id, "data/split_counts.json", lambda path: json.loads(path.read_text())
-        )
+    """Images per split, as JSON, or "" for a run without the artifact (still registrable)."""
+
+    def totals(path: Path) -> str:
+        counts = json.loads(path.read_text())
         return json.dumps({k: sum(v.values()) for k, v in counts.items()})
-    except Exception:  # an older run without the artifact is still registrable
-        return ""
+
+    found = mlflow_access.optional_artifact(client, run_id, "data/split_counts.json", totals)
+    return found or ""

@@ -3,6 +3,7 @@ that answers errors (every MLflow request retries a bounded number of times)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -135,3 +136,71 @@ def test_a_failing_tracking_server_is_retried_a_bounded_number_of_times(
         champion_training("image-sentiment")
     calls = [hit for hit in failing_server if hit != "/health"]
     assert len(calls) == 3 and len(set(calls)) == 1, failing_server
+
+
+@pytest.mark.integration
+def test_an_artifact_a_run_lacks_is_left_out_quietly_and_an_unreadable_one_with_a_warning(
+    mlflow_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The registry describes a version from optional artifacts (likely label errors, split
+    counts, test predictions). A run logged before one existed is described without it; one
+    whose artifact is corrupt is too, but a warning names the artifact and the reason."""
+    from mlflow import MlflowClient
+
+    from ml import mlflow_access
+    from ml.registry import _split_counts, _top_label_issues
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"artifacts-{uuid.uuid4().hex[:8]}")
+    bare, corrupt, good = (client.create_run(experiment).info.run_id for _ in range(3))
+    for name, content in {
+        "label_issues.csv": b"no,such,columns\n1,2,3\n",
+        "split_counts.json": b"{not json",
+        "test_predictions.parquet": b"not a parquet file",
+    }.items():
+        (tmp_path / name).write_bytes(content)
+        folder = "data" if name.endswith(".json") else "evaluation"
+        client.log_artifact(corrupt, str(tmp_path / name), folder)
+    client.log_text(
+        good,
+        "url,given_label,suggested_label,confidence\n"
+        "http://a/1.jpg,Neutral,Positive,0.9\nhttp://a/2.jpg,Negative,Neutral,0.8\n",
+        "evaluation/label_issues.csv",
+    )
+    client.log_text(
+        good, '{"train": {"Neutral": 3}, "test": {"Neutral": 1}}', "data/split_counts.json"
+    )
+
+    def described(run_id: str) -> tuple[object, ...]:
+        return (
+            _top_label_issues(client, run_id),
+            _split_counts(client, run_id),
+            mlflow_access.test_predictions(client, run_id),
+        )
+
+    caplog.set_level("WARNING")
+    assert described(bare) == (None, "", None)
+    assert not caplog.records
+    assert described(corrupt) == (None, "", None)
+    warned = [r.getMessage() for r in caplog.records]
+    for path in ("label_issues.csv", "split_counts.json", "test_predictions.parquet"):
+        assert sum(path in line and "could not be read" in line for line in warned) == 1, warned
+    issues, counts, _ = described(good)
+    assert issues == {
+        "listed": 2,
+        "top": [
+            {
+                "url": "http://a/1.jpg",
+                "given_label": "Neutral",
+                "suggested_label": "Positive",
+                "confidence": 0.9,
+            },
+            {
+                "url": "http://a/2.jpg",
+                "given_label": "Negative",
+                "suggested_label": "Neutral",
+                "confidence": 0.8,
+            },
+        ],
+    }
+    assert json.loads(counts) == {"train": 3, "test": 1}
