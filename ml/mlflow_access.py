@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ml.errors import PipelineError
-from ml.redact import get_logger, redact_text, redact_url
+from ml.redact import first_line, get_logger, redact_url
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -171,9 +171,9 @@ def load_registered(model_uri: str, model_config: dict[str, Any] | None = None) 
         try:
             return mlflow.pyfunc.load_model(model_uri, dst_path=folder, model_config=model_config)
         except Exception as exc:
-            first = redact_text(str(exc).splitlines()[0][:200]) if str(exc) else type(exc).__name__
             raise PipelineError(
-                f"cannot load model {model_uri}: {first} (does that version or alias exist?)"
+                f"cannot load model {model_uri}: {first_line(exc)} "
+                "(does that version or alias exist?)"
             ) from None
 
 
@@ -212,8 +212,7 @@ def optional_artifact(client: Any, run_id: str, path: str, read: Callable[[Path]
                 return read(local)
             except Exception as exc:  # judged on its content alone: never "missing"
                 problem = exc
-    first_line = (str(problem).splitlines() or [""])[0][:200]
-    why = redact_text(f"{type(problem).__name__}: {first_line}")
+    why = f"{type(problem).__name__}: {first_line(problem)}"
     log.warning("%s of run %s could not be read, so it is left out (%s)", path, run_id, why)
     return None
 

@@ -99,6 +99,13 @@ def redact_text(text: str) -> str:
     return _USERINFO.sub(f"{MASK}@", _URL.sub(lambda m: redact_url(m.group(0)), text))
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """What a one-line error report quotes of ``exc``: its message's first line, cut to
+    ``limit`` characters and redacted, or its type's name when that line is empty."""
+    lines = str(exc).splitlines()
+    return redact_text(lines[0][:limit]) if lines and lines[0] else type(exc).__name__
+
+
 class RedactingFilter(logging.Filter):
     """Redacts URLs in a record's message, its arguments and its traceback text."""
 

@@ -30,7 +30,7 @@ from ml.lineage import keep_split
 from ml.params import PARAMETERS
 from ml.predict import classify
 from ml.promotion import FALLBACKS, Comparison, compare, decide
-from ml.redact import get_logger, redact_text
+from ml.redact import first_line, get_logger
 from ml.serving import probability_column
 from ml.storage import ObjectStore
 from ml.uri import S3Uri
@@ -358,7 +358,7 @@ def _finished_run(client: Any, run_id: str) -> tuple[Any, str, float]:
         if not mlflow_access.missing(exc):
             raise PipelineError(
                 f"the MLflow tracking server at {mlflow_access.tracking_uri()} failed to answer "
-                f"for run {run_id}: {redact_text(str(exc).splitlines()[0][:200])}"
+                f"for run {run_id}: {first_line(exc)}"
             ) from None
         raise PipelineError(
             f"no MLflow run {run_id!r} at {mlflow_access.tracking_uri()}; pass the run_id that "
@@ -484,7 +484,7 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
             return None
         raise PipelineError(
             f"the MLflow tracking server at {mlflow_access.tracking_uri()} failed to answer "
-            f"for the {alias} of {name}: {redact_text(str(exc).splitlines()[0][:200])}; "
+            f"for the {alias} of {name}: {first_line(exc)}; "
             "trigger the run again when it answers (a rerun finds what this one registered)"
         ) from None
 

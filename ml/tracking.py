@@ -45,7 +45,7 @@ from ml.evaluate import (
 from ml.labels import LABELS
 from ml.layout import SplitLayout
 from ml.model import Classifier, WeightsInfo
-from ml.redact import get_logger, redact_text
+from ml.redact import first_line, get_logger, redact_text
 from ml.runtime import Runtime
 from ml.serving import (
     ENTRY,
@@ -73,10 +73,9 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
     except Exception as exc:
         from ml.mlflow_access import tracking_uri
 
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise PipelineError(
             f"the MLflow tracking server at {tracking_uri()} refused to start the run: "
-            f"{redact_text(first)}; check the server and MLFLOW_TRACKING_URI"
+            f"{first_line(exc)}; check the server and MLFLOW_TRACKING_URI"
         ) from None
     try:
         yield run

@@ -197,3 +197,14 @@ def test_mlflow_params_and_tags_are_redacted(mlflow_server: str) -> None:
 def test_manifest_urls_written_before_redaction_are_redacted_on_collect() -> None:
     frame = pd.DataFrame({"url": ["http://u:hunter2@h/x.jpg"]})
     assert redact_url(frame["url"][0]) == "http://***@h/x.jpg"
+
+
+def test_an_error_is_quoted_by_its_first_line_redacted_or_by_its_type() -> None:
+    """One-line error reports (MLflow's server answering errors, a model that cannot load)
+    quote ``first_line``: an empty message must not fail the report itself."""
+    from ml.redact import first_line
+
+    error = RuntimeError("GET http://user:secret@mlflow:5000/api failed\nTraceback: more")
+    assert first_line(error) == "GET http://***@mlflow:5000/api failed"
+    assert first_line(RuntimeError("x" * 500)) == "x" * 200
+    assert first_line(ConnectionError()) == "ConnectionError"
