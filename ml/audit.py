@@ -271,14 +271,14 @@ def _set_tag(client: Any, name: str, version: str, key: str, value: str) -> None
     the row now exists."""
     from mlflow.exceptions import MlflowException
 
+    from ml import mlflow_access
+
     for attempt in range(3):
         try:
             client.set_model_version_tag(name, version, key, value)
             return
         except MlflowException as exc:
-            if attempt == 2 or (
-                "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc)
-            ):
+            if attempt == 2 or not mlflow_access.exists(exc):
                 raise
 
 

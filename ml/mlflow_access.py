@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,23 +80,69 @@ def checked_client(given: Any = None) -> Any:
     return client()
 
 
+# How MLflow's errors are told apart. A request that got no answer (refused, timed out, its
+# retries spent on 5xx) is INTERNAL_ERROR with a message quoting the URL: its port, run id or
+# query may contain "403" or any other text, so only an answer's error code (and, for the few
+# answers MLflow codes loosely, the answer's own text) says what happened.
+
+
+def _code(exc: Exception) -> str:
+    return str(getattr(exc, "error_code", ""))
+
+
+def _answer(exc: Exception) -> str:
+    """What the tracking store answered, lower-cased; "" for a request that got no answer."""
+    import requests
+
+    if isinstance(exc.__cause__ or exc.__context__, requests.exceptions.RequestException):
+        return ""
+    return str(exc).lower()
+
+
 def missing(exc: Exception) -> bool:
-    return (
-        "RESOURCE_DOES_NOT_EXIST" in str(getattr(exc, "error_code", ""))
-        or "not found" in str(exc).lower()
+    """The store answered that the thing does not exist. An alias a model lacks is answered
+    INVALID_PARAMETER_VALUE "Registered model alias ... not found" rather than
+    RESOURCE_DOES_NOT_EXIST. A 404 with no MLflow error in it (ENDPOINT_NOT_FOUND: a server too
+    old for the call, or a URL that is not MLflow's) is not "missing": it is an error."""
+    code = _code(exc)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in _answer(exc)
     )
 
 
 def exists(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return "RESOURCE_ALREADY_EXISTS" in str(getattr(exc, "error_code", "")) or any(
-        sign in text for sign in ("already exists", "unique constraint", "integrityerror")
+    """The store answered that the thing exists already (or its unique constraint did)."""
+    return _code(exc) in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") or any(
+        sign in _answer(exc) for sign in ("already exists", "unique constraint", "integrityerror")
     )
 
 
 def denied(exc: Exception) -> bool:
-    code = str(getattr(exc, "error_code", ""))
-    return "PERMISSION_DENIED" in code or "UNAUTHENTICATED" in code or "403" in str(exc)[:200]
+    """The store answered 403: under MLflow's auth app, also what a user gets for a model that
+    is not yet made. Credentials it refused (401, UNAUTHENTICATED) are not this: they are an
+    error to report, see :func:`unauthenticated`."""
+    return _code(exc) == "PERMISSION_DENIED"
+
+
+def unauthenticated(exc: Exception) -> bool:
+    return _code(exc) in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED")
+
+
+def failed(exc: Exception, what: str, then: str = "") -> PipelineError:
+    """One clear error for an MLflow call about ``what`` that got no usable answer: the
+    credentials it refused (a wrong password is not a failing server), or the failure itself,
+    followed by ``then`` (what to do once it answers)."""
+    if unauthenticated(exc):
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none set)"
+        return PipelineError(
+            f"the MLflow tracking server at {tracking_uri()} refused the credentials of MLflow "
+            f"user {user} ({what}); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "to an account it knows"
+        )
+    return PipelineError(
+        f"the MLflow tracking server at {tracking_uri()} failed to answer for {what}: "
+        f"{first_line(exc)}" + (f"; {then}" if then else "")
+    )
 
 
 def tracking_uri() -> str:
@@ -199,27 +245,43 @@ def optional_artifact(client: Any, run_id: str, path: str, read: Callable[[Path]
     destination MLflow makes a new temporary folder per download and keeps it). None for a run
     that has none (logged by older code, or removed): every caller has a fallback. One that is
     there but cannot be read (a corrupt file, a server failing to answer) also gives None, with
-    a warning naming it and why, so the fallback is never silent."""
+    a warning naming it and why, so the fallback is never silent.
+
+    MLflow answers every failed download of a run's artifact with RESOURCE_DOES_NOT_EXIST,
+    an artifact store that does not answer included, so "missing" is confirmed by the run's
+    listing: only an artifact the listing lacks is missing."""
     with tempfile.TemporaryDirectory(prefix="ml-artifact-") as folder:
         try:
             local = Path(client.download_artifacts(run_id, path, folder))
         except Exception as exc:
+            why = f"{type(exc).__name__}: {first_line(exc)}"
             if missing(exc):
-                return None
-            problem = exc
+                try:
+                    parent = path.rpartition("/")[0] or None
+                    if all(found.path != path for found in client.list_artifacts(run_id, parent)):
+                        return None
+                    why = "the run lists it, but its download failed; is the artifact store up?"
+                except Exception as listing:
+                    why = f"its download and the run's listing failed: {first_line(listing)}"
         else:
             try:
                 return read(local)
             except Exception as exc:  # judged on its content alone: never "missing"
-                problem = exc
-    why = f"{type(problem).__name__}: {first_line(problem)}"
+                why = f"{type(exc).__name__}: {first_line(exc)}"
     log.warning("%s of run %s could not be read, so it is left out (%s)", path, run_id, why)
     return None
 
 
-def test_predictions(client: Any, run_id: str) -> Any:
+def test_predictions(client: Any, run_id: str, needs: Sequence[str] = ("object_key",)) -> Any:
     """A training run's per-image test predictions (evaluation/test_predictions.parquet: the
-    images, true classes and probabilities promotion and drift compare on), or None."""
+    images, true classes and probabilities promotion and drift compare on), or None; one that
+    lacks a column of ``needs`` is unreadable (warned about) rather than a KeyError later."""
     import pandas as pd
 
-    return optional_artifact(client, run_id, "evaluation/test_predictions.parquet", pd.read_parquet)
+    def read(path: Path) -> Any:
+        frame = pd.read_parquet(path)
+        if lacking := [column for column in needs if column not in frame.columns]:
+            raise ValueError(f"it lacks the column(s) {', '.join(lacking)}")
+        return frame
+
+    return optional_artifact(client, run_id, "evaluation/test_predictions.parquet", read)

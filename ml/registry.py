@@ -30,7 +30,7 @@ from ml.lineage import keep_split
 from ml.params import PARAMETERS
 from ml.predict import classify
 from ml.promotion import FALLBACKS, Comparison, compare, decide
-from ml.redact import first_line, get_logger
+from ml.redact import get_logger
 from ml.serving import probability_column
 from ml.storage import ObjectStore
 from ml.uri import S3Uri
@@ -283,7 +283,10 @@ def _score_both(
     images (those of agreement ``band`` unless it is "all"), or the fallback Decision when
     the champion cannot be scored there."""
     number = int(champion.version)
-    predictions = mlflow_access.test_predictions(client, run.info.run_id)
+    columns = [probability_column(label) for label in LABELS]
+    predictions = mlflow_access.test_predictions(
+        client, run.info.run_id, needs=["object_key", "label_index", *columns]
+    )
     if predictions is not None and band != "all":
         predictions = _in_band(predictions, band)
     if predictions is None:
@@ -308,7 +311,6 @@ def _score_both(
     images = _read_images(store, bucket, list(predictions["object_key"]))
     rows = classify(model, images, ImageConfig(), PARAMETERS["inference_batch_size"].default)
     usable = (rows["status"] == "ok").to_numpy()
-    columns = [probability_column(label) for label in LABELS]
     return (
         predictions["label_index"].to_numpy()[usable],
         predictions[columns].to_numpy()[usable],
@@ -356,10 +358,7 @@ def _finished_run(client: Any, run_id: str) -> tuple[Any, str, float]:
         run = client.get_run(run_id)
     except MlflowException as exc:
         if not mlflow_access.missing(exc):
-            raise PipelineError(
-                f"the MLflow tracking server at {mlflow_access.tracking_uri()} failed to answer "
-                f"for run {run_id}: {first_line(exc)}"
-            ) from None
+            raise mlflow_access.failed(exc, f"run {run_id}") from None
         raise PipelineError(
             f"no MLflow run {run_id!r} at {mlflow_access.tracking_uri()}; pass the run_id that "
             "train printed"
@@ -464,7 +463,9 @@ def champion_training(name: str, client: Any | None = None) -> dict[str, Any] | 
 
         try:
             key = client.get_run(champion.run_id).data.tags.get("training_key", "")
-        except MlflowException:
+        except MlflowException as exc:  # its run removed: no key; a failure is an error
+            if not mlflow_access.missing(exc):
+                raise mlflow_access.failed(exc, f"run {champion.run_id}") from None
             key = ""
     return {"version": int(champion.version), "run_id": champion.run_id, "training_key": key}
 
@@ -482,10 +483,10 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
         # it) answers 403.
         if mlflow_access.missing(exc) or mlflow_access.denied(exc):
             return None
-        raise PipelineError(
-            f"the MLflow tracking server at {mlflow_access.tracking_uri()} failed to answer "
-            f"for the {alias} of {name}: {first_line(exc)}; "
-            "trigger the run again when it answers (a rerun finds what this one registered)"
+        raise mlflow_access.failed(
+            exc,
+            f"the {alias} of {name}",
+            then="trigger the run again when it answers (a rerun finds what this one registered)",
         ) from None
 
 

@@ -3,18 +3,22 @@ that answers errors (every MLflow request retries a bounded number of times)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
+import pandas as pd
 import pytest
 
 from ml.errors import PipelineError
@@ -86,34 +90,97 @@ def test_two_registrations_creating_one_model_both_succeed(
     assert [m.name for m in models] == [name]
 
 
-class _Failing(BaseHTTPRequestHandler):
-    """A tracking server that is up (its health check answers) and fails every request."""
+class _Answering(BaseHTTPRequestHandler):
+    """A handler that answers GET and POST alike and logs nothing."""
 
-    hits: ClassVar[list[str]] = []
-
-    def do_GET(self) -> None:
-        self.hits.append(self.path.split("?")[0])
-        self.send_response(200 if self.path.startswith("/health") else 503)
-        self.send_header("Content-Length", "0")
+    def reply(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
-    do_POST = do_GET  # noqa: N815
+    def do_POST(self) -> None:
+        self.do_GET()  # type: ignore[attr-defined]
 
     def log_message(self, *args: object) -> None:
         pass
 
 
+class _Failing(_Answering):
+    """A tracking server that is up (its health check answers) and answers every request with
+    ``answer`` (status, body): by default 503, which MLflow retries and then reports as a
+    request that got no answer."""
+
+    hits: ClassVar[list[str]] = []
+    answer: ClassVar[tuple[int, bytes]] = (503, b"")
+
+    def do_GET(self) -> None:
+        self.hits.append(self.path.split("?")[0])
+        self.reply(*((200, b"") if self.path.startswith("/health") else self.answer))
+
+
+def _port_saying_403() -> ThreadingHTTPServer:
+    """A server on a port whose number contains "403": MLflow quotes the URL in the message of
+    a request that got no answer, and that text must not read as "permission denied"."""
+    for port in range(40300, 40400):
+        try:
+            return ThreadingHTTPServer(("127.0.0.1", port), _Failing)
+        except OSError:
+            continue
+    raise AssertionError("no free port in 40300-40399 on loopback")
+
+
 @pytest.fixture
 def failing_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Failing)
+    server = _port_saying_403()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
     for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):
         monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", "")  # restored after the test
         monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}")
     _Failing.hits = []
+    _Failing.answer = (503, b"")
     yield _Failing.hits
     server.shutdown()
+    server.server_close()
+
+
+@contextlib.contextmanager
+def _proxy(upstream: str, failing: str) -> Iterator[tuple[str, list[str]]]:
+    """A proxy in front of ``upstream`` that answers 503 to every path under ``failing`` (and
+    lists those requests) and passes the rest on."""
+    failed: list[str] = []
+
+    class Proxy(_Answering):
+        def do_GET(self) -> None:
+            if self.path.startswith(failing):
+                failed.append(self.path)
+                status, body, kind = 503, b"", "text/plain"
+            else:
+                length = int(self.headers.get("Content-Length") or 0)
+                request = urllib.request.Request(
+                    upstream + self.path,
+                    data=self.rfile.read(length) if length else None,
+                    method=self.command,
+                    headers={"Content-Type": self.headers.get("Content-Type", "")},
+                )
+                try:
+                    with urllib.request.urlopen(request, timeout=30) as answer:
+                        status, body = answer.status, answer.read()
+                        kind = answer.headers.get("Content-Type", "")
+                except urllib.error.HTTPError as refused:
+                    status, body = refused.code, refused.read()
+                    kind = refused.headers.get("Content-Type", "")
+            self.reply(status, body, kind)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", failed
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_a_failing_tracking_server_is_retried_a_bounded_number_of_times(
@@ -138,13 +205,76 @@ def test_a_failing_tracking_server_is_retried_a_bounded_number_of_times(
     assert len(calls) == 3 and len(set(calls)) == 1, failing_server
 
 
+def test_only_what_the_server_answered_counts_as_no_champion(
+    failing_server: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "No champion" (so the new version is promoted untested) must come from the registry's
+    own answer: a model or alias it says does not exist, or a model the user may not see. A
+    request that got no answer quotes its URL (here a port with "403" in it), a 404 page that is
+    not MLflow's, and refused credentials are errors, each with its own message."""
+    from mlflow import MlflowClient
+
+    from ml import mlflow_access
+    from ml.registry import champion_training
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+    def error(status: int, body: bytes) -> Exception:
+        _Failing.answer = (status, body)
+        with pytest.raises(Exception) as raised:
+            MlflowClient().get_model_version_by_alias("image-sentiment", "champion")
+        return raised.value
+
+    def kinds(exc: Exception) -> tuple[bool, bool, bool]:
+        return mlflow_access.missing(exc), mlflow_access.denied(exc), mlflow_access.exists(exc)
+
+    def mlflow_error(code: str, message: str) -> bytes:
+        return json.dumps({"error_code": code, "message": message}).encode()
+
+    no_answer = error(503, b"")
+    assert "403" in str(no_answer)  # the port: text that used to read as "permission denied"
+    assert kinds(no_answer) == (False, False, False)
+    assert kinds(error(404, b"<html>Not Found</html>")) == (False, False, False)
+    assert kinds(error(500, b"Internal Server Error: already exists")) == (False, False, False)
+    assert kinds(error(403, b"Permission denied")) == (False, True, False)
+    assert kinds(error(401, b"You are not authenticated")) == (False, False, False)
+    assert mlflow_access.unauthenticated(error(401, b"You are not authenticated"))
+    answers = {
+        "RESOURCE_DOES_NOT_EXIST": "Registered Model with name=image-sentiment not found",
+        "INVALID_PARAMETER_VALUE": "Registered model alias champion not found.",
+    }
+    for code, message in answers.items():
+        assert kinds(error(404 if "EXIST" in code else 400, mlflow_error(code, message)))[0]
+    taken = error(400, mlflow_error("RESOURCE_ALREADY_EXISTS", "Registered Model exists"))
+    assert kinds(taken) == (False, False, True)
+    assert not mlflow_access.missing(
+        error(400, mlflow_error("INVALID_PARAMETER_VALUE", "Invalid alias name"))
+    )
+
+    for answer, no_champion in [
+        ((404, b"<html>Not Found</html>"), "failed to answer for the champion"),
+        ((401, b"You are not authenticated"), "refused the credentials of MLflow user"),
+    ]:
+        _Failing.answer = answer
+        with pytest.raises(PipelineError, match=no_champion):
+            champion_training("image-sentiment")
+    for answer in [(403, b"Permission denied"), (400, mlflow_error(*answers.popitem()))]:
+        _Failing.answer = answer
+        assert champion_training("image-sentiment") is None
+
+
 @pytest.mark.integration
 def test_an_artifact_a_run_lacks_is_left_out_quietly_and_an_unreadable_one_with_a_warning(
-    mlflow_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mlflow_server: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The registry describes a version from optional artifacts (likely label errors, split
     counts, test predictions). A run logged before one existed is described without it; one
-    whose artifact is corrupt is too, but a warning names the artifact and the reason."""
+    whose artifact is corrupt, or whose artifact store does not answer (MLflow reports that
+    download as RESOURCE_DOES_NOT_EXIST too), is also, but a warning names the artifact and the
+    reason."""
     from mlflow import MlflowClient
 
     from ml import mlflow_access
@@ -171,12 +301,15 @@ def test_an_artifact_a_run_lacks_is_left_out_quietly_and_an_unreadable_one_with_
         good, '{"train": {"Neutral": 3}, "test": {"Neutral": 1}}', "data/split_counts.json"
     )
 
-    def described(run_id: str) -> tuple[object, ...]:
+    def described_by(client: MlflowClient, run_id: str) -> tuple[object, ...]:
         return (
             _top_label_issues(client, run_id),
             _split_counts(client, run_id),
             mlflow_access.test_predictions(client, run_id),
         )
+
+    def described(run_id: str) -> tuple[object, ...]:
+        return described_by(client, run_id)
 
     caplog.set_level("WARNING")
     assert described(bare) == (None, "", None)
@@ -204,3 +337,18 @@ def test_an_artifact_a_run_lacks_is_left_out_quietly_and_an_unreadable_one_with_
         ],
     }
     assert json.loads(counts) == {"train": 3, "test": 1}
+    pd.DataFrame({"object_key": ["a.jpg"]}).to_parquet(tmp_path / "test_predictions.parquet")
+    client.log_artifact(good, str(tmp_path / "test_predictions.parquet"), "evaluation")
+    caplog.clear()
+    assert mlflow_access.test_predictions(client, good)["object_key"].tolist() == ["a.jpg"]
+    assert mlflow_access.test_predictions(client, good, ["object_key", "label_index"]) is None
+    assert "lacks the column(s) label_index" in caplog.text  # not a KeyError in promotion
+
+    # The tracking server answers, its artifact store does not: MLflow's artifact routes fail.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with _proxy(mlflow_server, failing="/api/2.0/mlflow-artifacts/") as (proxy, failed):
+        caplog.clear()
+        assert described_by(MlflowClient(proxy), good) == (None, "", None)
+    warned = [r.getMessage() for r in caplog.records]
+    assert sum("download and the run's listing failed" in line for line in warned) == 3, warned
+    assert any("?path=" in hit for hit in failed), failed  # the listing was asked
