@@ -27,7 +27,7 @@ from torch import nn
 from ml.errors import PipelineError
 from ml.labels import LABELS
 from ml.params import PARAMETERS
-from ml.redact import get_logger
+from ml.redact import first_line, get_logger
 from ml.uri import S3Uri
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ def build_model(
                 state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:  # unpicklable, truncated, or another model's tensors
-            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            first = first_line(exc, limit=160)
             raise PipelineError(
                 f"{path} does not hold {arch} ImageNet weights ({type(exc).__name__}: {first}); "
                 "stage the right file (python -m ml stage-weights) or use --weights none"
