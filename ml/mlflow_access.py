@@ -112,9 +112,10 @@ def missing(exc: Exception) -> bool:
 
 def exists(exc: Exception) -> bool:
     """The store answered that the thing exists already (or its unique constraint did)."""
-    return _code(exc) in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS") or any(
-        sign in _answer(exc) for sign in ("already exists", "unique constraint", "integrityerror")
-    )
+    if _code(exc) in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+        return True
+    answer = _answer(exc)
+    return any(sign in answer for sign in ("already exists", "unique constraint", "integrityerror"))
 
 
 def denied(exc: Exception) -> bool:
