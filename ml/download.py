@@ -38,7 +38,7 @@ from ml.imaging import ImageConfig, normalize_image
 from ml.layout import DatasetLayout, part_range
 from ml.netpolicy import AddressPolicy, Resolver
 from ml.params import DOWNLOAD, PARAMETERS, check_all
-from ml.redact import get_logger, redact_text, redact_url
+from ml.redact import get_logger, named_line, redact_url
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
 
@@ -333,8 +333,7 @@ class _Worker:
             raise
         except Exception as exc:  # one bad URL must never stop the others
             log.exception("unexpected error on row %s", record["row"])
-            message = redact_text(f"{type(exc).__name__}: {exc}")
-            return _row(record, Status.INTERNAL_ERROR, started, error=message)
+            return _row(record, Status.INTERNAL_ERROR, started, error=named_line(exc, 500))
 
     def _run(self, record: dict[str, Any], started: float) -> dict[str, Any]:
         url = record["url"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ml.errors import PipelineError
-from ml.redact import first_line, get_logger, redact_url
+from ml.redact import first_line, get_logger, named_line, redact_url
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -255,7 +255,7 @@ def optional_artifact(client: Any, run_id: str, path: str, read: Callable[[Path]
         try:
             local = Path(client.download_artifacts(run_id, path, folder))
         except Exception as exc:
-            why = f"{type(exc).__name__}: {first_line(exc)}"
+            why = named_line(exc)
             if missing(exc):
                 try:
                     parent = path.rpartition("/")[0] or None
@@ -268,7 +268,7 @@ def optional_artifact(client: Any, run_id: str, path: str, read: Callable[[Path]
             try:
                 return read(local)
             except Exception as exc:  # judged on its content alone: never "missing"
-                why = f"{type(exc).__name__}: {first_line(exc)}"
+                why = named_line(exc)
     log.warning("%s of run %s could not be read, so it is left out (%s)", path, run_id, why)
     return None
 

@@ -27,7 +27,7 @@ from torch import nn
 from ml.errors import PipelineError
 from ml.labels import LABELS
 from ml.params import PARAMETERS
-from ml.redact import first_line, get_logger
+from ml.redact import get_logger, named_line
 from ml.uri import S3Uri
 
 if TYPE_CHECKING:
@@ -234,9 +234,8 @@ def build_model(
                 state = torch.load(path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         except Exception as exc:  # unpicklable, truncated, or another model's tensors
-            first = first_line(exc, limit=160)
             raise PipelineError(
-                f"{path} does not hold {arch} ImageNet weights ({type(exc).__name__}: {first}); "
+                f"{path} does not hold {arch} ImageNet weights ({named_line(exc, limit=160)}); "
                 "stage the right file (python -m ml stage-weights) or use --weights none"
             ) from None
     _new_head(model, num_classes)

@@ -30,7 +30,7 @@ from ml.labels import LABELS
 from ml.mlflow_access import load_registered, require_tracking_uri
 from ml.netpolicy import AddressPolicy
 from ml.params import PARAMETERS
-from ml.redact import get_logger, redact_text, redact_url
+from ml.redact import get_logger, named_line, redact_url
 from ml.serving import IMAGE_COLUMN, ImageClassifier, penultimate_features
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
@@ -223,7 +223,7 @@ def _drift(
         scored, captured, score = checked
         report = drift.assess(*version, scored, captured, store, threshold, score)
     except Exception as exc:  # the predictions are written: a failed comparison must not undo them
-        log.warning("drift not checked: %s", redact_text(f"{type(exc).__name__}: {exc}")[:300])
+        log.warning("drift not checked: %s", named_line(exc, 300))
         return None
     if report is None:
         log.info("drift not checked: v%s logged no test predictions to compare with", version[1])
@@ -232,7 +232,7 @@ def _drift(
         report["mlflow_run"] = drift.record(report, out)
     except Exception as exc:  # MLflow down: the report still goes next to the predictions
         report["mlflow_run"] = None
-        log.warning("drift not recorded in MLflow: %s", redact_text(str(exc))[:300])
+        log.warning("drift not recorded in MLflow: %s", named_line(exc, 300))
     data = json.dumps(report, indent=2, default=str).encode()
     if out.startswith("s3://"):
         store.put_bytes(S3Uri.parse(f"{out}.drift.json"), data, content_type="application/json")

@@ -102,8 +102,19 @@ def redact_text(text: str) -> str:
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """What a one-line error report quotes of ``exc``: its message's first line, cut to
     ``limit`` characters and redacted, or its type's name when that line is empty."""
+    return _message_line(exc, limit) or type(exc).__name__
+
+
+def named_line(exc: BaseException, limit: int = 200) -> str:
+    """``first_line`` after the error's type ("ValueError: bad header"), for reports where the
+    type says what failed; the type alone when that line is empty (never "OSError: OSError")."""
+    line = _message_line(exc, limit)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _message_line(exc: BaseException, limit: int) -> str:
     lines = str(exc).splitlines()
-    return redact_text(lines[0][:limit]) if lines and lines[0] else type(exc).__name__
+    return redact_text(lines[0][:limit]) if lines and lines[0] else ""
 
 
 class RedactingFilter(logging.Filter):

@@ -208,3 +208,36 @@ def test_an_error_is_quoted_by_its_first_line_redacted_or_by_its_type() -> None:
     assert first_line(error) == "GET http://***@mlflow:5000/api failed"
     assert first_line(RuntimeError("x" * 500)) == "x" * 200
     assert first_line(ConnectionError()) == "ConnectionError"
+
+
+def test_an_error_named_by_its_type_quotes_its_first_line_once() -> None:
+    """``named_line`` puts the type before the first line, and the type alone when the message
+    is empty: an empty message must not read "OSError: OSError"."""
+    from ml.redact import named_line
+
+    error = ValueError("bad header at http://user:secret@host/x.jpg\nTraceback: more")
+    assert named_line(error) == "ValueError: bad header at http://***@host/x.jpg"
+    assert named_line(RuntimeError("y" * 500), limit=10) == "RuntimeError: " + "y" * 10
+    assert named_line(OSError()) == "OSError"
+    assert named_line(KeyError("")) == "KeyError: ''"
+
+
+def test_an_unexpected_error_on_one_url_is_one_redacted_line_in_its_manifest_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug met on one URL becomes that URL's internal_error row (the traceback goes to the
+    log): the row's error is one line with the type, redacted, however long the message."""
+    from ml.download import _Worker
+    from ml.forget import Forgotten
+    from ml.statuses import Status
+
+    class Broken:
+        def fetch(self, url: str) -> None:
+            raise RuntimeError("lost http://user:secret@10.0.0.1/token\n" + "detail\n" * 1000)
+
+    worker = _Worker(Broken(), None, None, None, Forgotten({}, {}))  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="ml"):
+        row = worker({"url": "http://images.test/a.jpg", "id": "7", "label": "Neutral", "row": 3})
+    assert row["status"] == Status.INTERNAL_ERROR
+    assert row["error"] == "RuntimeError: lost http://***@10.0.0.1/token"
+    assert "Traceback" in caplog.text and "secret" not in caplog.text
