@@ -71,8 +71,10 @@ def start_run(cfg: TrainConfig, run_id: str | None) -> Iterator[Any]:
         mlflow.set_experiment(cfg.experiment)
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name(cfg))
     except Exception as exc:
-        from ml.mlflow_access import tracking_uri
+        from ml.mlflow_access import failed, tracking_uri, unauthenticated
 
+        if unauthenticated(exc):  # a wrong password, not a failing server
+            raise failed(exc, "starting the training run") from None
         raise PipelineError(
             f"the MLflow tracking server at {tracking_uri()} refused to start the run: "
             f"{first_line(exc)}; check the server and MLFLOW_TRACKING_URI"

@@ -352,3 +352,24 @@ def test_an_artifact_a_run_lacks_is_left_out_quietly_and_an_unreadable_one_with_
     warned = [r.getMessage() for r in caplog.records]
     assert sum("download and the run's listing failed" in line for line in warned) == 3, warned
     assert any("?path=" in hit for hit in failed), failed  # the listing was asked
+
+
+def test_refused_credentials_stop_a_training_run_with_what_to_set(
+    failing_server: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A tracking server that refuses the credentials (401) names the user and the variables
+    to set; one that answers another error still says it refused to start the run."""
+    from ml.tracking import start_run
+    from tests.helpers import small_config
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+    cfg = small_config("s3://bucket/split.parquet", tmp_path)
+    for answer, message in [
+        ((401, b"You are not authenticated"), "refused the credentials of MLflow user trainer"),
+        ((500, b"database is locked"), "refused to start the run"),
+    ]:
+        _Failing.answer = answer
+        with pytest.raises(PipelineError, match=message), start_run(cfg, None):
+            pass
+    assert "/api/2.0/mlflow/runs/create" not in failing_server  # stopped at the experiment
