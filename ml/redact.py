@@ -100,8 +100,8 @@ def redact_text(text: str) -> str:
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
-    """What a one-line error report quotes of ``exc``: its message's first line, cut to
-    ``limit`` characters and redacted, or its type's name when that line is empty."""
+    """What a one-line error report quotes of ``exc``: its message's first line, redacted and
+    cut to ``limit`` characters, or its type's name when that line is empty."""
     return _message_line(exc, limit) or type(exc).__name__
 
 
@@ -113,8 +113,10 @@ def named_line(exc: BaseException, limit: int = 200) -> str:
 
 
 def _message_line(exc: BaseException, limit: int) -> str:
+    """The first line, redacted, then cut: cut first, a URL's password could lose the "@" that
+    marks it and show its first characters."""
     lines = str(exc).splitlines()
-    return redact_text(lines[0][:limit]) if lines and lines[0] else ""
+    return redact_text(lines[0])[:limit] if lines and lines[0] else ""
 
 
 class RedactingFilter(logging.Filter):

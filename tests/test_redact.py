@@ -208,6 +208,8 @@ def test_an_error_is_quoted_by_its_first_line_redacted_or_by_its_type() -> None:
     assert first_line(error) == "GET http://***@mlflow:5000/api failed"
     assert first_line(RuntimeError("x" * 500)) == "x" * 200
     assert first_line(ConnectionError()) == "ConnectionError"
+    cut = first_line(RuntimeError("x" * 180 + " http://user:supersecret@host/a"))
+    assert "supers" not in cut and cut.startswith("x" * 180 + " http://***@")  # redacted, then cut
 
 
 def test_an_error_named_by_its_type_quotes_its_first_line_once() -> None:
