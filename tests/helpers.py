@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from devkit.imageserver import ImageServer
 from ml.train_config import TrainConfig
+
+
+@contextlib.contextmanager
+def serving(server: ThreadingHTTPServer) -> Iterator[str]:
+    """``server`` answering on daemon threads; yields its base URL, and shuts it down and
+    closes its socket on the way out."""
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def plain_csv(rows: Iterable[Sequence[object]], header: Sequence[str] = ("url", "label")) -> bytes:

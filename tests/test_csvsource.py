@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from ml import csvsource
 from ml.csvsource import SourceLimits, read_bytes, to_utf8
 from ml.errors import PipelineError
 from ml.ingest import find_columns, ingest, parse_csv, validate_rows
+from tests.helpers import serving
 
 ROWS = "url,label\nhttp://a.example/1.jpg,Positive\nhttp://a.example/é.jpg,Négatif\n"
 LOOPBACK = SourceLimits(allow_networks=("127.0.0.0/8",), csv_deadline=3.0)
@@ -119,12 +119,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def csv_server() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), _Handler)) as base:
+        yield base
 
 
 def test_a_csv_url_goes_through_the_address_policy(csv_server: str) -> None:

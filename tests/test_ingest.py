@@ -327,18 +327,16 @@ def test_cli_refuses_bad_parameters() -> None:
 @pytest.mark.integration
 def test_csv_from_an_http_url(store_uri: str, store: ObjectStore, tmp_path: Path) -> None:
     import functools
-    import threading
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.helpers import serving
 
     (tmp_path / "images.csv").write_bytes(
         plain_csv([("http://a.example/1.jpg", "neutral"), ("http://a.example/2.jpg", "Positive")])
     )
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
     handler.log_message = lambda *args: None  # type: ignore[method-assign, assignment]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_address[1]}"
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), handler)) as base:
         loopback = SourceLimits(allow_networks=("127.0.0.0/8",))
         result = ingest(f"{base}/images.csv", store_uri, store=store, limits=loopback)
         assert result.rows == 2 and result.labels["Neutral"] == 1
@@ -347,6 +345,3 @@ def test_csv_from_an_http_url(store_uri: str, store: ObjectStore, tmp_path: Path
         # The CSV's address obeys the address policy like every image does.
         with pytest.raises(PipelineError, match="blocked"):
             ingest(f"{base}/images.csv", store_uri, store=store)
-    finally:
-        server.shutdown()
-        server.server_close()

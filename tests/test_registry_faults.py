@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +21,7 @@ import pandas as pd
 import pytest
 
 from ml.errors import PipelineError
+from tests.helpers import serving
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,17 +133,14 @@ def _port_saying_403() -> ThreadingHTTPServer:
 
 @pytest.fixture
 def failing_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
-    server = _port_saying_403()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
-    for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):
-        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", "")  # restored after the test
-        monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}")
-    _Failing.hits = []
-    _Failing.answer = (503, b"")
-    yield _Failing.hits
-    server.shutdown()
-    server.server_close()
+    with serving(_port_saying_403()) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        for name in ("MAX_RETRIES", "BACKOFF_FACTOR", "BACKOFF_JITTER", "TIMEOUT"):
+            monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", "")  # restored after the test
+            monkeypatch.delenv(f"MLFLOW_HTTP_REQUEST_{name}")
+        _Failing.hits = []
+        _Failing.answer = (503, b"")
+        yield _Failing.hits
 
 
 @contextlib.contextmanager
@@ -174,13 +171,8 @@ def _proxy(upstream: str, failing: str) -> Iterator[tuple[str, list[str]]]:
                     kind = refused.headers.get("Content-Type", "")
             self.reply(status, body, kind)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", failed
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Proxy)) as url:
+        yield url, failed
 
 
 def test_a_failing_tracking_server_is_retried_a_bounded_number_of_times(
