@@ -134,7 +134,7 @@ def _run_download(args: argparse.Namespace) -> dict[str, Any]:
     store = ObjectStore(max_pool_connections=args.download_concurrency + 4)
     layout = DatasetLayout.parse(args.dataset)
     store.check_bucket(layout.store)
-    # A rerun with nothing to do answers from a few requests, before pandas is even loaded.
+    # A rerun with nothing to do answers from a few requests, before pyarrow is even loaded.
     if (summary := already_done(store, layout)) is not None:
         return summary
     from ml.download import download

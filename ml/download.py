@@ -24,10 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import pandas as pd
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from ml import download_state
 from ml.errors import PipelineError
@@ -41,39 +43,41 @@ from ml.params import DOWNLOAD, PARAMETERS, check_all
 from ml.redact import get_logger, named_line, redact_url
 from ml.statuses import Rejected, Status
 from ml.storage import ObjectStore, S3Uri
+from ml.tables import Columns, int64_array, int64_values, strings
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = get_logger(__name__)
 
 STATUSES = tuple(Status)
-MANIFEST_COLUMNS = (
-    "url",
-    "status",
-    "http_status",
-    "bytes",
-    "sha256",
-    "width",
-    "height",
-    "phash",
-    "object_key",
-    "attempts",
-    "elapsed_s",
-    "error",
-    "id",
-    "label",
-    "agreement",
-    "row",
-    "fetched_at",
+#: One row per URL (the manifest, and each part a batch appends), with its pandas dtypes.
+MANIFEST = Columns(
+    {
+        "url": "str",
+        "status": "str",
+        "http_status": "Int64",
+        "bytes": "int64",
+        "sha256": "str",
+        "width": "Int64",
+        "height": "Int64",
+        "phash": "str",
+        "object_key": "str",
+        "attempts": "int64",
+        "elapsed_s": "float64",
+        "error": "str",
+        "id": "str",
+        "label": "str",
+        "agreement": "float64",
+        "row": "int64",
+        "fetched_at": "str",
+    }
 )
-_DTYPES = {
-    "agreement": "float64",
-    "http_status": "Int64",
-    "bytes": "int64",
-    "width": "Int64",
-    "height": "Int64",
-    "attempts": "int64",
-    "elapsed_s": "float64",
-    "row": "int64",
-}
+MANIFEST_COLUMNS = MANIFEST.names
+#: The records' columns a download reads.
+_RECORDS = Columns(
+    {"row": "int64", "id": "str", "url": "str", "label": "str", "confidence": "float64"}
+)
 MAX_BATCHES = 1024
 
 
@@ -164,8 +168,13 @@ class BatchResult:
 class Parts:
     """Manifest rows read from the parts, and the objects among them that could not be used."""
 
-    rows: pd.DataFrame
+    table: pa.Table
     unreadable: list[str] = field(default_factory=list)
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """The rows as a pandas frame."""
+        return self.table.to_pandas()
 
 
 def read_parts(
@@ -179,10 +188,11 @@ def read_parts(
     just taken it (it is taken here otherwise).
 
     Objects this project did not write (folder markers that S3 consoles create, empty files,
-    junk or truncated Parquet, a part with other columns) are skipped and named in a warning;
-    the rows they would have held are simply fetched again.
+    junk or truncated Parquet, a part with other columns or types) are skipped and named in a
+    warning; the rows they would have held are simply fetched again. A part written before a
+    column existed (``phash``) has it empty.
     """
-    frames = []
+    tables = []
     unreadable: list[str] = []
     if listing is None:
         listing = store.list_objects(layout.download_parts)
@@ -192,11 +202,11 @@ def read_parts(
         span = part_range(key)
         if window and span and (span[1] <= window[0] or span[0] >= window[1]):
             continue
-        frame = _read_part(store, S3Uri(layout.store.bucket, key), size)
-        if frame is None:
+        table = _read_part(store, S3Uri(layout.store.bucket, key), size)
+        if table is None:
             unreadable.append(key)
         else:
-            frames.append(frame)
+            tables.append(table)
     if unreadable:
         log.warning(
             "skipped %d manifest part(s) that are not readable manifest Parquet (their URLs are "
@@ -205,34 +215,35 @@ def read_parts(
             ", ".join(unreadable[:5]),
             " ..." if len(unreadable) > 5 else "",
         )
-    if not frames:
-        return Parts(pd.DataFrame(columns=list(MANIFEST_COLUMNS)), unreadable)
-    return Parts(pd.concat(frames, ignore_index=True), unreadable)
+    return Parts(pa.concat_tables(tables) if tables else MANIFEST.empty(), unreadable)
 
 
-def _read_part(store: ObjectStore, uri: S3Uri, size: int) -> pd.DataFrame | None:
+def _read_part(store: ObjectStore, uri: S3Uri, size: int) -> pa.Table | None:
     if size == 0 or not uri.key.endswith(".parquet"):
         return None
     try:
-        frame = store.read_parquet(uri)
+        table = store.read_table(uri)
     except PipelineError:
         return None
-    if not {"status", "row", "url", "fetched_at"} <= set(frame.columns):
+    if not {"status", "row", "url", "fetched_at"} <= set(table.column_names):
         return None
-    return frame
+    return MANIFEST.conform(table)
 
 
-def _ok_rows(parts: pd.DataFrame) -> set[int]:
+def _ok_rows(parts: pa.Table) -> set[int]:
     """Rows that are done: stored ok, or forgotten (never fetched again)."""
-    done = parts["status"].isin((Status.OK, Status.FORGOTTEN))
-    return {int(r) for r in parts.loc[done, "row"]}
+    done = pc.is_in(parts.column("status"), strings([Status.OK.value, Status.FORGOTTEN.value]))
+    return set(parts.column("row").filter(done).to_pylist())
 
 
-def read_records(layout: DatasetLayout, store: ObjectStore) -> pd.DataFrame:
-    """The dataset's records; one clear error when they are missing or unreadable."""
-    return store.read_parquet(
-        layout.records, hint="run ingest again to rewrite it (the dataset id stays the same)"
-    )
+def read_records(layout: DatasetLayout, store: ObjectStore) -> pa.Table:
+    """The dataset's records (the columns a download reads); one clear error when they are
+    missing or unreadable."""
+    hint = "run ingest again to rewrite it (the dataset id stays the same)"
+    records = _RECORDS.conform(store.read_table(layout.records, hint=hint))
+    if records is None or records.column("row").null_count:
+        raise PipelineError(f"{layout.records} does not hold this pipeline's records; {hint}")
+    return records
 
 
 def plan_batches(
@@ -246,9 +257,9 @@ def plan_batches(
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
     records = read_records(layout, store)
-    done = _ok_rows(read_parts(layout, store).rows)
+    done = _ok_rows(read_parts(layout, store).table)
     size = max(1, batch_size, math.ceil(len(records) / max_batches))
-    rows = records["row"].tolist()
+    rows = records.column("row").to_pylist()
     batches = []
     for number, start in enumerate(range(0, len(rows), size)):
         stop = min(start + size, len(rows))
@@ -287,8 +298,7 @@ class _PartWriter:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         name = f"{stamp}-{uuid.uuid4().hex[:8]}.parquet"
         uri = self._layout.download_part(self._spec.start, self._spec.stop, name)
-        frame = pd.DataFrame.from_records(self._rows, columns=list(MANIFEST_COLUMNS))
-        self._store.write_parquet(uri, frame.astype(_DTYPES))
+        self._store.write_parquet(uri, MANIFEST.table(self._rows))
         self._rows = []
         self.parts += 1
 
@@ -392,7 +402,7 @@ def download_batch(
     store: ObjectStore | None = None,
     resolver: Resolver | None = None,
     on_result: Callable[[str], None] | None = None,
-    known: tuple[pd.DataFrame, Parts] | None = None,
+    known: tuple[pa.Table, Parts] | None = None,
 ) -> BatchResult:
     """Download the URLs of one batch that have no ok row yet; append manifest parts.
     ``known``: the dataset's records and manifest parts, when the caller has just read them."""
@@ -404,12 +414,12 @@ def download_batch(
     except ValueError as exc:
         raise PipelineError(str(exc)) from None
     if known is None:
-        records = read_records(layout, store).iloc[spec.start : spec.stop]
-        done = _ok_rows(read_parts(layout, store, (spec.start, spec.stop)).rows)
+        records = read_records(layout, store).slice(spec.start, spec.stop - spec.start)
+        done = _ok_rows(read_parts(layout, store, (spec.start, spec.stop)).table)
     else:
-        records = known[0].iloc[spec.start : spec.stop]
-        done = _ok_rows(known[1].rows)
-    todo = [r for r in records.to_dict("records") if r["row"] not in done]
+        records = known[0].slice(spec.start, spec.stop - spec.start)
+        done = _ok_rows(known[1].table)
+    todo = [r for r in records.to_pylist() if r["row"] not in done]
     result = BatchResult(skipped_existing=len(records) - len(todo))
     if not todo:
         return result
@@ -470,51 +480,22 @@ def collect_manifest(
     dataset: str,
     *,
     store: ObjectStore | None = None,
-    known: tuple[pd.DataFrame, Parts] | None = None,
+    known: tuple[pa.Table, Parts] | None = None,
 ) -> dict[str, Any]:
     """Fold every manifest part into one row per record (an ok row wins, else the latest).
     ``known``: the records and every part, when the caller has just read them."""
     layout = DatasetLayout.parse(dataset)
     store = store or ObjectStore()
     records, found = known or (read_records(layout, store), read_parts(layout, store))
-    parts = found.rows[found.rows["row"].isin(records["row"])]
-    parts = parts.assign(_ok=parts["status"] == Status.OK).sort_values(
-        ["_ok", "fetched_at"], ascending=False, kind="stable"
-    )
-    best = parts.drop_duplicates("row").drop(columns="_ok")
-    best = best.assign(url=best["url"].map(redact_url))  # parts written before redaction
-    missing = records.loc[~records["row"].isin(best["row"])]
-    pending = pd.DataFrame(
-        {
-            "url": [redact_url(u) for u in missing["url"]],
-            "status": Status.PENDING.value,
-            "bytes": 0,
-            "attempts": 0,
-            "elapsed_s": 0.0,
-            "error": "",
-            "id": missing["id"],
-            "label": missing["label"],
-            "row": missing["row"],
-        }
-    )
-    frames = [f for f in (best, pending) if not f.empty]
-    manifest = (
-        pd.concat(frames, ignore_index=True)
-        if frames
-        else pd.DataFrame(columns=list(MANIFEST_COLUMNS))
-    )
-    # reindex: parts written before a column existed (phash) leave it empty
-    manifest = manifest.sort_values("row", kind="stable").reindex(columns=list(MANIFEST_COLUMNS))
-    # the annotators' agreement on each label, from the records (parts may predate the column)
-    manifest["agreement"] = manifest["row"].map(records.set_index("row")["confidence"])
-    manifest = _mark_forgotten(manifest.astype(_DTYPES).reset_index(drop=True), store, layout)
+    manifest = _fold(records, found.table)
+    manifest = _mark_forgotten(manifest, store, layout)
     store.write_parquet(layout.download_manifest, manifest)
-    statuses = {k: int(v) for k, v in manifest["status"].value_counts().items()}
-    ok = manifest["status"] == Status.OK
+    statuses = Counter(manifest.column("status").to_pylist())
+    ok = pc.is_in(manifest.column("status"), strings([Status.OK.value]))
     summary: dict[str, Any] = {
         "manifest": str(layout.download_manifest),
-        "statuses": statuses,
-        "images": int(manifest.loc[ok, "sha256"].nunique()),
+        "statuses": dict(statuses.most_common()),
+        "images": pc.count_distinct(manifest.column("sha256").filter(ok)).as_py(),
         "urls": len(manifest),
     }
     if found.unreadable:
@@ -522,24 +503,68 @@ def collect_manifest(
     return summary
 
 
-def _mark_forgotten(
-    manifest: pd.DataFrame, store: ObjectStore, layout: DatasetLayout
-) -> pd.DataFrame:
+def _fold(records: pa.Table, parts: pa.Table) -> pa.Table:
+    """One row per record, in row order: its best part row (ok first, then the latest
+    ``fetched_at``; the first written among equals), or a ``pending`` row when it has none.
+    Columnar, so a few million rows fold in seconds."""
+    parts = parts.filter(pc.is_in(parts.column("row"), records.column("row")))
+    order = pc.sort_indices(  # stable: among equals, the part and the row written first
+        parts.append_column("ok", pc.is_in(parts.column("status"), strings([Status.OK.value]))),
+        sort_keys=[("ok", "descending", "at_end"), ("fetched_at", "descending", "at_end")],
+    )
+    ranked = parts.take(order)
+    _, first = np.unique(int64_values(ranked.column("row")), return_index=True)
+    best = ranked.take(int64_array(first))  # the first of each row, in row order
+    missing = records.filter(pc.invert(pc.is_in(records.column("row"), best.column("row"))))
+    pending = MANIFEST.from_columns(
+        {
+            "url": missing.column("url"),
+            "status": [Status.PENDING.value] * len(missing),
+            "bytes": [0] * len(missing),
+            "attempts": [0] * len(missing),
+            "elapsed_s": [0.0] * len(missing),
+            "error": [""] * len(missing),
+            "id": missing.column("id"),
+            "label": missing.column("label"),
+            "row": missing.column("row"),
+        }
+    )
+    manifest = pa.concat_tables([best, pending])
+    manifest = manifest.take(pc.sort_indices(manifest, sort_keys=[("row", "ascending")]))
+    # redacted again: parts written before redaction; the annotators' agreement on each
+    # label comes from the records (parts may predate the column)
+    urls = _redacted(manifest.column("url"))
+    at = pc.index_in(manifest.column("row"), records.column("row"))
+    agreement = records.column("confidence").take(at)
+    columns = {name: manifest.column(name) for name in MANIFEST.names}
+    return MANIFEST.from_columns({**columns, "url": urls, "agreement": agreement})
+
+
+def _redacted(urls: pa.ChunkedArray) -> pa.Array:
+    """:func:`~ml.redact.redact_url` of each URL. It returns a URL without user info, query or
+    fragment unchanged, so only those holding an "@", "?" or "#" go through Python."""
+    urls = urls.combine_chunks()
+    risky = pc.coalesce(pc.match_substring_regex(urls, "[@?#]"), pc.is_valid(urls))
+    if not pc.any(risky).as_py():
+        return urls
+    changed = strings([redact_url(u) for u in urls.filter(risky).to_pylist()])
+    return pc.replace_with_mask(urls, risky, changed)
+
+
+def _mark_forgotten(manifest: pa.Table, store: ObjectStore, layout: DatasetLayout) -> pa.Table:
     """Rows stored before their image was forgotten become ``forgotten`` (object gone)."""
     forgotten = Forgotten.load(store, layout.store)
     if not forgotten:
         return manifest
-    for i, url, sha in zip(manifest.index, manifest["url"], manifest["sha256"], strict=True):
+    columns = {name: manifest.column(name).to_pylist() for name in MANIFEST.names}
+    status, error, key = columns["status"], columns["error"], columns["object_key"]
+    for i, (url, sha) in enumerate(zip(columns["url"], columns["sha256"], strict=True)):
         seq = forgotten.url(url)
-        if seq is None and isinstance(sha, str) and sha:
+        if seq is None and sha:
             seq = forgotten.image(sha)
         if seq is not None:
-            manifest.loc[i, ["status", "error", "object_key"]] = [
-                Status.FORGOTTEN.value,
-                Forgotten.message(seq),
-                None,
-            ]
-    return manifest
+            status[i], error[i], key[i] = Status.FORGOTTEN.value, Forgotten.message(seq), None
+    return MANIFEST.from_columns(columns)
 
 
 def download(

@@ -27,7 +27,6 @@ from ml.containment import check_name
 from ml.dedup import MAX_DISTANCE
 from ml.errors import PipelineError
 from ml.layout import StoreLayout
-from ml.lineage import find_image, versions_containing
 from ml.redact import get_logger, redact_url
 from ml.storage import ObjectStore
 from ml.uri import S3Uri
@@ -102,6 +101,7 @@ def forget(
     """Delete the image ``target`` (URL or SHA-256) and its near-duplicates from the store,
     record the request, tag the versions that trained on it; see the module's docstring."""
     from ml import mlflow_access
+    from ml.lineage import find_image, versions_containing  # pandas: not in the download's path
 
     reason = check_reason(reason)
     check_name(name, "model_name")

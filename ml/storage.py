@@ -33,8 +33,9 @@ from ml.errors import PipelineError
 from ml.redact import get_logger, redact_text, redact_url
 from ml.uri import S3Uri
 
-if TYPE_CHECKING:  # pandas is imported where frames are read: the store's users without
-    import pandas as pd  # pandas (the airflow image's store-init) need only boto3
+if TYPE_CHECKING:  # pandas and pyarrow are imported where tables are read or written: the
+    import pandas as pd  # store's users without them (the airflow image's store-init) need
+    import pyarrow as pa  # only boto3
 
 log = get_logger(__name__)
 
@@ -137,6 +138,20 @@ def store_errors(action: str, uri: S3Uri) -> Iterator[None]:
         ) from exc
     except BotoCoreError as exc:
         raise PipelineError(f"could not {action} {uri}: {redact_text(str(exc))}") from exc
+
+
+@contextmanager
+def _parquet_errors(uri: S3Uri, data: bytes, hint: str) -> Iterator[None]:
+    """A Parquet object that cannot be read becomes one clear error (pyarrow raises several
+    types for a damaged file)."""
+    try:
+        yield
+    except Exception as exc:
+        reason = "it is empty" if not data else f"{type(exc).__name__}"
+        raise PipelineError(
+            f"{uri} is not a readable Parquet file ({reason}: truncated, or not written "
+            f"by this pipeline); {hint or 'rerun the stage that writes it'}"
+        ) from None
 
 
 class ObjectStore:
@@ -285,9 +300,15 @@ class ObjectStore:
         """Every key under ``prefix`` (paginated), sorted."""
         return [key for key, _ in self.list_objects(prefix)]
 
-    def write_parquet(self, uri: S3Uri, frame: pd.DataFrame) -> None:
+    def write_parquet(self, uri: S3Uri, frame: pd.DataFrame | pa.Table) -> None:
+        """A pandas frame (without its index) or an Arrow table as one Parquet object."""
         buf = io.BytesIO()
-        frame.to_parquet(buf, index=False)
+        if hasattr(frame, "to_parquet"):
+            frame.to_parquet(buf, index=False)
+        else:
+            import pyarrow.parquet as pq
+
+            pq.write_table(frame, buf)
         self.put_bytes(uri, buf.getvalue(), content_type="application/vnd.apache.parquet")
 
     def read_parquet(self, uri: S3Uri, *, hint: str = "") -> pd.DataFrame:
@@ -295,14 +316,17 @@ class ObjectStore:
         import pandas as pd
 
         data = self.get_bytes(uri)
-        try:
+        with _parquet_errors(uri, data, hint):
             return pd.read_parquet(io.BytesIO(data))
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            reason = "it is empty" if not data else f"{type(exc).__name__}"
-            raise PipelineError(
-                f"{uri} is not a readable Parquet file ({reason}: truncated, or not written "
-                f"by this pipeline); {hint or 'rerun the stage that writes it'}"
-            ) from None
+
+    def read_table(self, uri: S3Uri, *, hint: str = "") -> pa.Table:
+        """A Parquet object as an Arrow table (pandas is not loaded); errors as
+        :meth:`read_parquet`'s."""
+        from ml.tables import read
+
+        data = self.get_bytes(uri)
+        with _parquet_errors(uri, data, hint):
+            return read(data)
 
     def write_json(self, uri: S3Uri, payload: Any) -> None:
         data = json.dumps(payload, indent=2, sort_keys=True, default=str).encode()

@@ -310,6 +310,8 @@ def test_cli_download_prints_summary(
     done = subprocess.run(
         [
             sys.executable,
+            "-X",
+            "importtime",
             "-m",
             "ml",
             "download",
@@ -327,6 +329,10 @@ def test_cli_download_prints_summary(
     assert summary["statuses"] == {"ok": 3} and summary["downloaded"] == 3
     assert summary["bytes"] > 0 and summary["skipped_existing"] == 0
     assert "download: 3/3 done" in done.stderr
+    # pyarrow alone reads and writes the records, parts and manifest: pandas's import cost
+    # 0.2 s of CPU a process (ml.tables)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines()}
+    assert "pyarrow.parquet" in imported and "pandas" not in imported
 
 
 def _cli_download(dataset: str, *extra: str) -> subprocess.CompletedProcess[str]:
