@@ -48,7 +48,8 @@ def array(values: Sequence[Any], type: pa.DataType) -> pa.Array:
     nulls = n - int(valid.sum())
     validity = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
     if type == pa.large_string():
-        data = [b"" if v is None else v.encode() for v in values]
+        # "replace": a lone surrogate (not valid UTF-8) becomes "?" rather than failing the write
+        data = [b"" if v is None else v.encode("utf-8", "replace") for v in values]
         offsets = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, data), dtype=np.int64, count=n), out=offsets[1:])
         buffers = [validity, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))]

@@ -147,6 +147,9 @@ def test_arrays_built_from_their_buffers_hold_the_values_and_nulls() -> None:
         built = array(values, kind)
         built.validate(full=True)
         assert built.to_pylist() == values and built.type == kind
+    lone = array(["a\ud800b"], pa.large_string())
+    lone.validate(full=True)  # valid UTF-8: the surrogate became "?"
+    assert lone.to_pylist() == ["a?b"]
     numbers = int64_values(pa.chunked_array([array([5, 6], pa.int64()), array([7], pa.int64())]))
     assert numbers.tolist() == [5, 6, 7]
     assert int64_values(array([1, 2, 3], pa.int64()).slice(1)).tolist() == [2, 3]
