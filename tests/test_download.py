@@ -436,6 +436,10 @@ def test_foreign_objects_among_the_parts_never_crash_a_stage(
         parts.child("00000000-00000012", "junk.parquet").key: b"PAR1 not really parquet",
         parts.child("00000000-00000012", "notes.txt").key: b"hello",
         parts.child("00000000-00000012", "other.parquet").key: _parquet({"a": [1, 2]}),
+        # the manifest's columns, but a row number that is text
+        parts.child("00000000-00000012", "typed.parquet").key: _parquet(
+            {"url": ["u"], "status": ["ok"], "row": ["first"], "fetched_at": ["t"]}
+        ),
     }
     good = store.list_keys(parts)
     cut = store.get_bytes(S3Uri(layout.store.bucket, good[0]))
@@ -449,7 +453,7 @@ def test_foreign_objects_among_the_parts_never_crash_a_stage(
     assert batches == []  # every URL is still known to be ok
     assert summary["statuses"] == {"ok": 12}
     assert sorted(summary["unreadable_parts"]) == sorted(k for k in junk if not k.endswith("/"))
-    assert "skipped 5 manifest part(s)" in caplog.text and "junk.parquet" in caplog.text
+    assert "skipped 6 manifest part(s)" in caplog.text and "junk.parquet" in caplog.text
     again = download(dataset, CONFIG, store=store)
     assert again["skipped_existing"] == 12 and again["statuses"] == {"ok": 12}
 

@@ -74,6 +74,23 @@ def test_conform_fills_missing_columns_and_refuses_a_foreign_type() -> None:
     assert MANIFEST.conform(old.append_column("extra", pa.array([1]))) == conformed
 
 
+def test_a_part_pandas_wrote_before_the_phash_column_is_read_as_a_manifest_part() -> None:
+    from ml.tables import read
+
+    old_columns = [c for c in MANIFEST_COLUMNS if c != "phash"]
+    failures = [{k: v for k, v in ROWS[1].items() if k in old_columns}]  # sha256 etc. all None
+    frame = pd.DataFrame.from_records(failures, columns=old_columns)
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    raw = read(buf.getvalue())
+    # pandas typed the column of Nones by its values (float64 NaN here), not as text
+    assert not pa.types.is_large_string(raw.schema.field("sha256").type)
+    part = MANIFEST.conform(raw)
+    assert part is not None and part.schema == MANIFEST.schema
+    assert part.to_pylist()[0] | {"phash": None} == part.to_pylist()[0]
+    assert part.column("row").to_pylist() == [3] and part.column("sha256").null_count == 1
+
+
 def _expected(records: list[int], parts: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """The fold by hand: per record, ok beats any other status, then the latest fetched_at
     (none is oldest), then the row written first."""
