@@ -388,13 +388,7 @@ def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preproces
             code_paths=[str(PACKAGE)],
             signature=infer_signature(example, output),
             input_example=example,
-            pip_requirements=[
-                f"torch=={_version('torch')}",
-                f"torchvision=={_version('torchvision')}",
-                f"numpy=={np.__version__}",
-                f"pandas=={_version('pandas')}",
-                f"pillow=={_version('pillow')}",
-            ],
+            pip_requirements=served_requirements(),
             metadata={
                 "labels": list(LABELS),
                 "image_size": preprocessing.crop_size,
@@ -410,6 +404,24 @@ def log_model(cfg: TrainConfig, classifier: Classifier, preprocessing: Preproces
 
 def _version(package: str) -> str:
     return version(package).split("+")[0]
+
+
+#: What the served model imports beyond MLflow and its dependencies (``ml.serving`` and
+#: ``ml.imaging``); a test checks the list against that import closure.
+SERVED_DISTRIBUTIONS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pillow",
+    "opencv-python-headless",
+    "simplejpeg",
+)
+
+
+def served_requirements() -> list[str]:
+    """The served model's pip requirements: this environment's versions, pinned."""
+    return [f"{name}=={_version(name)}" for name in SERVED_DISTRIBUTIONS]
 
 
 def model_card(

@@ -6,7 +6,11 @@ What breaks only on a GPU is checked here through injectable decisions; the GPU 
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -33,9 +39,11 @@ from ml.loop import (
 from ml.model import architecture, eval_preset, known_weights
 from ml.runtime import Runtime, choose_device, seed_epoch, seed_worker
 from ml.serving import SentimentModel
+from ml.tracking import SERVED_DISTRIBUTIONS, served_requirements
 from ml.train_config import TrainConfig
 from ml.transforms import Normalizer, Preprocessing
 from ml.uri import S3Uri
+from tests.conftest import REPO
 
 CPU = Runtime(0, 1, 0, torch.device("cpu"))
 
@@ -94,6 +102,50 @@ def _served(tmp_path: Path, decide: Any, device: str = "auto") -> SentimentModel
     model = SentimentModel(decide)
     model.load_context(Context())
     return model
+
+
+def _with_dependencies(names: set[str]) -> set[str]:
+    """``names`` and everything they require (installed here, extras left out), canonical."""
+    todo, found = [canonicalize_name(n) for n in names], set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for requirement in map(Requirement, requires):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return found
+
+
+def test_the_served_models_requirements_cover_what_its_code_imports() -> None:
+    """A served model's environment is MLflow and the model's pip requirements: every package
+    that the ``ml`` modules loaded by the served model import is pinned or comes with those."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, ml._served_model; print(*sorted(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout.split()
+    imported: set[str] = set()
+    for module in (m for m in loaded if m.startswith("ml.")):
+        source = (REPO / Path(*module.split("."))).with_suffix(".py")
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+    owners = importlib.metadata.packages_distributions()
+    third_party = imported - set(sys.stdlib_module_names) - {"ml"}
+    needed = {canonicalize_name(d) for name in third_party for d in owners[name]}
+    assert {"opencv-python-headless", "simplejpeg", "torch"} <= needed  # the check sees them
+    assert needed - _with_dependencies({"mlflow", *SERVED_DISTRIBUTIONS}) == set()
+    assert all("==" in pin for pin in served_requirements())
 
 
 def test_the_logged_model_moves_its_weights_to_the_chosen_device(tmp_path: Path) -> None:
