@@ -556,15 +556,17 @@ def _mark_forgotten(manifest: pa.Table, store: ObjectStore, layout: DatasetLayou
     forgotten = Forgotten.load(store, layout.store)
     if not forgotten:
         return manifest
-    columns = {name: manifest.column(name).to_pylist() for name in MANIFEST.names}
-    status, error, key = columns["status"], columns["error"], columns["object_key"]
-    for i, (url, sha) in enumerate(zip(columns["url"], columns["sha256"], strict=True)):
+    changed = ("status", "error", "object_key")  # as Python lists; the rest pass as they are
+    columns = {name: manifest.column(name) for name in MANIFEST.names}
+    status, error, key = (columns[name].to_pylist() for name in changed)
+    urls, shas = (columns[name].to_pylist() for name in ("url", "sha256"))
+    for i, (url, sha) in enumerate(zip(urls, shas, strict=True)):
         seq = forgotten.url(url)
         if seq is None and sha:
             seq = forgotten.image(sha)
         if seq is not None:
             status[i], error[i], key[i] = Status.FORGOTTEN.value, Forgotten.message(seq), None
-    return MANIFEST.from_columns(columns)
+    return MANIFEST.from_columns(columns | dict(zip(changed, (status, error, key), strict=True)))
 
 
 def download(
