@@ -27,6 +27,7 @@ from ml.imaging import (
     DecodeBudget,
     ImageConfig,
     ImageRejected,
+    Scratch,
     array_cost,
     count_jpeg_scans,
     normalize_image,
@@ -200,13 +201,15 @@ def test_the_array_resize_is_as_sharp_as_pillows_at_every_factor() -> None:
     ],
 )
 def test_the_array_route_holds_no_more_than_it_reserves(
-    size: tuple[int, int], max_side: int
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], max_side: int
 ) -> None:
-    """Its arrays (numpy's allocations, which tracemalloc sees) at their peak fit in
-    ``array_cost`` less the Pillow image it ends with (16 KiB allowed for Python's objects),
-    at each resize step it can take."""
+    """Its arrays (numpy's allocations, which tracemalloc sees; the scratch arrays made anew)
+    at their peak fit in ``array_cost`` less the Pillow image it ends with (16 KiB allowed for
+    Python's objects), at each resize step it can take."""
+    import queue
     import tracemalloc
 
+    monkeypatch.setattr(Scratch, "_free", queue.SimpleQueue())
     data = encode(render_image("held", width=size[0], height=size[1]))
     opened = Image.open(io.BytesIO(data))
     opened.draft("RGB", ml.imaging._target_size(*size, max_side))
@@ -220,6 +223,30 @@ def test_the_array_route_holds_no_more_than_it_reserves(
     assert image is not None and image.size == target
     arrays = array_cost(opened.size, target) - 4 * target[0] * target[1]
     assert arrays // 2 < peak <= arrays + 16 * 1024
+
+
+@pytest.mark.parametrize("max_side", [256, 0])  # resized; kept at its size (the decode's array)
+def test_scratch_arrays_are_reused_and_never_shared(max_side: int) -> None:
+    """A picture of the array route stays as it was made while the next image reuses the
+    arrays; two threads at work hold two sets; an array over ``KEEP`` bytes is not kept."""
+    first, second = (encode(render_image(key, width=500, height=375)) for key in "ab")
+    pictures, snapshot = [], None
+    for data in (first, second):
+        opened = Image.open(io.BytesIO(data))
+        opened.draft("RGB", ml.imaging._target_size(500, 375, max_side))
+        picture = ml.imaging._render_array(opened, max_side, data)
+        assert picture is not None
+        pictures.append(picture)
+        snapshot = np.asarray(picture) if snapshot is None else snapshot  # a copy
+    assert np.array_equal(np.asarray(pictures[0]), snapshot)
+    assert not np.array_equal(np.asarray(pictures[1]), snapshot)
+    with Scratch.taken() as one, Scratch.taken() as two:
+        assert one is not two
+        kept = one.array("x", (100, 100, 3))
+        assert np.shares_memory(kept, one.array("x", (50, 50, 3)))
+        assert not np.shares_memory(kept, two.array("x", (100, 100, 3)))
+        big = (Scratch.KEEP // 3 + 1, 1, 3)
+        assert not np.shares_memory(one.array("y", big), one.array("y", big))
 
 
 def test_transparency_is_composited_on_white() -> None:
