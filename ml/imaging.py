@@ -362,7 +362,7 @@ class Scratch:
     pixels, the resize's double-size step), one set per thread at that work.
 
     A new array of half a megabyte or more comes from pages the kernel must map and zero
-    (glibc gives them back on free): in the download benchmark, about 0.5 ms of CPU an image.
+    (glibc gives them back on free): in the download benchmark, 0.6-0.9 ms of CPU an image.
     Only ``cpu_gate``'s few threads decode at once, so only that many sets exist, and an array
     is kept only up to ``KEEP`` bytes (a larger one is made for its image and freed): together
     at most cpus x 2 x 4 MiB, outside the decode budget.

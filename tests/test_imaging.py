@@ -135,6 +135,24 @@ def test_colour_and_grey_jpegs_take_the_array_route_to_the_pillow_routes_picture
     assert psnr(_pixels(arrays), _pixels(pillow)) > 32
 
 
+@pytest.mark.parametrize(
+    ("size", "max_side", "scale"),
+    [((500, 375), 256, 1), ((1100, 801), 256, 2), ((4097, 3001), 100, 8)],
+)
+def test_the_array_route_decodes_the_same_pixels_as_pillow_at_the_draft_scale(
+    size: tuple[int, int], max_side: int, scale: int
+) -> None:
+    """Full, half and eighth scale: libjpeg-turbo through simplejpeg and through Pillow."""
+    data = encode(render_image("scale", width=size[0], height=size[1]))
+    opened = Image.open(io.BytesIO(data))
+    opened.draft("RGB", ml.imaging._target_size(*size, max_side))
+    width, height = opened.size
+    assert width == -(-size[0] // scale)  # the draft's scale, rounded up as libjpeg does
+    pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=width, min_height=height)
+    opened.load()
+    assert np.array_equal(pixels, np.asarray(opened))
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_each_exif_orientation_turns_the_picture_as_the_pillow_route_does(
     monkeypatch: pytest.MonkeyPatch, orientation: int
