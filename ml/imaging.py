@@ -11,7 +11,7 @@ is decoded:
   by every thread of the process, so many large images decoding at once wait for each other
   instead of exhausting the worker. An image that alone needs more than the budget is refused.
 
-A truncated or corrupt file fails the full decode. Large images are scaled down right after
+A truncated file fails the full decode. Large images are scaled down right after
 decoding, before colour conversion, so no full-size working copies pile up.
 
 Colour and grey JPEGs, nearly all of a real crawl, take a faster route to the same result:
@@ -27,6 +27,7 @@ Usage: ``normalize_image(data, ImageConfig())`` returns a :class:`NormalizedImag
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -363,15 +364,16 @@ class Scratch:
 
     A new array of half a megabyte or more comes from pages the kernel must map and zero
     (glibc gives them back on free): in the download benchmark, 0.6-0.9 ms of CPU an image.
-    Only ``cpu_gate``'s few threads decode at once, so only that many sets exist, and an array
-    is kept only up to ``KEEP`` bytes (a larger one is made for its image and freed): together
-    at most cpus x 2 x 4 MiB, outside the decode budget.
+    Only ``cpu_gate``'s threads decode at once (one per CPU), so only that many sets are made;
+    at most ``SETS`` of them are kept, and in them an array only up to ``KEEP`` bytes (a larger
+    one is made for its image and freed): at most 8 x 2 x 4 MiB held, outside the decode budget.
 
     Usage: ``with Scratch.taken() as scratch: out = scratch.array("name", shape)``.
     """
 
     KEEP = 4 * MiB
-    _free: queue.SimpleQueue[Scratch] = queue.SimpleQueue()
+    SETS = 8
+    _free: queue.Queue[Scratch] = queue.Queue(SETS)
 
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
@@ -387,7 +389,8 @@ class Scratch:
         try:
             yield scratch
         finally:
-            cls._free.put(scratch)
+            with contextlib.suppress(queue.Full):  # more threads at work than sets kept
+                cls._free.put_nowait(scratch)
 
     def array(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """An uninitialised uint8 array of ``shape``: the kept one named ``name`` (grown when too

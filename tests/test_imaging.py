@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import subprocess
@@ -227,7 +228,7 @@ def test_the_array_route_holds_no_more_than_it_reserves(
     import queue
     import tracemalloc
 
-    monkeypatch.setattr(Scratch, "_free", queue.SimpleQueue())
+    monkeypatch.setattr(Scratch, "_free", queue.Queue(Scratch.SETS))
     data = encode(render_image("held", width=size[0], height=size[1]))
     opened = Image.open(io.BytesIO(data))
     opened.draft("RGB", ml.imaging._target_size(*size, max_side))
@@ -258,6 +259,9 @@ def test_scratch_arrays_are_reused_and_never_shared(max_side: int) -> None:
         snapshot = np.asarray(picture) if snapshot is None else snapshot  # a copy
     assert np.array_equal(np.asarray(pictures[0]), snapshot)
     assert not np.array_equal(np.asarray(pictures[1]), snapshot)
+    with contextlib.ExitStack() as stack:  # more threads at work than sets are kept
+        taken = [stack.enter_context(Scratch.taken()) for _ in range(Scratch.SETS + 2)]
+    assert len(set(map(id, taken))) == Scratch.SETS + 2 and Scratch._free.qsize() == Scratch.SETS
     with Scratch.taken() as one, Scratch.taken() as two:
         assert one is not two
         kept = one.array("x", (100, 100, 3))
