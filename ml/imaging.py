@@ -82,16 +82,6 @@ _MODE_BYTES = {
 _WORKING_BYTES_PER_PIXEL = 4 + 3
 #: JPEG modes (after the draft) that the array route decodes; CMYK goes through Pillow.
 _ARRAY_MODES = ("RGB", "L")
-#: Pillow's EXIF orientations (as in ``ImageOps.exif_transpose``).
-_ORIENTATIONS = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 @dataclass(frozen=True)
@@ -354,8 +344,8 @@ def _render_array(opened: Image.Image, max_side: int, jpeg: bytes) -> Image.Imag
             return None
         pixels = resize_pixels(pixels, _target_size(width, height, max_side), scratch)
         image = Image.fromarray(pixels)  # a copy (Pillow holds RGB in 4 bytes a pixel)
-    method = _ORIENTATIONS.get(opened.getexif().get(0x0112, 1))
-    return image.transpose(method) if method is not None else image
+    ImageOps.exif_transpose(_with_exif(image, opened), in_place=True)
+    return image
 
 
 class Scratch:
@@ -450,13 +440,18 @@ def _shrink(image: Image.Image, max_side: int) -> Image.Image:
     factor = shorter // (2 * max_side)
     if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F", "CMYK", "YCbCr"):
         return image  # palette and exotic modes: converted first, at full size (budgeted)
-    info = dict(image.info)
-    exif = image.getexif()
     reduced = image.reduce(factor)
-    reduced.info.update(info)
+    reduced.info.update(image.info)
+    return _with_exif(reduced, image)
+
+
+def _with_exif(image: Image.Image, source: Image.Image) -> Image.Image:
+    """``image`` carrying ``source``'s EXIF, so that ``ImageOps.exif_transpose`` turns it as
+    it would turn ``source``."""
+    exif = source.getexif()
     if exif:
-        reduced.info["exif"] = exif.tobytes()
-    return reduced
+        image.info["exif"] = exif.tobytes()
+    return image
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
