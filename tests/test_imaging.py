@@ -106,6 +106,13 @@ def _by_pillow(data: bytes, config: ImageConfig) -> ml.imaging.NormalizedImage:
         return normalize_image(data, config)
 
 
+def _drafted(data: bytes, max_side: int) -> Image.Image:
+    """``data`` opened and drafted as ``normalize_image`` does: a JPEG at its decode scale."""
+    opened = Image.open(io.BytesIO(data))
+    opened.draft("RGB", ml.imaging._target_size(*opened.size, max_side))
+    return opened
+
+
 def _pixels(result: ml.imaging.NormalizedImage) -> np.ndarray:
     return np.asarray(_open(result.data))
 
@@ -145,8 +152,7 @@ def test_the_array_route_decodes_the_same_pixels_as_pillow_at_the_draft_scale(
 ) -> None:
     """Full, half and eighth scale: libjpeg-turbo through simplejpeg and through Pillow."""
     data = encode(render_image("scale", width=size[0], height=size[1]))
-    opened = Image.open(io.BytesIO(data))
-    opened.draft("RGB", ml.imaging._target_size(*size, max_side))
+    opened = _drafted(data, max_side)
     width, height = opened.size
     assert width == -(-size[0] // scale)  # the draft's scale, rounded up as libjpeg does
     pixels = simplejpeg.decode_jpeg(data, "RGB", min_width=width, min_height=height)
@@ -230,8 +236,7 @@ def test_the_array_route_holds_no_more_than_it_reserves(
 
     monkeypatch.setattr(Scratch, "_free", queue.Queue(Scratch.SETS))
     data = encode(render_image("held", width=size[0], height=size[1]))
-    opened = Image.open(io.BytesIO(data))
-    opened.draft("RGB", ml.imaging._target_size(*size, max_side))
+    opened = _drafted(data, max_side)
     target = ml.imaging._target_size(*opened.size, max_side)
     tracemalloc.start()
     try:
@@ -251,8 +256,7 @@ def test_scratch_arrays_are_reused_and_never_shared(max_side: int) -> None:
     first, second = (encode(render_image(key, width=500, height=375)) for key in "ab")
     pictures, snapshot = [], None
     for data in (first, second):
-        opened = Image.open(io.BytesIO(data))
-        opened.draft("RGB", ml.imaging._target_size(500, 375, max_side))
+        opened = _drafted(data, max_side)
         picture = ml.imaging._render_array(opened, max_side, data)
         assert picture is not None
         pictures.append(picture)
