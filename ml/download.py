@@ -556,9 +556,8 @@ def _mark_forgotten(manifest: pa.Table, store: ObjectStore, layout: DatasetLayou
     forgotten = Forgotten.load(store, layout.store)
     if not forgotten:
         return manifest
-    changed = ("status", "error", "object_key")  # as Python lists; the rest pass as they are
-    columns = {name: manifest.column(name) for name in MANIFEST.names}
-    status, error, key = (columns[name].to_pylist() for name in changed)
+    columns = {name: manifest.column(name) for name in MANIFEST.names}  # passed on as Arrow
+    status, error, key = (columns[name].to_pylist() for name in ("status", "error", "object_key"))
     urls, shas = (columns[name].to_pylist() for name in ("url", "sha256"))
     for i, (url, sha) in enumerate(zip(urls, shas, strict=True)):
         seq = forgotten.url(url)
@@ -566,7 +565,7 @@ def _mark_forgotten(manifest: pa.Table, store: ObjectStore, layout: DatasetLayou
             seq = forgotten.image(sha)
         if seq is not None:
             status[i], error[i], key[i] = Status.FORGOTTEN.value, Forgotten.message(seq), None
-    return MANIFEST.from_columns(columns | dict(zip(changed, (status, error, key), strict=True)))
+    return MANIFEST.from_columns(columns | {"status": status, "error": error, "object_key": key})
 
 
 def download(
