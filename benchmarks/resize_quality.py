@@ -32,10 +32,14 @@ FACTORS = (1.05, 1.1, 1.2, 1.3, 1.466, 1.75, 1.95, 2.6, 4.0)
 Resize = Callable[[np.ndarray, tuple[int, int]], np.ndarray]
 
 
-def pillow_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def pillow_resize(picture: Image.Image, size: tuple[int, int]) -> Image.Image:
     """The Pillow route's resize (``ml.imaging._render``)."""
-    image = Image.fromarray(pixels)
-    return np.asarray(image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+    return picture.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def pillow_bilinear(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """:func:`pillow_resize` of an array."""
+    return np.asarray(pillow_resize(Image.fromarray(pixels), size))
 
 
 def lanczos(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -94,11 +98,7 @@ def resize_cpu(
     """CPU ms per image of the Pillow route's resize (of ``pictures``) and of the array
     route's (of the same pixels as arrays) to ``sizes``."""
     pillow = cpu_ms(
-        lambda: [
-            picture.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
-            for picture, size in zip(pictures, sizes, strict=True)
-        ],
-        len(pictures),
+        lambda: [pillow_resize(p, s) for p, s in zip(pictures, sizes, strict=True)], len(pictures)
     )
     arrays = cpu_ms(
         lambda: [resize_pixels(p, s) for p, s in zip(images, sizes, strict=True)], len(images)
