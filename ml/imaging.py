@@ -14,11 +14,11 @@ is decoded:
 A truncated file fails the full decode. Large images are scaled down right after
 decoding, before colour conversion, so no full-size working copies pile up.
 
-Colour and grey JPEGs, nearly all of a real crawl, take a faster route to the same result:
-libjpeg-turbo decodes them through simplejpeg into one array (the same pixels Pillow's decoder
-gives, without its row-by-row copying) and OpenCV's vectorised kernels resize them. Any JPEG that
-libjpeg decodes with a warning (truncated, corrupt data) goes the Pillow route instead, whose
-verdict it gets. ``benchmarks/resize_quality.py`` compares the two resizes.
+Colour and grey JPEGs take a faster route to an equally sharp picture: libjpeg-turbo decodes
+them through simplejpeg into one array (the same pixels Pillow's decoder gives, at about two
+thirds of its CPU) and OpenCV's vectorised kernels resize them. Any JPEG that libjpeg decodes
+with a warning (truncated, corrupt data) goes the Pillow route instead, whose verdict it gets.
+``benchmarks/resize_quality.py`` compares the two resizes.
 
 Usage: ``normalize_image(data, ImageConfig())`` returns a :class:`NormalizedImage` or raises
 :class:`ImageRejected` with status ``not_image``, ``too_many_pixels``, ``too_complex`` or
@@ -403,8 +403,8 @@ def resize_pixels(
     Below a factor of 1.25, a bilinear interpolation. From 1.25 to 2.5, a bilinear
     interpolation to twice the target, then an exact 2:1 area average: together an
     antialiasing filter as sharp as Pillow's bilinear resize. From 2.5 up (JPEGs beyond the
-    1/8 draft), an area average. A third to a fifth of Pillow's CPU, and as close or closer to a
-    Lanczos resize (figures: ``benchmarks/resize_quality.py``).
+    1/8 draft), an area average. A quarter to four fifths of Pillow's CPU (under half below a
+    factor of 2), and as close or closer to a Lanczos resize (``benchmarks/resize_quality.py``).
     """
     width, height = size
     factor = _factor((pixels.shape[1], pixels.shape[0]), size)
